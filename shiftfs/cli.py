@@ -1,0 +1,245 @@
+"""Command line: arguments and ``-o`` options (also in the form mount(8)
+and /etc/fstab pass them through mount.fuse3) -> table + mount options.
+
+Bad input is one line on stderr naming the problem and exit status 2; no
+mount is attempted and the lower tree is not touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+from dataclasses import dataclass, field
+
+from . import __version__
+from .idmap import (Extent, TableError, build_idmap, parse_bindfs_pairs, parse_extent,
+                    parse_map_spec, read_subid_maps, read_userns_maps)
+from .mount import MountOptions, is_mounted, mounts
+
+EXIT_USAGE = 2
+
+# mount(8) and fstab pass these; they mean nothing to shiftfs (or are the default)
+IGNORED_OPTIONS = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users",
+                   "nouser", "owner", "group", "comment", "x-systemd", "rw", "async",
+                   "allow_other", "default_permissions", "nosuid", "nodev", "loop"}
+KERNEL_FLAGS = {"noexec", "exec", "noatime", "nodiratime", "relatime", "strictatime",
+                "lazytime", "sync", "dirsync"}
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line and exit status 2."""
+
+
+@dataclass
+class Request:
+    lower: str = ""
+    mountpoint: str = ""
+    uid_extents: list[Extent] = field(default_factory=list)
+    gid_extents: list[Extent] = field(default_factory=list)
+    options: MountOptions = field(default_factory=MountOptions)
+    dry_run: bool = False
+    quiet: bool = False
+
+
+def _split_values(value: str) -> list[str]:
+    # Inside -o, commas separate options, so several extents in one value
+    # are separated by '+' (or ';' / spaces when quoted).
+    return [v for v in value.replace("+", " ").replace(";", " ").split() if v]
+
+
+def _timeout(name: str, value: str) -> float:
+    try:
+        result = float(value)
+    except ValueError:
+        raise UsageError(f"option {name}={value}: not a number of seconds") from None
+    if result < 0:
+        raise UsageError(f"option {name}={value}: must not be negative")
+    return result
+
+
+def apply_o_options(text: str, req: Request) -> None:
+    """One ``-o`` argument: comma-separated key[=value] items."""
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        key, has_value, value = item.partition("=")
+        if key in ("uidmap", "gidmap") and has_value:
+            target = req.uid_extents if key == "uidmap" else req.gid_extents
+            target.extend(parse_extent(v) for v in _split_values(value))
+        elif key == "map" and has_value:
+            uids, gids = parse_map_spec(value.replace("+", " "))
+            req.uid_extents += uids
+            req.gid_extents += gids
+        elif key == "bindfs-map" and has_value:
+            uids, gids = parse_bindfs_pairs(value)
+            req.uid_extents += uids
+            req.gid_extents += gids
+        elif key == "userns" and has_value:
+            _add_userns(value, req)
+        elif key == "subuid" and has_value:
+            uids, gids = read_subid_maps(value)
+            req.uid_extents += uids
+            req.gid_extents += gids
+        elif key in ("attr_timeout", "entry_timeout", "negative_timeout") and has_value:
+            setattr(req.options, key, _timeout(key, value))
+        elif key == "timeout" and has_value:
+            t = _timeout(key, value)
+            req.options.attr_timeout = req.options.entry_timeout = req.options.negative_timeout = t
+        elif key == "ro" and not has_value:
+            req.options.read_only = True
+        elif key == "suid" and not has_value:
+            req.options.suid = True
+        elif key == "dev" and not has_value:
+            req.options.dev = True
+        elif key == "debug" and not has_value:
+            req.options.debug = True
+        elif key in KERNEL_FLAGS and not has_value:
+            req.options.kernel_flags.append(key)
+        elif key in IGNORED_OPTIONS or key.startswith("x-"):
+            continue
+        else:
+            raise UsageError(f"unknown mount option '{item}'")
+
+
+def _add_userns(pid_text: str, req: Request) -> None:
+    if not pid_text.isdigit():
+        raise UsageError(f"--userns {pid_text}: not a process id")
+    uids, gids = read_userns_maps(int(pid_text))
+    req.uid_extents += uids
+    req.gid_extents += gids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shiftfs",
+        description="Mount LOWER at MOUNTPOINT, showing lower ids as upper ids through a range table.",
+        epilog="An extent LOWER:UPPER:COUNT shows lower ids LOWER..LOWER+COUNT-1 as "
+               "UPPER..UPPER+COUNT-1 (the order of a /proc/PID/uid_map line). "
+               "See shiftfs(1).")
+    p.add_argument("lower", help="directory whose ids are as stored (the lower tree)")
+    p.add_argument("mountpoint", help="where the shifted (upper) view appears")
+    p.add_argument("-u", "--uidmap", action="append", default=[], metavar="L:U:C",
+                   help="uid extent (repeatable)")
+    p.add_argument("-g", "--gidmap", action="append", default=[], metavar="L:U:C",
+                   help="gid extent (repeatable)")
+    p.add_argument("-m", "--map", action="append", default=[], metavar="SPEC",
+                   help="u:/g:/b: prefixed extents, e.g. 'b:0:100000:65536'; or bindfs-style "
+                        "FROM/TO pairs such as '1000/0:@1000/@0'")
+    p.add_argument("--userns", metavar="PID", help="use the uid_map and gid_map of process PID")
+    p.add_argument("--subuid", metavar="USER",
+                   help="rootless layout: lower 0 is USER, lower 1.. are USER's /etc/subuid, /etc/subgid ranges")
+    p.add_argument("-o", dest="o_options", action="append", default=[], metavar="OPTS",
+                   help="mount options: uidmap=,gidmap=,map=,ro,suid,dev,attr_timeout=,... (see shiftfs(1))")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-d", "--debug", action="store_true", help="log every request (implies -f)")
+    p.add_argument("-s", "--single-thread", action="store_true", help="serve requests on one thread")
+    p.add_argument("-n", "--dry-run", action="store_true", help="check everything, print the table, do not mount")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the effective table")
+    p.add_argument("-V", "--version", action="version", version=f"shiftfs {__version__}")
+    return p
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print usage too)
+        raise UsageError(message)
+
+
+def parse_args(argv: list[str]) -> Request:
+    parser = build_parser()
+    parser.__class__ = _Parser
+    ns = parser.parse_args(argv)
+    req = Request(lower=ns.lower, mountpoint=ns.mountpoint, dry_run=ns.dry_run, quiet=ns.quiet)
+    for text in ns.uidmap:
+        req.uid_extents += [parse_extent(v) for v in _split_values(text)]
+    for text in ns.gidmap:
+        req.gid_extents += [parse_extent(v) for v in _split_values(text)]
+    for spec in ns.map:
+        if "/" in spec:
+            uids, gids = parse_bindfs_pairs(spec)
+        else:
+            uids, gids = parse_map_spec(spec)
+        req.uid_extents += uids
+        req.gid_extents += gids
+    if ns.userns:
+        _add_userns(ns.userns, req)
+    if ns.subuid:
+        uids, gids = read_subid_maps(ns.subuid)
+        req.uid_extents += uids
+        req.gid_extents += gids
+    for text in ns.o_options:
+        apply_o_options(text, req)
+    req.options.foreground = ns.foreground or ns.debug
+    req.options.debug = req.options.debug or ns.debug
+    req.options.threads = not ns.single_thread
+    return req
+
+
+def check_paths(req: Request) -> None:
+    """Refuse what would fail or recurse, before anything is mounted."""
+    for what, path in (("lower directory", req.lower), ("mount point", req.mountpoint)):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise UsageError(f"{what} '{path}' does not exist") from None
+        except OSError as e:
+            raise UsageError(f"{what} '{path}': {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{what} '{path}' is not a directory")
+    lower = os.path.realpath(req.lower)
+    target = os.path.realpath(req.mountpoint)
+    if target == lower or target.startswith(lower.rstrip("/") + "/"):
+        raise UsageError(f"mount point '{req.mountpoint}' is inside the lower directory "
+                         f"'{req.lower}' (the mount would contain itself)")
+    if any(mp == target for _src, mp, _t in mounts()):
+        raise UsageError(f"mount point '{req.mountpoint}' is already a mount point")
+
+
+def check_fuse() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("/dev/fuse does not exist (load the fuse module or give the container the device)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise UsageError("/dev/fuse is not readable and writable by this user")
+    try:
+        from . import fuse  # noqa: F401  (loads libfuse3)
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+
+
+def safety_warnings(req: Request, idmap) -> list[str]:
+    warnings = []
+    maps_to_root = idmap.uids.to_lower(0) is not None
+    if req.options.suid and maps_to_root:
+        lower = idmap.uids.to_lower(0)
+        warnings.append(f"warning: -o suid with lower uid {lower} shown as upper 0: a set-uid "
+                        f"file owned by lower {lower} runs as root on this host")
+    if req.options.dev:
+        warnings.append("warning: -o dev: device nodes in the lower tree open this host's devices")
+    return warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "scan":
+        from .scan import main as scan_main
+        return scan_main(argv[1:])
+    try:
+        req = parse_args(argv)
+        idmap = build_idmap(req.uid_extents, req.gid_extents)
+        check_paths(req)
+        if not req.dry_run:
+            check_fuse()
+    except (UsageError, TableError) as e:
+        print(f"shiftfs: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in safety_warnings(req, idmap):
+        print(f"shiftfs: {line}", file=sys.stderr)
+    if not req.quiet or req.dry_run:
+        print(f"shiftfs: {req.lower} -> {req.mountpoint}")
+        print(idmap.describe())
+    if req.dry_run:
+        return 0
+    sys.stdout.flush()
+    from .mount import serve
+    return serve(req.lower, req.mountpoint, idmap, req.options)

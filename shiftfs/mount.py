@@ -1,0 +1,179 @@
+"""Mount lifecycle: serve a mount (foreground or daemon), wait until a mount
+is live, unmount cleanly, and a context manager for Python callers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from .idmap import Extent, IdMap
+
+FSTYPE = "fuse.shiftfs"
+
+
+@dataclass
+class MountOptions:
+    """What the daemon is asked for, after the command line is parsed."""
+
+    foreground: bool = False
+    debug: bool = False
+    read_only: bool = False
+    suid: bool = False
+    dev: bool = False
+    kernel_flags: list[str] = field(default_factory=list)  # noexec, noatime, ...
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    negative_timeout: float = 1.0
+    threads: bool = True
+
+    def fuse_options(self, lower: str) -> dict:
+        opts = {
+            "fsname": lower.replace(",", "\\,"),
+            "subtype": "shiftfs",
+            "allow_other": True,
+            "default_permissions": True,
+            "suid" if self.suid else "nosuid": True,
+            "dev" if self.dev else "nodev": True,
+            "ro" if self.read_only else "rw": True,
+        }
+        for flag in self.kernel_flags:
+            opts[flag] = True
+        return opts
+
+    def fuse_config(self) -> dict:
+        return {
+            "use_ino": 1,          # lower inode numbers: hard links, tar, du, find -samefile
+            "hard_remove": 1,      # no .fuse_hidden files in the lower tree
+            "nullpath_ok": 1,      # handle requests carry the lower fd; no path lookups
+            "attr_timeout": self.attr_timeout,
+            "entry_timeout": self.entry_timeout,
+            "negative_timeout": self.negative_timeout,
+            "auto_cache": 1,       # keep page cache across opens while mtime/size are unchanged
+        }
+
+
+def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> int:
+    """Mount and serve until unmounted. Without ``foreground`` libfuse forks
+    after the mount is live, so the caller returns only then."""
+    from . import fuse
+    from .ops import ShiftOperations
+
+    fuse.limit_mmap_threshold()
+    if os.geteuid() == 0 and not fuse.keep_caps_across_fsuid():
+        print("shiftfs: cannot set SECBIT_NO_SETUID_FIXUP; new files may get the wrong owner",
+              file=sys.stderr)
+    operations = ShiftOperations(lower, idmap)
+    want = (fuse.FUSE_CAP_POSIX_ACL | fuse.FUSE_CAP_READDIRPLUS | fuse.FUSE_CAP_READDIRPLUS_AUTO
+            | fuse.FUSE_CAP_PARALLEL_DIROPS | fuse.FUSE_CAP_CACHE_SYMLINKS)
+    # The kernel clears set-id bits and sends truncates itself, as it would
+    # for a local caller; the daemon holds CAP_FSETID and would not.
+    unwant = (fuse.FUSE_CAP_HANDLE_KILLPRIV | fuse.FUSE_CAP_ATOMIC_O_TRUNC
+              | fuse.FUSE_CAP_WRITEBACK_CACHE | fuse.FUSE_CAP_SPLICE_READ
+              | fuse.FUSE_CAP_SPLICE_WRITE | fuse.FUSE_CAP_SPLICE_MOVE)
+    try:
+        runner = fuse.ShiftFUSE(
+            operations, mountpoint, options.fuse_config(), want, unwant,
+            foreground=options.foreground, debug=options.debug,
+            nothreads=not options.threads, **options.fuse_options(lower))
+    except RuntimeError as e:
+        print(f"shiftfs: mount of {mountpoint} failed (libfuse status {e})", file=sys.stderr)
+        return 1
+    if runner.init_error is not None:
+        print(f"shiftfs: mount setup failed: {runner.init_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- looking at mounts ---------------------------------------------------------
+
+def _unescape(field_text: str) -> str:
+    return field_text.encode().decode("unicode_escape")
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(source, mount point, fstype) from /proc/self/mountinfo."""
+    result = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            result.append((_unescape(fields[sep + 2]), _unescape(fields[4]), fields[sep + 1]))
+    return result
+
+
+def is_mounted(mountpoint: str, fstype: str | None = FSTYPE) -> bool:
+    target = os.path.realpath(mountpoint)
+    return any(mp == target and (fstype is None or t == fstype) for _s, mp, t in mounts())
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    """fusermount3 -u (-z for lazy), falling back to umount(8)."""
+    if shutil.which("fusermount3"):
+        cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+    else:
+        cmd = ["umount"] + (["-l"] if lazy else []) + [mountpoint]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise OSError(f"unmount of {mountpoint} failed: {result.stderr.strip()}")
+
+
+def extent_args(flag: str, extents: Sequence[Extent]) -> list[str]:
+    args = []
+    for e in extents:
+        args += [flag, str(e)]
+    return args
+
+
+@contextlib.contextmanager
+def mount(lower: str, mountpoint: str, idmap: IdMap | None = None, *,
+          uidmap: Sequence[Extent] = (), gidmap: Sequence[Extent] = (),
+          options: Sequence[str] = (), timeout: float = 20.0) -> Iterator[str]:
+    """Mount ``lower`` at ``mountpoint`` in a child process, wait until the
+    mount is live, yield the mount point, and always unmount.
+
+    Give the table as an IdMap (as the CLI builds it) or as extent lists.
+    ``options`` are extra command-line words (e.g. ``["-o", "ro"]``).
+    """
+    if idmap is not None:
+        uidmap, gidmap = idmap.uids.extents, idmap.gids.extents
+    cmd = ([sys.executable, "-m", "shiftfs", "-f", "-q", lower, mountpoint]
+           + extent_args("--uidmap", uidmap) + extent_args("--gidmap", gidmap) + list(options))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not is_mounted(mountpoint):
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace").strip()
+                raise OSError(f"shiftfs exited with status {proc.returncode}: {err}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"shiftfs did not mount {mountpoint} within {timeout}s")
+            time.sleep(0.01)
+        yield mountpoint
+    finally:
+        _stop(proc, mountpoint)
+
+
+def _stop(proc: subprocess.Popen, mountpoint: str) -> None:
+    if is_mounted(mountpoint):
+        try:
+            unmount(mountpoint)
+        except OSError:
+            unmount(mountpoint, lazy=True)  # busy: detach now, finish when released
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
