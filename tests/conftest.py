@@ -1,0 +1,69 @@
+"""Fixtures shared by the mounted tests: real FUSE mounts, always unmounted."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+
+from shiftfs.idmap import Extent
+from shiftfs.mount import is_mounted, mount, unmount
+
+STD = [Extent(0, 100000, 65536)]  # an image stored with 0..65535, seen at 100000..
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() == 0 and os.path.exists("/dev/fuse"):
+        return
+    if os.environ.get("CI"):
+        raise pytest.UsageError("the mounted tests need root and /dev/fuse; CI must provide them")
+    skip = pytest.mark.skip(reason="needs root and /dev/fuse (run as root, as CI does)")
+    for item in items:
+        if "needs_root" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_root: needs root and /dev/fuse")
+
+
+@pytest.fixture
+def lower(tmp_path):
+    path = tmp_path / "lower"
+    path.mkdir()
+    os.chmod(path, 0o755)
+    os.chmod(tmp_path, 0o755)  # callers that are not root must reach the mounts
+    return path
+
+
+@pytest.fixture
+def mounter(tmp_path):
+    """mounter(lower, uidmap=[...], gidmap=[...], options=[...]) -> mount point.
+    Every mount is unmounted at teardown, also when the test failed."""
+    stack = contextlib.ExitStack()
+    count = [0]
+
+    def make(lower_dir, uidmap=STD, gidmap=None, options=()):
+        count[0] += 1
+        mp = tmp_path / f"mnt{count[0]}"
+        mp.mkdir()
+        stack.enter_context(mount(str(lower_dir), str(mp), uidmap=uidmap,
+                                  gidmap=uidmap if gidmap is None else gidmap,
+                                  options=list(options)))
+        return mp
+
+    try:
+        yield make
+    finally:
+        stack.close()
+        for i in range(1, count[0] + 1):  # last resort: never leave a mount behind
+            mp = tmp_path / f"mnt{i}"
+            if is_mounted(str(mp), None):
+                unmount(str(mp), lazy=True)
+
+
+@pytest.fixture
+def shifted(lower, mounter):
+    """The standard case: lower 0..65535 seen as 100000..165535."""
+    return mounter(lower)
