@@ -9,11 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from .idmap import Extent, IdMap
+from .idmap import Extent, IdMap, build_idmap, parse_extent
 
 FSTYPE = "fuse.shiftfs"
 
@@ -70,7 +71,7 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
         print("shiftfs: cannot set SECBIT_NO_SETUID_FIXUP; new files may get the wrong owner",
               file=sys.stderr)
     operations = ShiftOperations(lower, idmap)
-    want = (fuse.FUSE_CAP_POSIX_ACL | fuse.FUSE_CAP_READDIRPLUS | fuse.FUSE_CAP_READDIRPLUS_AUTO
+    want = (fuse.FUSE_CAP_POSIX_ACL | fuse.FUSE_CAP_DONT_MASK | fuse.FUSE_CAP_READDIRPLUS | fuse.FUSE_CAP_READDIRPLUS_AUTO
             | fuse.FUSE_CAP_PARALLEL_DIROPS | fuse.FUSE_CAP_CACHE_SYMLINKS)
     # The kernel clears set-id bits and sends truncates itself, as it would
     # for a local caller; the daemon holds CAP_FSETID and would not.
@@ -131,33 +132,73 @@ def extent_args(flag: str, extents: Sequence[Extent]) -> list[str]:
     return args
 
 
-@contextlib.contextmanager
-def mount(lower: str, mountpoint: str, idmap: IdMap | None = None, *,
-          uidmap: Sequence[Extent] = (), gidmap: Sequence[Extent] = (),
-          options: Sequence[str] = (), timeout: float = 20.0) -> Iterator[str]:
-    """Mount ``lower`` at ``mountpoint`` in a child process, wait until the
-    mount is live, yield the mount point, and always unmount.
+class MountError(OSError):
+    """The shiftfs child could not mount; the message carries its stderr."""
 
-    Give the table as an IdMap (as the CLI builds it) or as extent lists.
-    ``options`` are extra command-line words (e.g. ``["-o", "ro"]``).
+
+def _extents(items: Sequence[Extent | str]) -> list[Extent]:
+    return [e if isinstance(e, Extent) else parse_extent(e) for e in items]
+
+
+@contextlib.contextmanager
+def mount(lower: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
+          idmap: IdMap | None = None, *,
+          uidmap: Sequence[Extent | str] = (), gidmap: Sequence[Extent | str] = (),
+          options: Sequence[str] = (), timeout: float = 20.0) -> Iterator[str]:
+    """Mount ``lower`` shifted at ``mountpoint`` for the duration of a ``with``
+    block: run ``shiftfs -f`` in a child process, wait until the mount is
+    live, yield the mount point (a str), and always unmount and reap the
+    child, also when the body raises.
+
+    The table is an :class:`~shiftfs.idmap.IdMap` (``build_idmap(...)``, the
+    object the command line builds) or ``uidmap``/``gidmap`` extent lists
+    (:class:`~shiftfs.idmap.Extent` or ``"LOWER:UPPER:COUNT"`` strings; a
+    missing side copies the other). ``options`` are further command-line
+    words, e.g. ``["-o", "ro"]`` or ``["--userns", "1234"]``.
+
+    Raises :class:`~shiftfs.idmap.TableError` (a ValueError) for a bad table
+    before anything is started, :class:`MountError` when ``mountpoint`` is
+    already a mount point or the child exits without mounting (its message
+    is the child's error), and TimeoutError
+    when the mount is not live within ``timeout`` seconds.
+
+    >>> with mount("/srv/rootfs", "/mnt/c1", uidmap=["0:100000:65536"]) as mp:
+    ...     os.stat(mp).st_uid
+    100000
     """
     if idmap is not None:
-        uidmap, gidmap = idmap.uids.extents, idmap.gids.extents
+        uids, gids = idmap.uids.extents, idmap.gids.extents
+    else:
+        uids, gids = _extents(uidmap), _extents(gidmap)
+        if uids or gids:
+            checked = build_idmap(uids, gids)  # refuse a bad table here, not in the child
+            uids, gids = checked.uids.extents, checked.gids.extents
+    lower, mountpoint = os.fspath(lower), os.fspath(mountpoint)
+    if is_mounted(mountpoint, None):  # else its presence would read as "live"
+        raise MountError(f"{mountpoint} is already a mount point")
     cmd = ([sys.executable, "-m", "shiftfs", "-f", "-q", lower, mountpoint]
-           + extent_args("--uidmap", uidmap) + extent_args("--gidmap", gidmap) + list(options))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+           + extent_args("--uidmap", uids) + extent_args("--gidmap", gids) + list(options))
+    # stderr to a file, not a pipe: a chatty child (-d) must never block on it
+    errlog = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=errlog)
     try:
         deadline = time.monotonic() + timeout
         while not is_mounted(mountpoint):
             if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace").strip()
-                raise OSError(f"shiftfs exited with status {proc.returncode}: {err}")
+                errlog.seek(0)
+                err = errlog.read().decode(errors="replace").strip()
+                raise MountError(f"shiftfs exited with status {proc.returncode} "
+                                 f"without mounting {mountpoint}: {err}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"shiftfs did not mount {mountpoint} within {timeout}s")
             time.sleep(0.01)
         yield mountpoint
     finally:
-        _stop(proc, mountpoint)
+        try:
+            _stop(proc, mountpoint)
+        finally:
+            errlog.close()
 
 
 def _stop(proc: subprocess.Popen, mountpoint: str) -> None:
@@ -175,5 +216,3 @@ def _stop(proc: subprocess.Popen, mountpoint: str) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    if proc.stderr:
-        proc.stderr.close()

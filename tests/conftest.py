@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 
 import pytest
+from pathlib import Path
 
 from shiftfs.idmap import Extent
 from shiftfs.mount import is_mounted, mount, unmount
 
 STD = [Extent(0, 100000, 65536)]  # an image stored with 0..65535, seen at 100000..
+ROOT_KEPT = [Extent(0, 0, 1), Extent(1, 100001, 65535)]  # host root may write
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,16 +33,25 @@ def pytest_configure(config):
 
 
 @pytest.fixture
-def lower(tmp_path):
-    path = tmp_path / "lower"
+def workdir():
+    """A scratch directory every caller can reach (pytest's tmp_path sits
+    under a 0700 directory, which would turn every non-root test into EACCES)."""
+    path = tempfile.mkdtemp(prefix="shiftfs-test-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def lower(workdir):
+    path = workdir / "lower"
     path.mkdir()
     os.chmod(path, 0o755)
-    os.chmod(tmp_path, 0o755)  # callers that are not root must reach the mounts
     return path
 
 
 @pytest.fixture
-def mounter(tmp_path):
+def mounter(workdir):
     """mounter(lower, uidmap=[...], gidmap=[...], options=[...]) -> mount point.
     Every mount is unmounted at teardown, also when the test failed."""
     stack = contextlib.ExitStack()
@@ -46,7 +59,7 @@ def mounter(tmp_path):
 
     def make(lower_dir, uidmap=STD, gidmap=None, options=()):
         count[0] += 1
-        mp = tmp_path / f"mnt{count[0]}"
+        mp = workdir / f"mnt{count[0]}"
         mp.mkdir()
         stack.enter_context(mount(str(lower_dir), str(mp), uidmap=uidmap,
                                   gidmap=uidmap if gidmap is None else gidmap,
@@ -58,7 +71,7 @@ def mounter(tmp_path):
     finally:
         stack.close()
         for i in range(1, count[0] + 1):  # last resort: never leave a mount behind
-            mp = tmp_path / f"mnt{i}"
+            mp = workdir / f"mnt{i}"
             if is_mounted(str(mp), None):
                 unmount(str(mp), lazy=True)
 
