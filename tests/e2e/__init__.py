@@ -1,0 +1,1 @@
+"""End-to-end scenarios: a real (busybox) rootfs, real user namespaces, real containers."""
