@@ -41,12 +41,48 @@ class Request:
     options: MountOptions = field(default_factory=MountOptions)
     dry_run: bool = False
     quiet: bool = False
+    mount_helper: bool = False  # run by mount.fuse3 (mount -t fuse.shiftfs, /etc/fstab)
+    flags_given: set[str] = field(default_factory=set)  # explicit ro/rw/suid/... to catch conflicts
 
 
-def _split_values(value: str) -> list[str]:
+def invoked_by_mount_helper() -> bool:
+    """True when mount.fuse3 started us. It runs ``/bin/sh -c "'shiftfs' ..."``
+    (the shell may exec us, leaving mount(8) as the parent)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        with open(f"/proc/{os.getppid()}/comm", "rb") as f:
+            comm = f.read().strip()
+    except OSError:
+        return False
+    if comm in (b"mount", b"mount.fuse3", b"mount.fuse"):
+        return True
+    return len(argv) > 2 and argv[1] == b"-c" and argv[2].startswith(b"'") \
+        and argv[2].split(b"' ", 1)[0].endswith(b"shiftfs")
+
+
+def _split_values(value: str, what: str = "uidmap") -> list[str]:
     # Inside -o, commas separate options, so several extents in one value
     # are separated by '+' (or ';' / spaces when quoted).
-    return [v for v in value.replace("+", " ").replace(";", " ").split() if v]
+    values = [v for v in value.replace("+", " ").replace(";", " ").split() if v]
+    if not values:
+        raise TableError(f"{what}: empty value, expected LOWER:UPPER:COUNT")
+    return values
+
+
+# pairs of explicit flags that contradict each other
+_CONFLICTS = (("ro", "rw"), ("suid", "nosuid"), ("dev", "nodev"), ("exec", "noexec"))
+_FLAG_ALIASES = {"allow_suid": "suid", "allow_dev": "dev"}
+
+
+def _note_flag(key: str, req: Request) -> None:
+    flag = _FLAG_ALIASES.get(key, key)
+    for a, b in _CONFLICTS:
+        if flag in (a, b):
+            other = b if flag == a else a
+            if other in req.flags_given:
+                raise UsageError(f"conflicting mount options '{other}' and '{flag}'")
+            req.flags_given.add(flag)
 
 
 def _timeout(name: str, value: str) -> float:
@@ -54,6 +90,8 @@ def _timeout(name: str, value: str) -> float:
         result = float(value)
     except ValueError:
         raise UsageError(f"option {name}={value}: not a number of seconds") from None
+    if result != result or result in (float("inf"), float("-inf")):
+        raise UsageError(f"option {name}={value}: not a finite number of seconds")
     if result < 0:
         raise UsageError(f"option {name}={value}: must not be negative")
     return result
@@ -65,9 +103,11 @@ def apply_o_options(text: str, req: Request) -> None:
         if not item:
             continue
         key, has_value, value = item.partition("=")
+        if not has_value and not (req.mount_helper and key in ("suid", "dev")):
+            _note_flag(key, req)
         if key in ("uidmap", "gidmap") and has_value:
             target = req.uid_extents if key == "uidmap" else req.gid_extents
-            target.extend(parse_extent(v) for v in _split_values(value))
+            target.extend(parse_extent(v) for v in _split_values(value, key))
         elif key == "map" and has_value:
             uids, gids = parse_map_spec(value.replace("+", " "))
             req.uid_extents += uids
@@ -89,9 +129,13 @@ def apply_o_options(text: str, req: Request) -> None:
             req.options.attr_timeout = req.options.entry_timeout = req.options.negative_timeout = t
         elif key == "ro" and not has_value:
             req.options.read_only = True
-        elif key == "suid" and not has_value:
+        elif key in ("suid", "dev") and not has_value and req.mount_helper:
+            # mount.fuse3 adds dev,suid to every mount not marked nodev,nosuid
+            # (mount(8) keeps an explicit suid/dev to itself): not a request
+            continue
+        elif key in ("suid", "allow_suid") and not has_value:
             req.options.suid = True
-        elif key == "dev" and not has_value:
+        elif key in ("dev", "allow_dev") and not has_value:
             req.options.dev = True
         elif key == "debug" and not has_value:
             req.options.debug = True
@@ -107,8 +151,47 @@ def _add_userns(pid_text: str, req: Request) -> None:
     if not pid_text.isdigit():
         raise UsageError(f"--userns {pid_text}: not a process id")
     uids, gids = read_userns_maps(int(pid_text))
+    for kind, extents in (("uid", uids), ("gid", gids)):
+        if not extents:  # else the other side would be copied into it
+            raise UsageError(f"--userns {pid_text}: /proc/{pid_text}/{kind}_map is empty "
+                             "(the user namespace has no mapping yet)")
     req.uid_extents += uids
     req.gid_extents += gids
+
+
+def add_table_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that give the table (shared with ``shiftfs scan``)."""
+    p.add_argument("-u", "--uidmap", action="append", default=[], metavar="L:U:C",
+                   help="uid extent (repeatable)")
+    p.add_argument("-g", "--gidmap", action="append", default=[], metavar="L:U:C",
+                   help="gid extent (repeatable)")
+    p.add_argument("-m", "--map", action="append", default=[], metavar="SPEC",
+                   help="u:/g:/b: prefixed extents, e.g. 'b:0:100000:65536'; or bindfs-style "
+                        "FROM/TO pairs such as '1000/0:@1000/@0'")
+    p.add_argument("--userns", metavar="PID", help="use the uid_map and gid_map of process PID")
+    p.add_argument("--subuid", metavar="USER",
+                   help="rootless layout: lower 0 is USER, lower 1.. are USER's /etc/subuid, /etc/subgid ranges")
+
+
+def table_from_args(ns: argparse.Namespace, req: Request) -> None:
+    """Add the extents the table options of ``ns`` give to ``req``."""
+    for text in ns.uidmap:
+        req.uid_extents += [parse_extent(v) for v in _split_values(text, "--uidmap")]
+    for text in ns.gidmap:
+        req.gid_extents += [parse_extent(v) for v in _split_values(text, "--gidmap")]
+    for spec in ns.map:
+        if "/" in spec:
+            uids, gids = parse_bindfs_pairs(spec)
+        else:
+            uids, gids = parse_map_spec(spec)
+        req.uid_extents += uids
+        req.gid_extents += gids
+    if ns.userns:
+        _add_userns(ns.userns, req)
+    if ns.subuid:
+        uids, gids = read_subid_maps(ns.subuid)
+        req.uid_extents += uids
+        req.gid_extents += gids
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,18 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                "See shiftfs(1).")
     p.add_argument("lower", help="directory whose ids are as stored (the lower tree)")
     p.add_argument("mountpoint", help="where the shifted (upper) view appears")
-    p.add_argument("-u", "--uidmap", action="append", default=[], metavar="L:U:C",
-                   help="uid extent (repeatable)")
-    p.add_argument("-g", "--gidmap", action="append", default=[], metavar="L:U:C",
-                   help="gid extent (repeatable)")
-    p.add_argument("-m", "--map", action="append", default=[], metavar="SPEC",
-                   help="u:/g:/b: prefixed extents, e.g. 'b:0:100000:65536'; or bindfs-style "
-                        "FROM/TO pairs such as '1000/0:@1000/@0'")
-    p.add_argument("--userns", metavar="PID", help="use the uid_map and gid_map of process PID")
-    p.add_argument("--subuid", metavar="USER",
-                   help="rootless layout: lower 0 is USER, lower 1.. are USER's /etc/subuid, /etc/subgid ranges")
+    add_table_arguments(p)
     p.add_argument("-o", dest="o_options", action="append", default=[], metavar="OPTS",
-                   help="mount options: uidmap=,gidmap=,map=,ro,suid,dev,attr_timeout=,... (see shiftfs(1))")
+                   help="mount options: uidmap=,gidmap=,map=,ro,allow_suid,allow_dev,attr_timeout=,... (see shiftfs(1))")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-d", "--debug", action="store_true", help="log every request (implies -f)")
     p.add_argument("-s", "--single-thread", action="store_true", help="serve requests on one thread")
@@ -146,28 +220,32 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+_VALUE_OPTIONS = ("-u", "--uidmap", "-g", "--gidmap", "-m", "--map")
+
+
+def _glue_dash_values(argv: list[str]) -> list[str]:
+    # argparse takes '--uidmap -1:0:1' for a missing value; glue such values
+    # on so the table parser can say what is wrong with them
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1][:1] == "-" \
+                and argv[i + 1][1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}" if argv[i].startswith("--")
+                       else argv[i] + argv[i + 1])
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def parse_args(argv: list[str]) -> Request:
     parser = build_parser()
     parser.__class__ = _Parser
-    ns = parser.parse_args(argv)
-    req = Request(lower=ns.lower, mountpoint=ns.mountpoint, dry_run=ns.dry_run, quiet=ns.quiet)
-    for text in ns.uidmap:
-        req.uid_extents += [parse_extent(v) for v in _split_values(text)]
-    for text in ns.gidmap:
-        req.gid_extents += [parse_extent(v) for v in _split_values(text)]
-    for spec in ns.map:
-        if "/" in spec:
-            uids, gids = parse_bindfs_pairs(spec)
-        else:
-            uids, gids = parse_map_spec(spec)
-        req.uid_extents += uids
-        req.gid_extents += gids
-    if ns.userns:
-        _add_userns(ns.userns, req)
-    if ns.subuid:
-        uids, gids = read_subid_maps(ns.subuid)
-        req.uid_extents += uids
-        req.gid_extents += gids
+    ns = parser.parse_args(_glue_dash_values(argv))
+    req = Request(lower=ns.lower, mountpoint=ns.mountpoint, dry_run=ns.dry_run, quiet=ns.quiet,
+                  mount_helper=invoked_by_mount_helper())
+    table_from_args(ns, req)
     for text in ns.o_options:
         apply_o_options(text, req)
     req.options.foreground = ns.foreground or ns.debug
@@ -199,6 +277,9 @@ def check_paths(req: Request) -> None:
 def check_fuse() -> None:
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse does not exist (load the fuse module or give the container the device)")
+    st = os.stat("/dev/fuse")
+    if not stat.S_ISCHR(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != (10, 229):
+        raise UsageError("/dev/fuse is not the FUSE device (character device 10,229)")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise UsageError("/dev/fuse is not readable and writable by this user")
     try:
@@ -214,6 +295,14 @@ def safety_warnings(req: Request, idmap) -> list[str]:
         lower = idmap.uids.to_lower(0)
         warnings.append(f"warning: -o suid with lower uid {lower} shown as upper 0: a set-uid "
                         f"file owned by lower {lower} runs as root on this host")
+    elif req.options.suid:
+        import pwd
+        for pw in pwd.getpwall():  # a real host user: set-uid files run as them
+            lower = idmap.uids.to_lower(pw.pw_uid)
+            if lower is not None and pw.pw_uid < 65534:
+                warnings.append(f"warning: -o suid with lower uid {lower} shown as host user "
+                                f"'{pw.pw_name}' ({pw.pw_uid}): its set-uid files run as that user")
+                break
     if req.options.dev:
         warnings.append("warning: -o dev: device nodes in the lower tree open this host's devices")
     return warnings

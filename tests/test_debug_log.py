@@ -1,0 +1,69 @@
+"""-d/--debug: one line per request with the caller's upper and lower ids."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shiftfs.mount import is_mounted, unmount
+
+try:
+    from tests.callers import call_as
+except ImportError:
+    from callers import call_as
+
+pytestmark = pytest.mark.needs_root
+
+
+def test_debug_logs_each_request_with_upper_and_lower_ids(lower, workdir):
+    (lower / "f").write_text("")
+    os.chown(lower / "f", 5, 5)
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    log = workdir / "log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "shiftfs", "-d", "-q", "-u", "0:100000:65536",
+                                 str(lower), str(mnt)], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(str(mnt)):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert call_as(os.stat, str(mnt / "f"), uid=100005, gid=100007).st_uid == 100005
+        call_as(os.stat, str(mnt / "g"), uid=300, gid=300)  # unmapped caller, ENOENT
+    finally:
+        if is_mounted(str(mnt), None):
+            unmount(str(mnt))
+        proc.wait(timeout=20)
+    lines = log.read_text().splitlines()
+    assert any(line.startswith("shiftfs: getattr /f pid ")
+               and line.endswith("upper 100005:100007 lower 5:7 -> ok") for line in lines), lines
+    assert any(line.startswith("shiftfs: getattr /g ")
+               and line.endswith("upper 300:300 lower unmapped:unmapped -> ENOENT") for line in lines)
+
+
+def test_no_request_log_without_debug(lower, workdir):
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    log = workdir / "log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "shiftfs", "-f", "-q", "-u", "0:100000:65536",
+                                 str(lower), str(mnt)], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(str(mnt)):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.listdir(mnt)
+        os.stat(mnt)
+    finally:
+        if is_mounted(str(mnt), None):
+            unmount(str(mnt))
+        proc.wait(timeout=20)
+    assert "getattr" not in log.read_text()
