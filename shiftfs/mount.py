@@ -78,12 +78,26 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     unwant = (fuse.FUSE_CAP_HANDLE_KILLPRIV | fuse.FUSE_CAP_ATOMIC_O_TRUNC
               | fuse.FUSE_CAP_WRITEBACK_CACHE | fuse.FUSE_CAP_SPLICE_READ
               | fuse.FUSE_CAP_SPLICE_WRITE | fuse.FUSE_CAP_SPLICE_MOVE)
+    # Note when the kernel's INIT reached us: the mount was live. libfuse
+    # reports a session ended by SIGTERM/SIGINT/SIGHUP as status 8 (it keeps
+    # the signal number as the loop's error), after unmounting cleanly.
+    served: list[bool] = []
+    init_connection = operations.init_connection
+
+    def _init_connection(*args):
+        result = init_connection(*args)
+        served.append(True)
+        return result
+
+    operations.init_connection = _init_connection
     try:
         runner = fuse.ShiftFUSE(
             operations, mountpoint, options.fuse_config(), want, unwant,
             foreground=options.foreground, debug=options.debug,
             nothreads=not options.threads, **options.fuse_options(lower))
     except RuntimeError as e:
+        if served:  # stopped by a signal after serving: a clean unmount
+            return 0
         print(f"shiftfs: mount of {mountpoint} failed (libfuse status {e})", file=sys.stderr)
         return 1
     if runner.init_error is not None:

@@ -10,9 +10,11 @@ Caveats (honest ones, as in pyfuse3's passthroughfs):
 - The lower root is held open as a directory fd and every call is relative
   to it (``*at`` syscalls), so paths cannot climb out of it with ``..`` and
   a lower directory swapped or mounted over afterwards does not change what
-  is served. Intermediate components are not checked for symlinks: the
-  kernel resolves symlinks above us, so only a concurrent change made
-  directly on the lower side could insert one.
+  is served. The kernel resolves symlinks above us, but the lower tree can
+  change behind its back (directly, or through another mount of the same
+  lower): so the parent of every path is reached one component at a time
+  with O_NOFOLLOW (``_at``) and no call follows a symlink in the last
+  component; nothing ever resolves outside the lower root.
 - Handles are lower file descriptors; data moves between them and libfuse
   without passing through Python (read_buf/write_buf in fuse.py).
 - POSIX locks and flock are left to the kernel (local to this mount).
@@ -22,17 +24,48 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 from . import fuse, policy, xattrs
 from .idmap import IdMap
 
+CAP_FSETID = 4
 UNCHANGED = 0xFFFFFFFF  # (uid_t)-1 in chown: keep this id
 _O_PATH_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+_WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _rel(path: bytes) -> bytes:
     """FUSE path ("/a/b") -> path relative to the lower root fd."""
     return path[1:] or b"."
+
+
+_CAP_SYS_ADMIN = 21
+_INIT_USERNS = os.stat("/proc/self/ns/user").st_ino if os.path.exists("/proc/self/ns/user") else None
+
+
+def _caller_sys_admin() -> bool:
+    """Whether the caller holds CAP_SYS_ADMIN in the daemon's user namespace
+    (the kernel's test for seeing trusted.* names). Unknown means no."""
+    pid = fuse.caller()[2]
+    try:
+        if _INIT_USERNS is not None and os.stat(f"/proc/{pid}/ns/user").st_ino != _INIT_USERNS:
+            return False
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _proc(dir_fd: int, name: bytes) -> bytes:
+    """A path naming ``name`` in the directory ``dir_fd`` for calls that
+    take no dir fd (the magic link jumps straight to that directory)."""
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
 class ShiftOperations:
@@ -49,9 +82,47 @@ class ShiftOperations:
         self.posix_acl = False
         self._listings: dict[int, list] = {}
 
+    # ---- path resolution: never out of the lower root ----
+    def _walk(self, head: bytes) -> int:
+        """An O_PATH fd of the lower directory ``head`` (relative, no
+        leading '/'), reached one component at a time with O_NOFOLLOW: a
+        symlink put in place of a directory on the lower side (directly, or
+        through another mount of the same lower) after the kernel looked the
+        directory up gives ENOTDIR instead of leading out of the tree."""
+        fd = self.root
+        try:
+            for comp in head.split(b"/"):
+                nxt = os.open(comp, _WALK_FLAGS, dir_fd=fd)
+                if fd != self.root:
+                    os.close(fd)
+                fd = nxt
+        except BaseException:
+            if fd != self.root:
+                os.close(fd)
+            raise
+        return fd
+
+    def _at(self, path: bytes, fn, *args, **kwargs):
+        """``fn(name, *args, dir_fd=parent, **kwargs)`` for a FUSE path, the
+        parent reached by _walk. Every path-based syscall goes through here
+        (or _at2); each one must also not follow a symlink in ``name``."""
+        head, _, name = path[1:].rpartition(b"/")
+        if not head:
+            return fn(name or b".", *args, dir_fd=self.root, **kwargs)
+        fd = self._walk(head)
+        try:
+            return fn(name, *args, dir_fd=fd, **kwargs)
+        finally:
+            os.close(fd)
+
+    def _at2(self, path1: bytes, path2: bytes, fn):
+        """``fn(name1, dir_fd1, name2, dir_fd2)`` for two FUSE paths."""
+        return self._at(path1, lambda n1, dir_fd: self._at(
+            path2, lambda n2, dir_fd, fd1=dir_fd: fn(n1, fd1, n2, dir_fd)))
+
     # ---- helpers ----
     def _lstat(self, path: bytes) -> os.stat_result:
-        return os.stat(_rel(path), dir_fd=self.root, follow_symlinks=False)
+        return self._at(path, os.stat, follow_symlinks=False)
 
     def _attr(self, st: os.stat_result) -> tuple[os.stat_result, int, int]:
         return st, self.idmap.uid_to_upper(st.st_uid), self.idmap.gid_to_upper(st.st_gid)
@@ -66,12 +137,21 @@ class ShiftOperations:
             raise OSError(errno.EOVERFLOW, "caller has no lower id")
         return lower_uid, lower_gid, umask
 
-    def _create_as_caller(self, make, *args, **kwargs):
+    def _parent_lstat(self, path: bytes) -> os.stat_result:
+        return self._lstat(path.rpartition(b"/")[0] or b"/")
+
+    def _caller_mapped(self) -> bool:
+        uid, gid, _pid, _umask = fuse.caller()
+        return self.uids.to_lower(uid) is not None and self.gids.to_lower(gid) is not None
+
+    def _create_as_caller(self, path, make, *args, **kwargs):
         """Run ``make`` with the thread's fsuid/fsgid set to the caller's
         lower ids and its umask to the caller's: the lower kernel then gives
         the new entry its owner, its set-gid group, its default ACL and its
-        mode in one step, as for a local caller."""
+        mode in one step, as for a local caller. ``path`` is the new name
+        (its directory must not be frozen)."""
         lower_uid, lower_gid, umask = self._caller_lower_ids()
+        policy.check_dir_write(self._parent_lstat(path), self.uids, self.gids)
         os.umask(umask)
         fuse.set_fsids(lower_uid, lower_gid)
         try:
@@ -97,7 +177,7 @@ class ShiftOperations:
         return self._attr(st)
 
     def readlink(self, path):
-        return os.readlink(_rel(path), dir_fd=self.root)
+        return self._at(path, os.readlink)
 
     def statfs(self, path):
         return os.fstatvfs(self.root)
@@ -107,7 +187,10 @@ class ShiftOperations:
         if fh is not None:
             os.fchmod(fh, mode)
         else:
-            os.chmod(_rel(path), mode, dir_fd=self.root)
+            try:  # never through a symlink put in the lower tree behind our back
+                self._at(path, os.chmod, mode, follow_symlinks=False)
+            except ValueError:  # Python's word for EOPNOTSUPP on a symlink
+                raise OSError(errno.EOPNOTSUPP, "chmod of a symlink") from None
 
     def chown(self, path, uid, gid, fh):
         lower_uid = -1 if uid == UNCHANGED else self.uids.to_lower(uid)
@@ -115,64 +198,119 @@ class ShiftOperations:
         if lower_uid is None or lower_gid is None:
             raise OSError(errno.EOVERFLOW, "id has no lower counterpart")
         st = os.fstat(fh) if fh is not None else self._lstat(path)
-        policy.check_chown(st, self.uids, self.gids, fuse.caller()[0])
+        policy.check_chown(st, self.uids, self.gids, fuse.caller()[0], lower_uid, lower_gid)
         if fh is not None:
             os.fchown(fh, lower_uid, lower_gid)
         else:
-            os.chown(_rel(path), lower_uid, lower_gid, dir_fd=self.root, follow_symlinks=False)
+            self._at(path, os.chown, lower_uid, lower_gid, follow_symlinks=False)
+        if st.st_mode & stat.S_ISGID and self._chown_drops_sgid(st):
+            mode = stat.S_IMODE(st.st_mode) & ~stat.S_ISGID
+            if fh is not None:
+                os.fchmod(fh, mode)
+            else:
+                self._at(path, os.chmod, mode, follow_symlinks=False)
+
+    def _chown_drops_sgid(self, st: os.stat_result) -> bool:
+        """The kernel's rule for S_ISGID without group exec on chown, which
+        the upper kernel's FUSE client does not apply: needs the caller's
+        groups and capabilities (from /proc/PID)."""
+        uid, gid, pid, _umask = fuse.caller()
+        upper_gid = self.idmap.gid_to_upper(st.st_gid)
+        in_group = gid == upper_gid or upper_gid in fuse.caller_groups()
+        capable = not in_group and self._caller_capable(
+            CAP_FSETID, pid, self.idmap.uid_to_upper(st.st_uid), upper_gid)
+        return policy.chown_drops_sgid(st, in_group, capable)
+
+    def _caller_capable(self, cap: int, pid: int, upper_uid: int, upper_gid: int) -> bool:
+        """capable_wrt_inode_uidgid for the caller: ``cap`` effective in its
+        user namespace, and (outside the daemon's namespace) the inode's ids
+        mapped in that namespace."""
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                if not policy.parse_cap_eff(f.read()) >> cap & 1:
+                    return False
+            if os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user"):
+                return True
+            with open(f"/proc/{pid}/uid_map") as u, open(f"/proc/{pid}/gid_map") as g:
+                return policy.id_in_map(u.read(), upper_uid) and policy.id_in_map(g.read(), upper_gid)
+        except OSError:  # the caller is gone: no privilege to act on
+            return False
 
     def truncate(self, path, length, fh):
         self._frozen_check(path, fh, "write")
         if fh is not None:
             os.ftruncate(fh, length)
         else:
-            os.truncate(self.proc_root + _rel(path), length)
+            # O_PATH|O_NOFOLLOW pins the inode itself (a symlink swapped in
+            # on the lower side is truncated as a symlink: EINVAL, and is
+            # never followed out of the tree)
+            fd = self._at(path, os.open, os.O_PATH | _O_PATH_FLAGS)
+            try:
+                os.truncate(f"/proc/self/fd/{fd}", length)
+            finally:
+                os.close(fd)
 
     def utimens(self, path, times_ptr, fh):
-        self._frozen_check(path, fh, "utimes" if times_ptr is None else "chmod")
+        if times_ptr is None:
+            kind = policy.utimes_kind(None, None)
+        else:
+            times = (fuse.Timespec * 2).from_address(times_ptr)
+            kind = policy.utimes_kind(times[0].tv_nsec, times[1].tv_nsec)
+        self._frozen_check(path, fh, kind)
         if fh is not None:
             fuse.futimens(fh, times_ptr)
         else:
-            fuse.utimensat(self.root, _rel(path), times_ptr)
+            self._at(path, lambda name, dir_fd: fuse.utimensat(dir_fd, name, times_ptr))
 
     # ---- names ----
     def mknod(self, path, mode, dev):
-        self._create_as_caller(os.mknod, _rel(path), mode, dev, dir_fd=self.root)
+        self._create_as_caller(path, self._at, path, os.mknod, mode, dev)
 
     def mkdir(self, path, mode):
-        self._create_as_caller(os.mkdir, _rel(path), mode, dir_fd=self.root)
+        self._create_as_caller(path, self._at, path, os.mkdir, mode)
 
     def symlink(self, target, path):
-        self._create_as_caller(os.symlink, target, _rel(path), dir_fd=self.root)
+        self._create_as_caller(path, self._at, path,
+                               lambda name, dir_fd: os.symlink(target, name, dir_fd=dir_fd))
 
     def create(self, path, mode, flags):
         return self._create_as_caller(
-            os.open, _rel(path), flags | os.O_CREAT | _O_PATH_FLAGS, mode, dir_fd=self.root)
+            path, self._at, path, os.open, flags | os.O_CREAT | _O_PATH_FLAGS, mode)
 
     def link(self, existing, path):
-        self._caller_lower_ids()
-        policy.check_modify(self._lstat(existing), self.uids, self.gids, "link")
-        os.link(_rel(existing), _rel(path), src_dir_fd=self.root, dst_dir_fd=self.root,
-                follow_symlinks=False)
+        policy.check_link(self._lstat(existing), self._caller_mapped(), self._parent_lstat(path),
+                          self.uids, self.gids)
+        self._at2(existing, path, lambda a, fa, b, fb: os.link(
+            a, b, src_dir_fd=fa, dst_dir_fd=fb, follow_symlinks=False))
 
     def unlink(self, path):
-        policy.check_modify(self._lstat(path), self.uids, self.gids, "unlink")
-        os.unlink(_rel(path), dir_fd=self.root)
+        policy.check_delete(self._lstat(path), self._parent_lstat(path), self.uids, self.gids)
+        self._at(path, os.unlink)
 
     def rmdir(self, path):
-        policy.check_modify(self._lstat(path), self.uids, self.gids, "unlink")
-        os.rmdir(_rel(path), dir_fd=self.root)
+        policy.check_delete(self._lstat(path), self._parent_lstat(path), self.uids, self.gids)
+        self._at(path, os.rmdir)
 
     def rename(self, old, new, flags):
-        policy.check_modify(self._lstat(old), self.uids, self.gids, "rename")
+        try:
+            new_st = self._lstat(new)
+        except FileNotFoundError:
+            new_st = None
+        if new_st is not None and flags & fuse.RENAME_NOREPLACE:
+            raise OSError(errno.EEXIST, "rename: target exists")
+        policy.check_rename(self._lstat(old), self._parent_lstat(old), new_st,
+                            self._parent_lstat(new), new_st is not None or self._caller_mapped(),
+                            self.uids, self.gids)
         if flags:
-            fuse.renameat2(self.root, _rel(old), _rel(new), flags)
+            self._at2(old, new, lambda a, fa, b, fb: fuse.renameat2(
+                fuse.AT_FDCWD, _proc(fa, a), _proc(fb, b), flags))
         else:
-            os.rename(_rel(old), _rel(new), src_dir_fd=self.root, dst_dir_fd=self.root)
+            self._at2(old, new, lambda a, fa, b, fb: os.rename(
+                a, b, src_dir_fd=fa, dst_dir_fd=fb))
 
     # ---- files ----
     def open(self, path, flags):
-        fd = os.open(_rel(path), flags | _O_PATH_FLAGS, dir_fd=self.root)
+        fd = self._at(path, os.open, flags | _O_PATH_FLAGS)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             try:
                 policy.check_modify(os.fstat(fd), self.uids, self.gids, "write")
@@ -199,7 +337,7 @@ class ShiftOperations:
 
     # ---- directories ----
     def opendir(self, path):
-        fd = os.open(_rel(path), os.O_RDONLY | os.O_DIRECTORY | _O_PATH_FLAGS, dir_fd=self.root)
+        fd = self._at(path, os.open, os.O_RDONLY | os.O_DIRECTORY | _O_PATH_FLAGS)
         self._listings[fd] = []
         return fd
 
@@ -229,18 +367,24 @@ class ShiftOperations:
 
     # ---- extended attributes ----
     def getxattr(self, path, name):
-        value = os.getxattr(self.proc_root + _rel(path), name, follow_symlinks=False)
+        value = self._at(path, lambda n, dir_fd: os.getxattr(
+            _proc(dir_fd, n), name, follow_symlinks=False))
         return xattrs.to_upper(name, value, self.idmap)
 
     def listxattr(self, path):
-        names = os.listxattr(self.proc_root + _rel(path), follow_symlinks=False)
+        names = self._at(path, lambda n, dir_fd: os.listxattr(_proc(dir_fd, n), follow_symlinks=False))
+        if any(n.startswith("trusted.") for n in names) and not _caller_sys_admin():
+            # a local filesystem lists trusted.* only to CAP_SYS_ADMIN callers;
+            # the daemon (root) sees them all, so filter as the kernel would
+            names = [n for n in names if not n.startswith("trusted.")]
         return b"".join(os.fsencode(n) + b"\0" for n in names)
 
     def setxattr(self, path, name, value, flags):
         policy.check_modify(self._lstat(path), self.uids, self.gids, "setxattr")
         value = xattrs.to_lower(name, value, self.idmap)
-        os.setxattr(self.proc_root + _rel(path), name, value, flags, follow_symlinks=False)
+        self._at(path, lambda n, dir_fd: os.setxattr(
+            _proc(dir_fd, n), name, value, flags, follow_symlinks=False))
 
     def removexattr(self, path, name):
         policy.check_modify(self._lstat(path), self.uids, self.gids, "setxattr")
-        os.removexattr(self.proc_root + _rel(path), name, follow_symlinks=False)
+        self._at(path, lambda n, dir_fd: os.removexattr(_proc(dir_fd, n), name, follow_symlinks=False))

@@ -1,0 +1,62 @@
+"""Mounted checks of the documented differences from kernel idmapped
+mounts (docs/differences.md) that the differential suite cannot show by
+itself: what shiftfs does *instead*, on its own defaults."""
+
+import os
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+try:
+    from tests.callers import call_as
+except ModuleNotFoundError:
+    from callers import call_as
+
+pytestmark = pytest.mark.needs_root
+
+USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+OVERFLOW_UID = int(open("/proc/sys/kernel/overflowuid").read())
+
+
+def acl(*entries):
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_nosuid_by_default(lower, mounter):
+    """D4's context: without -o suid no set-id bit is honoured, so a set-uid
+    file (here owned by lower 0, shown as upper 100000) runs as the caller."""
+    binary = lower / "id"
+    shutil.copy(shutil.which("id"), binary)
+    os.chown(binary, 0, 0)
+    os.chmod(binary, 0o4755)
+    mnt = mounter(lower)
+    st = os.stat(mnt / "id")
+    assert (st.st_uid, st.st_mode & 0o7777) == (100000, 0o4755)  # the bit is shown...
+    euid = call_as(lambda: subprocess.run([str(mnt / "id"), "-u"], capture_output=True,
+                                          text=True, check=True).stdout.strip(),
+                   uid=100005, gid=100005)
+    assert euid == "100005"  # ...but not applied
+    assert os.statvfs(mnt).f_flag & os.ST_NOSUID
+
+
+def test_acl_unmapped_entry_shows_overflow_id(lower, mounter):
+    """D1: an ACL entry naming an unmapped lower id reads as the overflow id
+    (the kernel's idmapped mount says 4294967295, which the FUSE client would
+    refuse), and the rest of the ACL reads normally."""
+    f = lower / "f"
+    f.write_text("x")
+    os.chown(f, 1000, 1000)
+    os.setxattr(f, "system.posix_acl_access", acl(
+        (USER_OBJ, 6, 0xFFFFFFFF), (USER, 4, 70000), (USER, 6, 1001), (GROUP_OBJ, 4, 0xFFFFFFFF),
+        (MASK, 6, 0xFFFFFFFF), (OTHER, 0, 0xFFFFFFFF)))
+    mnt = mounter(lower)
+    value = os.getxattr(mnt / "f", "system.posix_acl_access")
+    entries = list(struct.iter_unpack("<HHI", value[4:]))
+    assert [(tag, ident) for tag, _perm, ident in entries if tag == USER] == [
+        (USER, OVERFLOW_UID), (USER, 101001)]
+    out = subprocess.run(["getfacl", "-n", str(mnt / "f")], capture_output=True, text=True)
+    assert out.returncode == 0 and f"user:{OVERFLOW_UID}:r--" in out.stdout
+    stored = os.getxattr(f, "system.posix_acl_access")  # the lower keeps its id
+    assert struct.unpack_from("<HHI", stored, 12) == (USER, 4, 70000)
