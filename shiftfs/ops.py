@@ -88,7 +88,10 @@ class ShiftOperations:
         leading '/'), reached one component at a time with O_NOFOLLOW: a
         symlink put in place of a directory on the lower side (directly, or
         through another mount of the same lower) after the kernel looked the
-        directory up gives ENOTDIR instead of leading out of the tree."""
+        directory up gives ENOTDIR instead of leading out of the tree.
+        With openat2 (Linux 5.6+) the kernel does the same walk in one call."""
+        if fuse.HAS_OPENAT2:
+            return fuse.open_dir_beneath(self.root, head)
         fd = self.root
         try:
             for comp in head.split(b"/"):
