@@ -221,18 +221,13 @@ else:
             t.tv_sec, t.tv_nsec = divmod(ns, 1000000000)
 
 
-_FH = ctypes.POINTER(ctypes.c_uint64)
-
-
-_FH_WORD = mfusepy.fuse_file_info.fh.offset // 8  # fh as a u64 index into the struct
-
-
+# fip[0].fh: 0.06 us; ctypes.cast(fip, POINTER(c_uint64))[word] was 0.5 us
 def _fh(fip) -> int | None:
-    return ctypes.cast(fip, _FH)[_FH_WORD] if fip else None
+    return fip[0].fh if fip else None
 
 
 def _set_fh(fip, fh: int) -> None:
-    ctypes.cast(fip, _FH)[_FH_WORD] = fh
+    fip[0].fh = fh
 
 
 class ShiftFUSE(mfusepy.FUSE):
@@ -364,11 +359,11 @@ class ShiftFUSE(mfusepy.FUSE):
 
     # ---- files ----
     def open(self, path, fip):
-        _set_fh(fip, self.operations.open(path, fip.contents.flags))
+        _set_fh(fip, self.operations.open(path, fip[0].flags))
         return 0
 
     def create(self, path, mode, fip):
-        _set_fh(fip, self.operations.create(path, mode, fip.contents.flags))
+        _set_fh(fip, self.operations.create(path, mode, fip[0].flags))
         return 0
 
     def read(self, path, buf, size, offset, fip):

@@ -62,6 +62,30 @@ def _caller_sys_admin() -> bool:
     return False
 
 
+class _Everything:
+    """Stands in for the frozen-path hints once there are too many to keep:
+    every path may be frozen (each check then pays a stat)."""
+
+    def __bool__(self):
+        return True
+
+    def __contains__(self, path):
+        return True
+
+    def __setitem__(self, path, value):
+        pass
+
+    def pop(self, path, default=None):
+        return default
+
+    def items(self):
+        return ()
+
+
+_FROZEN_HINTS_MAX = 1 << 18
+_ACL_ACCESS = "system.posix_acl_access"
+
+
 def _proc(dir_fd: int, name: bytes) -> bytes:
     """A path naming ``name`` in the directory ``dir_fd`` for calls that
     take no dir fd (the magic link jumps straight to that directory)."""
@@ -81,6 +105,11 @@ class ShiftOperations:
         self.daemon_gid = os.getegid()
         self.posix_acl = False
         self._listings: dict[int, list] = {}
+        # FUSE paths getattr found frozen: only these are checked for read,
+        # exec and search (a hint: verified by a stat before it is used)
+        self._frozen: dict[bytes, None] | _Everything = {}
+        self._frozen_fhs: set[int] = set()  # open frozen directories
+        self._ovf_uid, self._ovf_gid = idmap.overflow_uid, idmap.overflow_gid
 
     # ---- path resolution: never out of the lower root ----
     def _walk(self, head: bytes) -> int:
@@ -167,6 +196,60 @@ class ShiftOperations:
         policy.check_modify(st, self.uids, self.gids, what)
         return st
 
+    # ---- frozen inodes: reading, listing, searching, exec ----
+    def _note_frozen(self, path: bytes, st: os.stat_result) -> None:
+        if policy.is_frozen(st, self.uids, self.gids):
+            if len(self._frozen) >= _FROZEN_HINTS_MAX:
+                self._frozen = _Everything()
+            self._frozen[path] = None
+
+    def _frozen_access(self, path: bytes, st: os.stat_result, want: int, fd: int | None) -> bool:
+        """EACCES unless the caller may ``want`` this inode as an idmapped
+        mount decides for a frozen inode (mode bits, mapped group, ACL; no
+        capability). False (and the hint dropped) if it is not frozen."""
+        if not policy.is_frozen(st, self.uids, self.gids):
+            self._frozen.pop(path, None)
+            return False
+        acl = None
+        if st.st_mode & 0o070 and not stat.S_ISLNK(st.st_mode):
+            try:
+                acl = os.getxattr(fd, _ACL_ACCESS) if fd is not None else self._at(
+                    path, lambda n, dir_fd: os.getxattr(_proc(dir_fd, n), _ACL_ACCESS,
+                                                        follow_symlinks=False))
+            except OSError:
+                pass
+        uid, gid, _pid, _umask = fuse.caller()
+        groups = {gid, *fuse.caller_groups()}
+        if not policy.frozen_permitted(st, self.uids, self.gids, uid, groups, want, acl):
+            raise OSError(errno.EACCES, "inode has an unmapped owner")
+        return True
+
+    def _check_search(self, path: bytes) -> None:
+        """A lookup in a frozen directory needs search (x) permission on it
+        (the FUSE client checked against the overflow id, capabilities
+        included)."""
+        parent = path.rpartition(b"/")[0] or b"/"
+        if parent in self._frozen:
+            try:
+                st = self._lstat(parent)
+            except FileNotFoundError:
+                self._frozen.pop(parent, None)
+                return
+            self._frozen_access(parent, st, policy.MAY_EXEC, None)
+
+    def _frozen_renamed(self, old: bytes, new: bytes, exchange: bool) -> None:
+        """Keep the hints on the paths the kernel will use after a rename of
+        a directory above them (a frozen inode itself cannot be renamed)."""
+        moves = []
+        for src, dst in ((old, new), (new, old)) if exchange else ((old, new),):
+            prefix = src + b"/"
+            moves += [(p, dst + p[len(src):]) for p, _ in list(self._frozen.items())
+                      if p == src or p.startswith(prefix)]
+        for p, _ in moves:
+            self._frozen.pop(p, None)
+        for _, q in moves:
+            self._frozen[q] = None
+
     # ---- lifecycle ----
     def init_connection(self, capable: int, want: int) -> None:
         self.posix_acl = bool(want & fuse.FUSE_CAP_POSIX_ACL)
@@ -176,8 +259,13 @@ class ShiftOperations:
 
     # ---- attributes ----
     def getattr(self, path, fh):
+        if fh is None and self._frozen and path != b"/":
+            self._check_search(path)
         st = os.fstat(fh) if fh is not None else self._lstat(path)
-        return self._attr(st)
+        attr = self._attr(st)
+        if (attr[1] == self._ovf_uid or attr[2] == self._ovf_gid) and fh is None:
+            self._note_frozen(path, st)
+        return attr
 
     def readlink(self, path):
         return self._at(path, os.readlink)
@@ -310,6 +398,8 @@ class ShiftOperations:
         else:
             self._at2(old, new, lambda a, fa, b, fb: os.rename(
                 a, b, src_dir_fd=fa, dst_dir_fd=fb))
+        if self._frozen:
+            self._frozen_renamed(old, new, bool(flags & fuse.RENAME_EXCHANGE))
 
     # ---- files ----
     def open(self, path, flags):
@@ -317,6 +407,12 @@ class ShiftOperations:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             try:
                 policy.check_modify(os.fstat(fd), self.uids, self.gids, "write")
+            except OSError:
+                os.close(fd)
+                raise
+        elif self._frozen and path in self._frozen:  # read or exec of a frozen file
+            try:
+                self._frozen_access(path, os.fstat(fd), policy.open_want(flags), fd)
             except OSError:
                 os.close(fd)
                 raise
@@ -341,6 +437,13 @@ class ShiftOperations:
     # ---- directories ----
     def opendir(self, path):
         fd = self._at(path, os.open, os.O_RDONLY | os.O_DIRECTORY | _O_PATH_FLAGS)
+        if self._frozen and path in self._frozen:
+            try:
+                if self._frozen_access(path, os.fstat(fd), policy.MAY_READ, fd):
+                    self._frozen_fhs.add(fd)
+            except OSError:
+                os.close(fd)
+                raise
         self._listings[fd] = []
         return fd
 
@@ -352,17 +455,26 @@ class ShiftOperations:
                 self._listings[fh] = [(b".", None), (b"..", None)] + [
                     (os.fsencode(e.name), e) for e in it]
         listing = self._listings[fh]
+        hide = bool(self._frozen_fhs) and fh in self._frozen_fhs
         for name, entry in listing[offset:]:
             if entry is None:
                 yield name, None
                 continue
             try:
-                yield name, self._attr(entry.stat(follow_symlinks=False))
+                attr = self._attr(entry.stat(follow_symlinks=False))
             except FileNotFoundError:  # removed since the listing was taken
                 continue
+            # Frozen entries, and all entries of a frozen directory, come
+            # without attributes: the kernel then looks each one up, and
+            # getattr can check it (see _check_search, _note_frozen).
+            if hide or attr[1] == self._ovf_uid or attr[2] == self._ovf_gid:
+                attr = None
+            yield name, attr
 
     def releasedir(self, fh):
         self._listings.pop(fh, None)
+        if self._frozen_fhs:
+            self._frozen_fhs.discard(fh)
         os.close(fh)
 
     def fsyncdir(self, fh, datasync):
@@ -370,8 +482,16 @@ class ShiftOperations:
 
     # ---- extended attributes ----
     def getxattr(self, path, name):
-        value = self._at(path, lambda n, dir_fd: os.getxattr(
-            _proc(dir_fd, n), name, follow_symlinks=False))
+        if self._frozen and path in self._frozen and policy.xattr_read_needs_permission(name):
+            self._frozen_access(path, self._lstat(path), policy.MAY_READ, None)
+        if path == b"/":
+            # The kernel asks this for every lookup through the mount root
+            # (it made the root inode before INIT enabled ACLs, so never
+            # caches its ACL): one syscall on the held root fd.
+            value = os.getxattr(self.root, name)
+        else:
+            value = self._at(path, lambda n, dir_fd: os.getxattr(
+                _proc(dir_fd, n), name, follow_symlinks=False))
         return xattrs.to_upper(name, value, self.idmap)
 
     def listxattr(self, path):

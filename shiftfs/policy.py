@@ -20,6 +20,14 @@ idmapped mount by tests/oracle/test_differential.py):
   entry, link, rename onto a free name): EOVERFLOW (``may_create``), checked
   before the directory.
 
+Reading, listing, searching and executing a frozen inode are decided by the
+mode bits and the ACL alone (``acl_permission_check``): the owner class
+applies only to a caller whose fsuid is the inode's *mapped* owner, the
+group class only to members of its *mapped* group, ACL entries only to the
+ids they map to, and no capability overrides (``capable_wrt_inode_uidgid``
+needs both ids mapped). The FUSE client sees the overflow id, a valid id,
+and lets host root through; the daemon refuses with ``frozen_permitted``.
+
 Pure functions over lower ``os.stat_result`` values and the tables: testable
 as a table of cases without a mount (tests/test_policy.py).
 """
@@ -30,6 +38,7 @@ import errno
 import os
 import stat
 
+from . import xattrs
 from .idmap import IdTable
 
 # errno the kernel gives for each kind of change to a frozen inode
@@ -49,6 +58,63 @@ UTIME_OMIT = (1 << 30) - 2
 
 def is_frozen(st: os.stat_result, uids: IdTable, gids: IdTable) -> bool:
     return uids.to_upper(st.st_uid) is None or gids.to_upper(st.st_gid) is None
+
+
+MAY_EXEC, MAY_WRITE, MAY_READ = 1, 2, 4
+FMODE_EXEC = 0x20  # __FMODE_EXEC: in the open flags of an execve's open
+
+
+def open_want(flags: int) -> int:
+    """The access an OPEN request asks for (read, or exec for an execve)."""
+    if flags & FMODE_EXEC:
+        return MAY_EXEC
+    acc = flags & os.O_ACCMODE
+    return (MAY_READ if acc != os.O_WRONLY else 0) | (MAY_WRITE if acc != os.O_RDONLY else 0)
+
+
+def frozen_permitted(st: os.stat_result, uids: IdTable, gids: IdTable, caller_uid: int,
+                     caller_groups, want: int, acl: bytes | None = None) -> bool:
+    """acl_permission_check on an idmapped mount, for the caller's (upper)
+    fsuid and groups (fsgid included), with no capability override: what
+    the kernel decides for an inode whose owner or group is unmapped.
+    ``acl`` is the raw lower ``system.posix_acl_access`` value, if any."""
+    mode = st.st_mode
+    owner = uids.to_upper(st.st_uid)
+    if owner is not None and owner == caller_uid:
+        return not want & ~(mode >> 6) & 7
+    group = gids.to_upper(st.st_gid)
+    if acl is not None and mode & 0o070:
+        verdict = _acl_permitted(acl, group, uids, gids, caller_uid, caller_groups, want)
+        if verdict is not None:
+            return verdict
+    if want & (mode ^ (mode >> 3)) & 7 and group is not None and group in caller_groups:
+        mode >>= 3
+    return not want & ~mode & 7
+
+
+def _acl_permitted(acl: bytes, group: int | None, uids: IdTable, gids: IdTable, caller_uid: int,
+                   caller_groups, want: int) -> bool | None:
+    """posix_acl_permission past the owner (checked by the caller): None if
+    the value is not a valid ACL (then the mode bits decide)."""
+    try:
+        entries = xattrs.acl_entries(acl)
+    except OSError:
+        return None
+    mask = next((perm for tag, perm, _ in entries if tag == xattrs.ACL_MASK), 7)
+    found = False
+    for tag, perm, ident in entries:
+        if tag == xattrs.ACL_USER:
+            if uids.to_upper(ident) == caller_uid:
+                return not want & ~(perm & mask)
+        elif tag in (xattrs.ACL_GROUP_OBJ, xattrs.ACL_GROUP):
+            gid = group if tag == xattrs.ACL_GROUP_OBJ else gids.to_upper(ident)
+            if gid is not None and gid in caller_groups:
+                found = True
+                if not want & ~perm:
+                    return not want & ~(perm & mask)
+        elif tag == xattrs.ACL_OTHER:
+            return False if found else not want & ~perm
+    return None
 
 
 def check_modify(st: os.stat_result, uids: IdTable, gids: IdTable, what: str) -> None:
@@ -149,3 +215,9 @@ def id_in_map(map_text: str, ident: int) -> bool:
             if outside <= ident < outside + count:
                 return True
     return False
+
+
+def xattr_read_needs_permission(name) -> bool:
+    """xattr_permission for a read: only user.* names ask inode_permission
+    (MAY_READ); security.*, system.* and trusted.* do not."""
+    return (name if isinstance(name, bytes) else name.encode()).startswith(b"user.")

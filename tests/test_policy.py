@@ -137,3 +137,79 @@ def test_proc_parsers():
     assert policy.id_in_map(uid_map, 100000) and policy.id_in_map(uid_map, 101999)
     assert policy.id_in_map(uid_map, 4000)
     assert not policy.id_in_map(uid_map, 102000) and not policy.id_in_map(uid_map, 0)
+
+
+# ---- reading, listing, searching, exec of frozen inodes -------------------------
+R, W, X = policy.MAY_READ, policy.MAY_WRITE, policy.MAY_EXEC
+ROOT, USER, MEMBER, UNMAPPED, CROOT = 0, 101000, 101001, 4242, 100000
+GROUPS = {ROOT: {0}, USER: {USER}, MEMBER: {MEMBER, 101500}, UNMAPPED: {UNMAPPED},
+          CROOT: {100000}}
+
+
+def acl_value(*entries):
+    import struct
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+FZACL2 = acl_value((0x01, 6, 0), (0x02, 4, 1001), (0x04, 0, 0), (0x10, 4, 0), (0x20, 0, 0))
+
+
+@pytest.mark.parametrize("inode,acl,want,allowed", [
+    # read_frozen_600: the owner class never applies (owner unmapped), no capability
+    (st(Z, Z, stat.S_IFREG | 0o600), None, R, ()),
+    # read_frozen_group: the group bits for members of the mapped group only
+    (st(Z, 1500, stat.S_IFREG | 0o640), None, R, (MEMBER,)),
+    # read_frozen_not_group: members get the group bits even when other allows more
+    (st(Z, 1500, stat.S_IFREG | 0o604), None, R, (ROOT, USER, UNMAPPED, CROOT)),
+    # read_frozen_acl: a named-user entry for the mapped id, within the mask
+    (st(Z, Z, stat.S_IFREG | 0o640), FZACL2, R, (MEMBER,)),
+    (st(Z, Z, stat.S_IFREG | 0o640), FZACL2, W, ()),
+    # an entry naming an unmapped id matches no one
+    (st(Z, Z, stat.S_IFREG | 0o640), acl_value((0x01, 6, 0), (0x02, 4, Z), (0x04, 0, 0),
+                                               (0x10, 4, 0), (0x20, 0, 0)), R, ()),
+    # a named group entry (member's 1500); the mask limits it
+    (st(Z, Z, stat.S_IFREG | 0o640), acl_value((0x01, 6, 0), (0x04, 0, 0), (0x08, 6, 1500),
+                                               (0x10, 4, 0), (0x20, 0, 0)), R, (MEMBER,)),
+    (st(Z, Z, stat.S_IFREG | 0o640), acl_value((0x01, 6, 0), (0x04, 0, 0), (0x08, 6, 1500),
+                                               (0x10, 4, 0), (0x20, 0, 0)), W, ()),
+    # in a matching group entry without the bits: refused even if other has them
+    (st(Z, 1500, stat.S_IFREG | 0o604), acl_value((0x01, 6, 0), (0x04, 0, 0), (0x20, 4, 0)),
+     R, (ROOT, USER, UNMAPPED, CROOT)),
+    # a value that is not an ACL: the mode bits decide
+    (st(Z, 1500, stat.S_IFREG | 0o640), b"junk", R, (MEMBER,)),
+    # the owner class does apply when the owner is mapped (group unmapped)
+    (st(1000, Z, stat.S_IFREG | 0o600), None, R, (USER,)),
+    # listdir_frozen_700/711/755/group, stat_in_frozen_700/711/755/group
+    (st(Z, Z, stat.S_IFDIR | 0o700), None, R, ()),
+    (st(Z, Z, stat.S_IFDIR | 0o700), None, X, ()),
+    (st(Z, Z, stat.S_IFDIR | 0o711), None, R, ()),
+    (st(Z, Z, stat.S_IFDIR | 0o711), None, X, (ROOT, USER, MEMBER, UNMAPPED, CROOT)),
+    (st(Z, Z, stat.S_IFDIR | 0o755), None, R, (ROOT, USER, MEMBER, UNMAPPED, CROOT)),
+    (st(Z, 1500, stat.S_IFDIR | 0o750), None, R | X, (MEMBER,)),
+    # exec_frozen_700/711/group
+    (st(Z, Z, stat.S_IFREG | 0o700), None, X, ()),
+    (st(Z, Z, stat.S_IFREG | 0o711), None, X, (ROOT, USER, MEMBER, UNMAPPED, CROOT)),
+    (st(Z, 1500, stat.S_IFREG | 0o750), None, X, (MEMBER,)),
+])
+def test_frozen_permitted(inode, acl, want, allowed):
+    for caller, groups in GROUPS.items():
+        assert policy.frozen_permitted(inode, UIDS, GIDS, caller, groups, want, acl) is (
+            caller in allowed), caller
+
+
+@pytest.mark.parametrize("flags,want", [
+    (os.O_RDONLY, policy.MAY_READ),
+    (os.O_RDONLY | os.O_LARGEFILE | policy.FMODE_EXEC, policy.MAY_EXEC),  # execve's open
+    (os.O_WRONLY, policy.MAY_WRITE),
+    (os.O_RDWR, policy.MAY_READ | policy.MAY_WRITE),
+])
+def test_open_want(flags, want):
+    assert policy.open_want(flags) == want
+
+
+@pytest.mark.parametrize("name,checks", [
+    (b"user.x", True), ("user.x", True), (b"system.posix_acl_access", False),
+    (b"security.capability", False), (b"trusted.overlay.opaque", False),
+])
+def test_xattr_read_needs_permission(name, checks):
+    assert policy.xattr_read_needs_permission(name) is checks

@@ -6,8 +6,11 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 
 import pytest
+
+from shiftfs.idmap import Extent
 
 try:
     from tests.callers import call_as
@@ -60,3 +63,59 @@ def test_acl_unmapped_entry_shows_overflow_id(lower, mounter):
     assert out.returncode == 0 and f"user:{OVERFLOW_UID}:r--" in out.stdout
     stored = os.getxattr(f, "system.posix_acl_access")  # the lower keeps its id
     assert struct.unpack_from("<HHI", stored, 12) == (USER, 4, 70000)
+
+
+FROZEN_TABLE = [Extent(0, 0, 2000)]  # host root mapped (it may rename); lower 5000 is not
+
+
+def _frozen_dir(lower, name="fzd", mode=0o700, gid=5000):
+    d = lower / "pub" / name
+    d.mkdir(parents=True)
+    (d / "c").write_text("x")
+    os.chmod(lower / "pub", 0o777)
+    os.chown(d, 5000, gid)
+    os.chmod(d, mode)
+    return d
+
+
+def test_frozen_dir_search_follows_renames(lower, mounter):
+    """Lookups in a frozen directory are checked for search permission
+    without capabilities, also after a directory above it was renamed
+    through the mount (the check follows the new path)."""
+    _frozen_dir(lower)
+    mnt = mounter(lower, uidmap=FROZEN_TABLE, options=["-o", "entry_timeout=30,attr_timeout=30"])
+    os.lstat(mnt / "pub" / "fzd")
+    with pytest.raises(PermissionError):
+        os.lstat(mnt / "pub" / "fzd" / "c")
+    os.rename(mnt / "pub", mnt / "pub2")
+    with pytest.raises(PermissionError):
+        os.lstat(mnt / "pub2" / "fzd" / "c")
+    with pytest.raises(PermissionError):
+        os.listdir(mnt / "pub2" / "fzd")
+
+
+def test_access_ignores_frozen_rule(lower, mounter):
+    """D7: access(2) is answered by the FUSE client, which lets host root
+    read a frozen file; opening it is refused by shiftfs, as by the kernel."""
+    f = lower / "f"
+    f.write_text("x")
+    os.chown(f, 5000, 5000)
+    os.chmod(f, 0o600)
+    mnt = mounter(lower, uidmap=FROZEN_TABLE)
+    assert os.access(mnt / "f", os.R_OK)
+    with pytest.raises(PermissionError):
+        open(mnt / "f").close()
+
+
+def test_cached_name_in_frozen_dir(lower, mounter):
+    """D8: a name a member of the directory's group looked up stays in the
+    kernel's cache for entry_timeout; host root finds it there without
+    asking shiftfs, then is refused once the entry has expired."""
+    _frozen_dir(lower, mode=0o750, gid=1500)
+    mnt = mounter(lower, uidmap=FROZEN_TABLE, options=["-o", "entry_timeout=1,attr_timeout=1"])
+    c = mnt / "pub" / "fzd" / "c"
+    assert call_as(lambda: os.lstat(c).st_uid, uid=1001, gid=1001, groups=(1500,)) == 0
+    os.lstat(c)  # from the cache
+    time.sleep(1.5)
+    with pytest.raises(PermissionError):
+        os.lstat(c)

@@ -201,6 +201,24 @@ TREE = [
     E("pub/fzacl", "file", 0o666, Z, xattrs={ACL_ACCESS: acl(
         (USER_OBJ, 6, 0), (USER, 6, 1001), (GROUP_OBJ, 6, 0), (MASK, 6, 0), (OTHER, 6, 0))}),
     E("pub/x", "file", 0o644, 1000, xattrs={"user.x": b"1"}),
+    # frozen inodes that deny someone: capabilities do not override on them
+    E("pub/fzr", "file", 0o600, Z, xattrs={"user.x": b"1"}),  # readable by no one
+    E("pub/fzgr", "file", 0o640, Z, 1500, xattrs={"user.x": b"1"}),  # by group 1500 only
+    E("pub/fzgo", "file", 0o604, Z, 1500),           # by all but group 1500
+    E("pub/fzacl2", "file", 0o640, Z, xattrs={ACL_ACCESS: acl(
+        (USER_OBJ, 6, 0), (USER, 4, 1001), (GROUP_OBJ, 0, 0), (MASK, 4, 0), (OTHER, 0, 0))}),
+    E("pub/fzl", "symlink", 0o777, Z, target="f"),   # frozen symlink
+    E("pub/fzd7", "dir", 0o700, Z),                  # frozen directories: no search ...
+    E("pub/fzd7/c", "file", 0o644, 1000),
+    E("pub/fzd7/l", "symlink", 0o777, 1000, target="c"),
+    E("pub/fzd71", "dir", 0o711, Z),                 # ... search only ...
+    E("pub/fzd71/c", "file", 0o644, 1000),
+    E("pub/fzd71/l", "symlink", 0o777, 1000, target="c"),
+    E("pub/fzd75", "dir", 0o755, Z),                 # ... list and search ...
+    E("pub/fzd75/c", "file", 0o644, 1000),
+    E("pub/fzd75/l", "symlink", 0o777, 1000, target="c"),
+    E("pub/fzdg", "dir", 0o750, Z, 1500),            # ... by group 1500 only
+    E("pub/fzdg/c", "file", 0o644, 1000),
     E("sticky", "dir", 0o1777, 0),
     E("sticky/own", "file", 0o644, 1000),            # user's file in a sticky dir
     E("sticky/other", "file", 0o666, 1001),          # member's file in a sticky dir

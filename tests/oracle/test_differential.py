@@ -168,6 +168,14 @@ def listdir(rel):
     return lambda b: sorted(os.listdir(J(b, rel)))
 
 
+def readlink(rel):
+    return lambda b: os.readlink(J(b, rel))
+
+
+def access(rel, mode):
+    return lambda b: os.access(J(b, rel), mode)
+
+
 def getxattr(rel, name):
     def op(b):
         value = os.getxattr(J(b, rel), name, follow_symlinks=False)
@@ -350,6 +358,32 @@ OPS = {
     "remove_cap": removexattr("pub/cap2", CAPS),
     "set_cap_frozen": setxattr("pub/fz", CAPS, cap3(Up(1000))),
     "get_acl_frozen": getxattr("pub/fzacl", ACL_ACCESS),
+    # reading frozen inodes: only the other bits, the group bits for members
+    # of a mapped group, and ACL entries count; capabilities do not override
+    "read_frozen_600": read("pub/fzr"),
+    "read_frozen_group": read("pub/fzgr"),
+    "read_frozen_not_group": read("pub/fzgo"),
+    "read_frozen_acl": read("pub/fzacl2"),
+    "access_frozen_600": access("pub/fzr", os.R_OK),
+    "listdir_frozen_700": listdir("pub/fzd7"),
+    "listdir_frozen_711": listdir("pub/fzd71"),
+    "listdir_frozen_755": listdir("pub/fzd75"),
+    "listdir_frozen_group": listdir("pub/fzdg"),
+    "stat_in_frozen_700": stat_ids("pub/fzd7/c"),
+    "stat_in_frozen_711": stat_ids("pub/fzd71/c"),
+    "stat_in_frozen_755": stat_ids("pub/fzd75/c"),
+    "stat_in_frozen_group": stat_ids("pub/fzdg/c"),
+    "read_in_frozen_700": read("pub/fzd7/c"),
+    "read_in_frozen_711": read("pub/fzd71/c"),
+    "readlink_frozen": readlink("pub/fzl"),
+    "readlink_in_frozen_700": readlink("pub/fzd7/l"),
+    "readlink_in_frozen_711": readlink("pub/fzd71/l"),
+    "getxattr_user_frozen_600": getxattr("pub/fzr", "user.x"),
+    "getxattr_user_frozen_group": getxattr("pub/fzgr", "user.x"),
+    "getxattr_acl_frozen_600": getxattr("pub/fzr", ACL_ACCESS),
+    "getxattr_in_frozen_700": getxattr("pub/fzd7/c", "user.x"),
+    "stat_in_frozen_700_moved": then(stat_ids("pub/fzd7"), rename("pub", "pub2"),
+                                     stat_ids("pub2/fzd7/c")),
     "chown_cap_file": chown("pub/cap3_1000", -1, -1),
 }
 
@@ -358,6 +392,10 @@ EXEC_OPS = {
     "exec_suid_root": (exec_id("pub/id"), with_id_binary("pub/id", 0o4755, 0, 0)),
     "exec_suid_user": (exec_id("pub/id"), with_id_binary("pub/id", 0o4755, 1000, 1000)),
     "exec_suid_frozen": (exec_id("pub/id"), with_id_binary("pub/id", 0o4755, 5000, 5000)),
+    # exec of frozen files: the x bits of "other" (or of a mapped group) only
+    "exec_frozen_700": (exec_id("pub/id"), with_id_binary("pub/id", 0o700, 5000, 5000)),
+    "exec_frozen_711": (exec_id("pub/id"), with_id_binary("pub/id", 0o711, 5000, 5000)),
+    "exec_frozen_group": (exec_id("pub/id"), with_id_binary("pub/id", 0o750, 5000, 1500)),
 }
 
 # (operation, caller) pairs where shiftfs cannot give the kernel's answer,
@@ -385,6 +423,12 @@ for _ops, _callers, _doc in [
     (("chown_frozen_suid_out",), ("host_root",), "D5"),
     # D6: a write by a non-member leaves S_ISGID (without group exec) set
     (("write_sgid_nx_file",), ("user", "unmapped", "gid_unmapped"), "D6"),
+    # D7: access(2) is answered by the FUSE client alone
+    (("access_frozen_600",), ("host_root",), "D7"),
+    # D8: a name looked up by a caller who may search a frozen directory is
+    # found from the kernel's cache by one who may not (host root, here in
+    # the snapshot taken after the case)
+    (("stat_in_frozen_group",), ("member",), "D8"),
 ]:
     for _op in _ops:
         for _caller in _callers:
@@ -409,6 +453,9 @@ ALLOWED = {
     "D4": lambda rows: len(rows) == 1 and "shiftfs=(0, '65534')" in rows[0],
     "D5": lambda rows: rows == [" result: shiftfs=Errno(EOVERFLOW) kernel=Errno(EPERM)"],
     "D6": lambda rows: all(r.endswith("sgw mode: shiftfs='0o2666' kernel='0o666'") for r in rows),
+    "D7": lambda rows: rows == [" result: shiftfs=True kernel=False"],
+    "D8": lambda rows: all(r.startswith("upper pub/fzdg/c: shiftfs={") and r.endswith(
+        "kernel=Errno(EACCES)") for r in rows),
 }
 
 
