@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import platform
 import struct
@@ -34,6 +35,7 @@ if mfusepy.fuse_version_major != 3:
         f"shiftfs needs libfuse 3, but mfusepy loaded {mfusepy._libfuse_path} "
         f"(version {mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor})")
 
+log = logging.getLogger("shiftfs")
 LIBFUSE_PATH = mfusepy._libfuse_path
 LIBFUSE_VERSION = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
 
@@ -201,13 +203,18 @@ def exit_session() -> None:
 if platform.machine() == "x86_64":
     _STAT = struct.Struct("QQQIIIiQqqqqqqqqq24x")
 
-    def pack_stat(buf, st: os.stat_result, uid: int, gid: int) -> None:
+    _pack_into = _STAT.pack_into
+
+    def pack_stat_into(obj, st: os.stat_result, uid: int, gid: int) -> None:
+        """Into a c_stat object (pack_into: no bytes object, no memmove)."""
         a, an = divmod(st.st_atime_ns, 1000000000)
         m, mn = divmod(st.st_mtime_ns, 1000000000)
         c, cn = divmod(st.st_ctime_ns, 1000000000)
-        ctypes.memmove(buf, _STAT.pack(
-            st.st_dev, st.st_ino, st.st_nlink, st.st_mode, uid, gid, 0, st.st_rdev,
-            st.st_size, st.st_blksize, st.st_blocks, a, an, m, mn, c, cn), 144)
+        _pack_into(obj, 0, st.st_dev, st.st_ino, st.st_nlink, st.st_mode, uid, gid, 0, st.st_rdev,
+                   st.st_size, st.st_blksize, st.st_blocks, a, an, m, mn, c, cn)
+
+    def pack_stat(buf, st: os.stat_result, uid: int, gid: int) -> None:
+        pack_stat_into(buf.contents, st, uid, gid)
 else:
     def pack_stat(buf, st: os.stat_result, uid: int, gid: int) -> None:
         ctypes.memset(buf, 0, ctypes.sizeof(mfusepy.c_stat))
@@ -219,6 +226,9 @@ else:
                          ("st_ctimespec", st.st_ctime_ns)):
             t = getattr(s, name)
             t.tv_sec, t.tv_nsec = divmod(ns, 1000000000)
+
+    def pack_stat_into(obj, st: os.stat_result, uid: int, gid: int) -> None:
+        pack_stat(ctypes.pointer(obj), st, uid, gid)
 
 
 # fip[0].fh: 0.06 us; ctypes.cast(fip, POINTER(c_uint64))[word] was 0.5 us
@@ -255,9 +265,8 @@ class ShiftFUSE(mfusepy.FUSE):
             return func(*args) or 0
         except OSError as e:
             return -(e.errno or errno.EIO)
-        except Exception:  # a bug: say so, do not take the mount down
-            import traceback
-            traceback.print_exc(file=sys.stderr)
+        except Exception:  # a bug: say so (stderr or syslog), do not take the mount down
+            log.exception("%s failed", func.__name__.removesuffix("_fuse_3"))
             return -errno.EIO
 
     def _debug_wrapper(self, func, *args):
@@ -415,13 +424,13 @@ class ShiftFUSE(mfusepy.FUSE):
         st_buf = mfusepy.c_stat()
         st_ptr = ctypes.pointer(st_buf)
         fill_flags = FUSE_FILL_DIR_PLUS if plus else 0
+        pack = pack_stat_into
         for index, (name, attr) in enumerate(self.operations.readdir(fh, offset, plus), offset + 1):
             if attr is None:
-                ctypes.memset(st_ptr, 0, ctypes.sizeof(st_buf))
                 if filler(buf, name, None, index, 0):
                     break
                 continue
-            pack_stat(st_ptr, *attr)
+            pack(st_buf, *attr)
             # non-zero offsets: libfuse 3.14 drops plus entries at offset 0
             if filler(buf, name, st_ptr, index, fill_flags):
                 break

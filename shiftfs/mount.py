@@ -4,6 +4,8 @@ is live, unmount cleanly, and a context manager for Python callers."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import logging.handlers
 import os
 import shutil
 import signal
@@ -60,12 +62,37 @@ class MountOptions:
         }
 
 
+log = logging.getLogger("shiftfs")
+
+
+def setup_logging(foreground: bool) -> None:
+    """Where the daemon's own messages go: stderr in the foreground, syslog
+    (the journal) once daemonized, since libfuse then points stderr at
+    /dev/null. SHIFTFS_SYSLOG names another syslog socket (tests)."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    log.handlers.clear()
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    fmt = "shiftfs: %(message)s"
+    if not foreground:
+        try:
+            handler = logging.handlers.SysLogHandler(
+                os.environ.get("SHIFTFS_SYSLOG", "/dev/log"),
+                facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            fmt = "shiftfs[%(process)d]: %(message)s"
+        except OSError:
+            pass  # no syslog here: stderr until libfuse closes it
+    handler.setFormatter(logging.Formatter(fmt))
+    log.addHandler(handler)
+
+
 def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> int:
     """Mount and serve until unmounted. Without ``foreground`` libfuse forks
     after the mount is live, so the caller returns only then."""
     from . import fuse
     from .ops import ShiftOperations
 
+    setup_logging(options.foreground)
     fuse.limit_mmap_threshold()
     if os.geteuid() == 0 and not fuse.keep_caps_across_fsuid():
         print("shiftfs: cannot set SECBIT_NO_SETUID_FIXUP; new files may get the wrong owner",
@@ -87,6 +114,7 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     def _init_connection(*args):
         result = init_connection(*args)
         served.append(True)
+        log.info("serving %s at %s", lower, mountpoint)
         return result
 
     operations.init_connection = _init_connection
@@ -101,7 +129,7 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
         print(f"shiftfs: mount of {mountpoint} failed (libfuse status {e})", file=sys.stderr)
         return 1
     if runner.init_error is not None:
-        print(f"shiftfs: mount setup failed: {runner.init_error}", file=sys.stderr)
+        log.error("mount setup failed: %s", runner.init_error)
         return 1
     return 0
 

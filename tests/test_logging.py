@@ -1,0 +1,34 @@
+"""Once daemonized, shiftfs's own messages go to syslog (stderr is /dev/null)."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from shiftfs.mount import is_mounted, unmount
+
+pytestmark = pytest.mark.needs_root
+
+
+def test_daemon_logs_to_syslog(lower, workdir):
+    sock_path = str(workdir / "log.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(10)
+    mp = workdir / "mnt"
+    mp.mkdir()
+    env = dict(os.environ, SHIFTFS_SYSLOG=sock_path)
+    try:
+        result = subprocess.run([sys.executable, "-m", "shiftfs", "-q", str(lower), str(mp),
+                                 "--map", "b:0:100000:65536"], env=env, capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        message = sock.recv(4096).decode()
+        assert "shiftfs[" in message and f"serving {lower} at {mp}" in message
+        assert message.startswith("<30>")  # facility daemon (3), severity info (6)
+    finally:
+        sock.close()
+        if is_mounted(str(mp), None):
+            unmount(str(mp))
