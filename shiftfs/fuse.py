@@ -96,6 +96,8 @@ _libc.unshare.argtypes = [ctypes.c_int]
 _libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
 _libfuse.fuse_buf_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 _libfuse.fuse_buf_copy.restype = ctypes.c_ssize_t
+_libfuse.fuse_buf_size.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_buf_size.restype = ctypes.c_size_t
 _libfuse.fuse_getgroups.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint)]
 _libfuse.fuse_getgroups.restype = ctypes.c_int
 
@@ -238,6 +240,17 @@ def _fh(fip) -> int | None:
 
 def _set_fh(fip, fh: int) -> None:
     fip[0].fh = fh
+
+
+def _copy_out(data: bytes, buf, size: int) -> int:
+    """The xattr calls' contract: size 0 asks for the length; a buffer too
+    small is ERANGE, never a truncated value."""
+    if not size:
+        return len(data)
+    if len(data) > size:
+        return -errno.ERANGE
+    ctypes.memmove(buf, data, len(data))
+    return len(data)
 
 
 class ShiftFUSE(mfusepy.FUSE):
@@ -399,10 +412,11 @@ class ShiftFUSE(mfusepy.FUSE):
     def write_buf(self, path, src, offset, fip):
         dst = FuseBufvec()
         dst.count = 1
-        size = _libfuse.fuse_buf_size(src) if hasattr(_libfuse, "fuse_buf_size") else 0
         b = dst.buf[0]
-        b.size, b.flags, b.fd, b.pos = size, FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK, _fh(fip), offset
-        return _raise_errno_neg(_libfuse.fuse_buf_copy(ctypes.byref(dst), src, 0))
+        b.size, b.flags, b.fd, b.pos = (_libfuse.fuse_buf_size(src), FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK,
+                                        _fh(fip), offset)
+        # libfuse pwrite()s into the lower fd; the result is the byte count or -errno
+        return _libfuse.fuse_buf_copy(ctypes.byref(dst), src, 0)
 
     def release(self, path, fip):
         return self.operations.release(_fh(fip))
@@ -447,34 +461,13 @@ class ShiftFUSE(mfusepy.FUSE):
         return self.operations.setxattr(path, name, ctypes.string_at(value, size), options)
 
     def getxattr(self, path, name, value, size, *args):
-        data = self.operations.getxattr(path, name)
-        if not size:
-            return len(data)
-        if len(data) > size:
-            return -errno.ERANGE
-        ctypes.memmove(value, data, len(data))
-        return len(data)
+        return _copy_out(self.operations.getxattr(path, name), value, size)
 
     def listxattr(self, path, namebuf, size):
-        data = self.operations.listxattr(path)
-        if not size:
-            return len(data)
-        if len(data) > size:
-            return -errno.ERANGE
-        ctypes.memmove(namebuf, data, len(data))
-        return len(data)
+        return _copy_out(self.operations.listxattr(path), namebuf, size)
 
     def removexattr(self, path, name):
         return self.operations.removexattr(path, name)
-
-
-_libfuse.fuse_buf_size.argtypes = [ctypes.c_void_p]
-_libfuse.fuse_buf_size.restype = ctypes.c_size_t
-
-
-def _raise_errno_neg(ret: int) -> int:
-    # fuse_buf_copy returns -errno or the byte count
-    return ret
 
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
