@@ -509,3 +509,27 @@ def _has_openat2() -> bool:
 
 
 HAS_OPENAT2 = _has_openat2()
+
+
+# ---- libfuse's own log lines ----------------------------------------------------
+
+_LOG_FUNC = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_NOISE = b"Ignoring invalid max threads value"  # libfuse 3.14's complaint about its own default
+_libc.vfprintf.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _forward_log(level: int, fmt: bytes, args: int) -> None:
+    if fmt and _NOISE not in fmt:
+        _libc.vfprintf(ctypes.c_void_p.in_dll(_libc, "stderr"), fmt, args)
+
+
+_forward_log_c = _LOG_FUNC(_forward_log)  # kept alive for libfuse's lifetime
+
+
+def quiet_libfuse_noise() -> None:
+    """Every mount printed 'Ignoring invalid max threads value 4294967295'
+    (fuse_main in libfuse 3.14 passes UINT_MAX itself); pass everything
+    else libfuse says to stderr unchanged. The va_list travels as a pointer,
+    which holds on x86_64 and aarch64 only."""
+    if platform.machine() in ("x86_64", "aarch64") and hasattr(_libfuse, "fuse_set_log_func"):
+        _libfuse.fuse_set_log_func(_forward_log_c)

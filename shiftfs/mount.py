@@ -93,6 +93,7 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     from .ops import ShiftOperations
 
     setup_logging(options.foreground)
+    fuse.quiet_libfuse_noise()
     fuse.limit_mmap_threshold()
     if os.geteuid() == 0 and not fuse.keep_caps_across_fsuid():
         print("shiftfs: cannot set SECBIT_NO_SETUID_FIXUP; new files may get the wrong owner",

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -32,3 +33,22 @@ def test_daemon_logs_to_syslog(lower, workdir):
         sock.close()
         if is_mounted(str(mp), None):
             unmount(str(mp))
+
+
+def test_libfuse_noise_is_dropped_and_its_other_lines_kept(lower, workdir):
+    mp = workdir / "mnt"
+    mp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "shiftfs", "-q", "-d", str(lower), str(mp),
+                             "--map", "b:0:100000:65536"], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            if is_mounted(str(mp)):
+                break
+            time.sleep(0.02)
+        os.listdir(mp)
+    finally:
+        if is_mounted(str(mp), None):
+            unmount(str(mp))
+        err = proc.communicate(timeout=20)[1]
+    assert "Ignoring invalid max threads value" not in err
+    assert "opcode: INIT" in err  # libfuse's own debug lines still pass through
