@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 from pathlib import Path
@@ -80,3 +83,24 @@ def mounter(workdir):
 def shifted(lower, mounter):
     """The standard case: lower 0..65535 seen as 100000..165535."""
     return mounter(lower)
+
+
+@contextlib.contextmanager
+def foreground_daemon(lower, mountpoint, *args, log):
+    """``shiftfs -f`` with its stderr in the file ``log``: yields once the
+    mount is live, and always unmounts and reaps the daemon."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "shiftfs", "-f", "-q", *args,
+                                 str(lower), str(mountpoint)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(str(mountpoint)):
+            assert proc.poll() is None, Path(log).read_text()
+            assert time.monotonic() < deadline, "shiftfs did not mount within 20 s"
+            time.sleep(0.01)
+        yield proc
+    finally:
+        if is_mounted(str(mountpoint), None):
+            unmount(str(mountpoint))
+        proc.wait(timeout=20)

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
-from shiftfs.mount import is_mounted, unmount
-
 try:
     from tests.callers import call_as
+    from tests.conftest import foreground_daemon
 except ImportError:
     from callers import call_as
+    from conftest import foreground_daemon
 
 pytestmark = pytest.mark.needs_root
 
@@ -25,21 +22,9 @@ def test_debug_logs_each_request_with_upper_and_lower_ids(lower, workdir):
     mnt = workdir / "mnt"
     mnt.mkdir()
     log = workdir / "log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "shiftfs", "-d", "-q", "-u", "0:100000:65536",
-                                 str(lower), str(mnt)], stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 20
-        while not is_mounted(str(mnt)):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    with foreground_daemon(lower, mnt, "-d", "-u", "0:100000:65536", log=log):
         assert call_as(os.stat, str(mnt / "f"), uid=100005, gid=100007).st_uid == 100005
         call_as(os.stat, str(mnt / "g"), uid=300, gid=300)  # unmapped caller, ENOENT
-    finally:
-        if is_mounted(str(mnt), None):
-            unmount(str(mnt))
-        proc.wait(timeout=20)
     lines = log.read_text().splitlines()
     assert any(line.startswith("shiftfs: getattr /f pid ")
                and line.endswith("upper 100005:100007 lower 5:7 -> ok") for line in lines), lines
@@ -51,19 +36,7 @@ def test_no_request_log_without_debug(lower, workdir):
     mnt = workdir / "mnt"
     mnt.mkdir()
     log = workdir / "log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "shiftfs", "-f", "-q", "-u", "0:100000:65536",
-                                 str(lower), str(mnt)], stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 20
-        while not is_mounted(str(mnt)):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    with foreground_daemon(lower, mnt, "-u", "0:100000:65536", log=log):
         os.listdir(mnt)
         os.stat(mnt)
-    finally:
-        if is_mounted(str(mnt), None):
-            unmount(str(mnt))
-        proc.wait(timeout=20)
     assert "getattr" not in log.read_text()

@@ -4,11 +4,15 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from shiftfs.mount import is_mounted, unmount
+
+try:
+    from tests.conftest import foreground_daemon
+except ImportError:
+    from conftest import foreground_daemon
 
 pytestmark = pytest.mark.needs_root
 
@@ -38,17 +42,9 @@ def test_daemon_logs_to_syslog(lower, workdir):
 def test_libfuse_noise_is_dropped_and_its_other_lines_kept(lower, workdir):
     mp = workdir / "mnt"
     mp.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "shiftfs", "-q", "-d", str(lower), str(mp),
-                             "--map", "b:0:100000:65536"], stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(200):
-            if is_mounted(str(mp)):
-                break
-            time.sleep(0.02)
+    log = workdir / "log"
+    with foreground_daemon(lower, mp, "-d", "--map", "b:0:100000:65536", log=log):
         os.listdir(mp)
-    finally:
-        if is_mounted(str(mp), None):
-            unmount(str(mp))
-        err = proc.communicate(timeout=20)[1]
+    err = log.read_text()
     assert "Ignoring invalid max threads value" not in err
     assert "opcode: INIT" in err  # libfuse's own debug lines still pass through
