@@ -43,23 +43,29 @@ def _rel(path: bytes) -> bytes:
 
 
 _CAP_SYS_ADMIN = 21
-_INIT_USERNS = os.stat("/proc/self/ns/user").st_ino if os.path.exists("/proc/self/ns/user") else None
+
+
+def _caller_cap_eff(pid: int) -> int:
+    """The caller's effective capability mask (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return policy.parse_cap_eff(f.read())
+    except OSError:
+        return 0
+
+
+def _in_daemon_userns(pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user")
+    except OSError:
+        return False
 
 
 def _caller_sys_admin() -> bool:
     """Whether the caller holds CAP_SYS_ADMIN in the daemon's user namespace
     (the kernel's test for seeing trusted.* names). Unknown means no."""
     pid = fuse.caller()[2]
-    try:
-        if _INIT_USERNS is not None and os.stat(f"/proc/{pid}/ns/user").st_ino != _INIT_USERNS:
-            return False
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
-    except (OSError, ValueError):
-        pass
-    return False
+    return _in_daemon_userns(pid) and bool(_caller_cap_eff(pid) >> _CAP_SYS_ADMIN & 1)
 
 
 class _Everything:
@@ -316,12 +322,11 @@ class ShiftOperations:
         """capable_wrt_inode_uidgid for the caller: ``cap`` effective in its
         user namespace, and (outside the daemon's namespace) the inode's ids
         mapped in that namespace."""
+        if not _caller_cap_eff(pid) >> cap & 1:
+            return False
+        if _in_daemon_userns(pid):
+            return True
         try:
-            with open(f"/proc/{pid}/status") as f:
-                if not policy.parse_cap_eff(f.read()) >> cap & 1:
-                    return False
-            if os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user"):
-                return True
             with open(f"/proc/{pid}/uid_map") as u, open(f"/proc/{pid}/gid_map") as g:
                 return policy.id_in_map(u.read(), upper_uid) and policy.id_in_map(g.read(), upper_gid)
         except OSError:  # the caller is gone: no privilege to act on
@@ -374,13 +379,19 @@ class ShiftOperations:
         self._at2(existing, path, lambda a, fa, b, fb: os.link(
             a, b, src_dir_fd=fa, dst_dir_fd=fb, follow_symlinks=False))
 
+    def _delete(self, path, remove):
+        def checked_remove(name, dir_fd):
+            # the parent fd we remove from is the one whose stat is checked
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            policy.check_delete(st, os.fstat(dir_fd), self.uids, self.gids)
+            remove(name, dir_fd=dir_fd)
+        self._at(path, checked_remove)
+
     def unlink(self, path):
-        policy.check_delete(self._lstat(path), self._parent_lstat(path), self.uids, self.gids)
-        self._at(path, os.unlink)
+        self._delete(path, os.unlink)
 
     def rmdir(self, path):
-        policy.check_delete(self._lstat(path), self._parent_lstat(path), self.uids, self.gids)
-        self._at(path, os.rmdir)
+        self._delete(path, os.rmdir)
 
     def rename(self, old, new, flags):
         try:
