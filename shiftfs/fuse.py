@@ -166,15 +166,11 @@ def set_read_ahead(mountpoint: str, kb: int) -> bool:
     mountinfo by then, and nothing here touches the mount itself (which
     would wait for the very INIT reply being prepared). Root only; False
     if it could not be done."""
+    from .mount import mountinfo
     try:
-        dev = None
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                point = fields[4].encode().decode("unicode_escape")
-                if point == mountpoint and fields[sep + 1].startswith("fuse"):
-                    dev = fields[2]  # the last (topmost) mount there wins
+        devs = [dev for dev, _src, mp, fstype in mountinfo()
+                if mp == mountpoint and fstype.startswith("fuse")]
+        dev = devs[-1] if devs else None  # the last (topmost) mount there wins
         if dev is None:
             return False
         with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w", encoding="ascii") as f:

@@ -141,15 +141,22 @@ def _unescape(field_text: str) -> str:
     return field_text.encode().decode("unicode_escape")
 
 
-def mounts() -> list[tuple[str, str, str]]:
-    """(source, mount point, fstype) from /proc/self/mountinfo."""
+def mountinfo() -> list[tuple[str, str, str, str]]:
+    """(device MAJOR:MINOR, source, mount point, fstype) from
+    /proc/self/mountinfo, in mount order."""
     result = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            result.append((_unescape(fields[sep + 2]), _unescape(fields[4]), fields[sep + 1]))
+            result.append((fields[2], _unescape(fields[sep + 2]), _unescape(fields[4]),
+                           fields[sep + 1]))
     return result
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(source, mount point, fstype) from /proc/self/mountinfo."""
+    return [(source, mp, fstype) for _dev, source, mp, fstype in mountinfo()]
 
 
 def is_mounted(mountpoint: str, fstype: str | None = FSTYPE) -> bool:
