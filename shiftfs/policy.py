@@ -39,7 +39,7 @@ import os
 import stat
 
 from . import xattrs
-from .idmap import IdTable
+from .idmap import IdTable, parse_proc_map
 
 # errno the kernel gives for each kind of change to a frozen inode
 FROZEN_ERRNO = {
@@ -207,14 +207,9 @@ def parse_cap_eff(status_text: str) -> int:
 
 def id_in_map(map_text: str, ident: int) -> bool:
     """Is ``ident`` (as this process sees ids) inside some line
-    "inside outside count" of a /proc/PID/{uid,gid}_map read from here?"""
-    for line in map_text.splitlines():
-        fields = line.split()
-        if len(fields) == 3:
-            _inside, outside, count = (int(f) for f in fields)
-            if outside <= ident < outside + count:
-                return True
-    return False
+    "inside outside count" of a /proc/PID/{uid,gid}_map read from here?
+    (The outside column is the upper side of idmap's extents.)"""
+    return any(e.upper <= ident <= e.upper_end for e in parse_proc_map(map_text))
 
 
 def xattr_read_needs_permission(name) -> bool:
