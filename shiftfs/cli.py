@@ -194,8 +194,13 @@ def table_from_args(ns: argparse.Namespace, req: Request) -> None:
         req.gid_extents += gids
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print usage too)
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="shiftfs",
         description="Mount LOWER at MOUNTPOINT, showing lower ids as upper ids through a range table.",
         epilog="An extent LOWER:UPPER:COUNT shows lower ids LOWER..LOWER+COUNT-1 as "
@@ -213,11 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the effective table")
     p.add_argument("-V", "--version", action="version", version=f"shiftfs {__version__}")
     return p
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print usage too)
-        raise UsageError(message)
 
 
 _VALUE_OPTIONS = ("-u", "--uidmap", "-g", "--gidmap", "-m", "--map")
@@ -240,9 +240,7 @@ def _glue_dash_values(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str]) -> Request:
-    parser = build_parser()
-    parser.__class__ = _Parser
-    ns = parser.parse_args(_glue_dash_values(argv))
+    ns = build_parser().parse_args(_glue_dash_values(argv))
     req = Request(lower=ns.lower, mountpoint=ns.mountpoint, dry_run=ns.dry_run, quiet=ns.quiet,
                   mount_helper=invoked_by_mount_helper())
     table_from_args(ns, req)

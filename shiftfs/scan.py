@@ -25,8 +25,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Iterator
 
-from .cli import EXIT_USAGE, Request, UsageError, add_table_arguments, table_from_args
+from .cli import (EXIT_USAGE, OneLineParser, Request, UsageError, add_table_arguments,
+                  table_from_args)
 from .idmap import IdMap, TableError, build_idmap
+from .policy import is_frozen
 
 EXIT_FAILED = 1
 EXIT_FROZEN = 3  # --strict and something would be frozen
@@ -164,7 +166,7 @@ def scan(lower: str, idmap: IdMap, limit: int = 1000,
         result.entries += 1
         result.uids[st.st_uid] += 1
         result.gids[st.st_gid] += 1
-        if uids.to_upper(st.st_uid) is None or gids.to_upper(st.st_gid) is None:
+        if is_frozen(st, uids, gids):
             result.frozen_count += 1
             if not limit or len(result.frozen) < limit:
                 result.frozen.append(Frozen(os.fsdecode(rel), st.st_uid, st.st_gid,
@@ -221,13 +223,8 @@ def _ids(ids: list[int]) -> str:
     return ",".join(parts)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="shiftfs scan",
+    p = OneLineParser(prog="shiftfs scan",
                 description="Report which lower ids a tree holds, which the table covers, "
                             "and which entries would be frozen (shown as the overflow id, "
                             "read-only) through a shiftfs mount.")
