@@ -61,6 +61,58 @@ class Result:
         return self
 
 
+def fork_as_userns_root(out_path: str, err_path: str, uid_map, gid_map, become,
+                        before_unshare=None) -> int:
+    """Fork a child in a process group of its own, stdout and stderr to the
+    given files, that unshares a user namespace, waits while the parent
+    writes ``uid_map``/``gid_map`` (inside, outside, count), becomes root
+    there and calls ``become()``, which must exec. Returns the child's pid;
+    a child that fails exits 126 with the reason on its stderr."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        try:
+            os.setsid()  # own process group: the parent can kill everything we start
+            os.close(ready_r)
+            os.close(go_w)
+            out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.dup2(out, 1)
+            os.dup2(err, 2)
+            os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
+            if before_unshare is not None:
+                before_unshare()
+            _unshare(CLONE_NEWUSER)
+            os.write(ready_w, b"1")
+            if os.read(go_r, 1) != b"1":
+                os._exit(125)
+            os.setgroups([])
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+            become()
+        except BaseException as e:  # noqa: BLE001
+            try:
+                os.write(2, f"setup failed: {e!r}\n".encode())
+            finally:
+                os._exit(126)
+        os._exit(126)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        if os.read(ready_r, 1) == b"1":
+            write_maps(pid, uid_map, gid_map)
+            os.write(go_w, b"1")
+    except BaseException:
+        os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
+    return pid
+
+
 class Container:
     """A running container; use ``Container.start(...)`` then ``wait()``."""
 
@@ -79,59 +131,24 @@ class Container:
         gid_map = uid_map if gid_map is None else gid_map
         workdir = tempfile.mkdtemp(prefix="shiftfs-e2e-ctr-")
         out_path, err_path = os.path.join(workdir, "out"), os.path.join(workdir, "err")
-        ready_r, ready_w = os.pipe()
-        go_r, go_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: never returns
-            try:
-                os.setsid()  # own process group: the parent can kill everything we start
-                os.close(ready_r)
-                os.close(go_w)
-                out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                os.dup2(out, 1)
-                os.dup2(err, 2)
-                devnull = os.open("/dev/null", os.O_RDONLY)
-                os.dup2(devnull, 0)
-                _unshare(CLONE_NEWUSER)
-                os.write(ready_w, b"1")
-                if os.read(go_r, 1) != b"1":
-                    os._exit(125)
-                os.setgroups([])
-                os.setresgid(0, 0, 0)
-                os.setresuid(0, 0, 0)
-                argv = [UNSHARE, "--mount", "--fork", "--kill-child"]
-                if pid_ns:
-                    argv += ["--pid"] + (["--mount-proc"] if mount_proc else [])
-                argv += ["--root", root]
-                uid, gid = user
-                if (uid, gid) != (0, 0):
-                    argv += ["--setuid", str(uid), "--setgid", str(gid)]
-                argv += ["/bin/sh", "-c", script]
-                environ = {"PATH": "/bin:/usr/bin:/sbin:/usr/sbin:/usr/local/bin",
-                           "HOME": "/root", "LC_ALL": "C"}
-                environ.update(env or {})
-                for fd in extra_fds:
-                    os.set_inheritable(fd, True)
-                os.execve(UNSHARE, argv, environ)
-            except BaseException as e:  # noqa: BLE001
-                try:
-                    os.write(2, f"container setup failed: {e!r}\n".encode())
-                finally:
-                    os._exit(126)
-        os.close(ready_w)
-        os.close(go_r)
-        try:
-            if os.read(ready_r, 1) == b"1":
-                write_maps(pid, uid_map, gid_map)
-                os.write(go_w, b"1")
-        except BaseException:
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise
-        finally:
-            os.close(ready_r)
-            os.close(go_w)
+
+        def become_container():
+            argv = [UNSHARE, "--mount", "--fork", "--kill-child"]
+            if pid_ns:
+                argv += ["--pid"] + (["--mount-proc"] if mount_proc else [])
+            argv += ["--root", root]
+            uid, gid = user
+            if (uid, gid) != (0, 0):
+                argv += ["--setuid", str(uid), "--setgid", str(gid)]
+            argv += ["/bin/sh", "-c", script]
+            environ = {"PATH": "/bin:/usr/bin:/sbin:/usr/sbin:/usr/local/bin",
+                       "HOME": "/root", "LC_ALL": "C"}
+            environ.update(env or {})
+            for fd in extra_fds:
+                os.set_inheritable(fd, True)
+            os.execve(UNSHARE, argv, environ)
+
+        pid = fork_as_userns_root(out_path, err_path, uid_map, gid_map, become_container)
         return cls(pid, out_path, err_path, workdir)
 
     def wait(self, timeout: float = DEFAULT_TIMEOUT) -> Result:

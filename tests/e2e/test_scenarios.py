@@ -410,45 +410,20 @@ def run_rootless_session(session: str, timeout: float = 120) -> container.Result
     """Fork; the child gets a user namespace (0..131071 -> host 100000..) and, as its
     uid 0, runs rootless_driver; returns its Result. Killed (whole group) on timeout."""
     out_path, err_path = os.path.join(session, "..", "rootless.out"), os.path.join(session, "..", "rootless.err")
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setsid()
-            os.close(ready_r)
-            os.close(go_w)
-            out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.dup2(out, 1)
-            os.dup2(err, 2)
-            _prepare_private_mount_ns(os.path.join(os.path.dirname(session), "scratch"))
-            container._unshare(container.CLONE_NEWUSER)
-            os.write(ready_w, b"1")
-            if os.read(go_r, 1) != b"1":
-                os._exit(125)
-            os.setgroups([])
-            os.setresgid(0, 0, 0)
-            os.setresuid(0, 0, 0)
-            container._unshare(container.CLONE_NEWNS)  # a mount namespace this user owns
-            os.chdir(session)
-            env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LC_ALL": "C",
-                   "PYTHONPATH": f"{TESTS_DIR}:{os.path.dirname(TESTS_DIR)}",
-                   "PYTHONDONTWRITEBYTECODE": "1", "HOME": session}
-            os.execve(sys.executable, [sys.executable, "-B", "-m", "e2e.rootless_driver", session], env)
-        except BaseException as e:  # noqa: BLE001
-            os.write(2, f"rootless session setup failed: {e!r}\n".encode())
-        os._exit(126)
-    os.close(ready_w)
-    os.close(go_r)
-    try:
-        if os.read(ready_r, 1) == b"1":
-            span = ((0, ROOTLESS_HOST, 2 * RANGE),)
-            container.write_maps(pid, span, span)
-            os.write(go_w, b"1")
-    finally:
-        os.close(ready_r)
-        os.close(go_w)
+
+    def become_rootless_daemon_host():
+        container._unshare(container.CLONE_NEWNS)  # a mount namespace this user owns
+        os.chdir(session)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LC_ALL": "C",
+               "PYTHONPATH": f"{TESTS_DIR}:{os.path.dirname(TESTS_DIR)}",
+               "PYTHONDONTWRITEBYTECODE": "1", "HOME": session}
+        os.execve(sys.executable, [sys.executable, "-B", "-m", "e2e.rootless_driver", session], env)
+
+    span = ((0, ROOTLESS_HOST, 2 * RANGE),)
+    pid = container.fork_as_userns_root(
+        out_path, err_path, span, span, become_rootless_daemon_host,
+        before_unshare=lambda: _prepare_private_mount_ns(
+            os.path.join(os.path.dirname(session), "scratch")))
     ctr = container.Container(pid, out_path, err_path, os.path.join(session, "..", "unused"))
     with ctr:
         return ctr.wait(timeout)
