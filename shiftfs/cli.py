@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from . import __version__
 from .idmap import (Extent, TableError, build_idmap, parse_bindfs_pairs, parse_extent,
                     parse_map_spec, read_subid_maps, read_userns_maps)
-from .mount import MountOptions, is_mounted, mounts
+from .mount import MountOptions, mounts
 
 EXIT_USAGE = 2
 
