@@ -187,6 +187,15 @@ def test_symlinks_are_shown_not_followed_by_the_daemon(hostile, mounter):
         assert os.readlink(mp / name) == os.readlink(lower / name)
 
 
+def outcome(fn):
+    """"ok", or the errno fn() failed with."""
+    try:
+        fn()
+        return "ok"
+    except OSError as e:
+        return e.errno
+
+
 def test_operations_on_symlinks_stay_inside(hostile, mounter):
     """Every operation that works on a link itself (not through it), by root
     and by a mapped user: the links change, nothing outside does."""
@@ -248,11 +257,7 @@ def _through_symlinks(lower, mp, outside):
                 ("create-dotdot", lambda: os.mkdir(mp / "dotdot" / "planted")),
                 ("create-up-dir", lambda: open(mp / "d" / "up-dir" / "planted", "w").close()),
                 ("create-dangling", lambda: open(mp / "dangling", "w").close())):
-            try:
-                fn()
-                out[what] = "ok"
-            except OSError as e:
-                out[what] = e.errno
+            out[what] = outcome(fn)
         return out
 
     out = call_as(as_user, uid=USER, gid=USER)
@@ -293,11 +298,7 @@ def test_symlink_planted_through_another_mount_is_not_followed(hostile, mounter)
                 ("create", lambda: os.open("planted-file", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=dfd)),
                 ("unlink", lambda: os.unlink("f", dir_fd=os.open("dir", os.O_RDONLY, dir_fd=dfd))),
                 ("listdir", lambda: os.listdir(os.open("dir", os.O_RDONLY, dir_fd=dfd)))):
-            try:
-                fn()
-                out[what] = "ok"
-            except OSError as e:
-                out[what] = e.errno
+            out[what] = outcome(fn)
         return out
 
     out = call_as(attack, uid=USER, gid=USER)  # lower 1000 owns d

@@ -190,16 +190,7 @@ def test_progress_on_a_terminal_only(tree):
     os.close(follower)
     out = proc.stdout.read().decode()
     proc.wait()
-    seen = b""
-    while select.select([leader], [], [], 0.2)[0]:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(leader)
+    seen = _drain_pty(leader)
     assert proc.returncode == 0
     assert b"scanned " in seen and b"\x1b[K" in seen
     assert "2009 entries" in out
@@ -218,17 +209,23 @@ def test_progress_auto_detects_a_terminal(tree):
                             stdout=subprocess.DEVNULL, stderr=follower, env=env)
     os.close(follower)
     proc.wait()
+    seen = _drain_pty(leader)
+    assert b"scanned " in seen
+
+
+def _drain_pty(leader: int) -> bytes:
+    """All a child wrote to the pty, then close it."""
     seen = b""
     while select.select([leader], [], [], 0.2)[0]:
         try:
             chunk = os.read(leader, 65536)
-        except OSError:
+        except OSError:  # EIO once the child side is gone
             break
         if not chunk:
             break
         seen += chunk
     os.close(leader)
-    assert b"scanned " in seen
+    return seen
 
 
 def test_id_ranges_are_compact():
