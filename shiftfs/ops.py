@@ -182,20 +182,23 @@ class ShiftOperations:
         uid, gid, _pid, _umask = fuse.caller()
         return self.uids.to_lower(uid) is not None and self.gids.to_lower(gid) is not None
 
-    def _create_as_caller(self, path, make, *args, **kwargs):
-        """Run ``make`` with the thread's fsuid/fsgid set to the caller's
-        lower ids and its umask to the caller's: the lower kernel then gives
-        the new entry its owner, its set-gid group, its default ACL and its
-        mode in one step, as for a local caller. ``path`` is the new name
-        (its directory must not be frozen)."""
+    def _create_as_caller(self, path, make, *args):
+        """``make(name, *args, dir_fd=parent)`` with the thread's fsuid/fsgid
+        set to the caller's lower ids and its umask to the caller's: the
+        lower kernel then gives the new entry its owner, its set-gid group,
+        its default ACL and its mode in one step, as for a local caller. The
+        parent is resolved once; it must not be frozen."""
         lower_uid, lower_gid, umask = self._caller_lower_ids()
-        policy.check_dir_write(self._parent_lstat(path), self.uids, self.gids)
-        os.umask(umask)
-        fuse.set_fsids(lower_uid, lower_gid)
-        try:
-            return make(*args, **kwargs)
-        finally:
-            fuse.set_fsids(self.daemon_uid, self.daemon_gid)
+
+        def create(name, dir_fd):
+            policy.check_dir_write(os.fstat(dir_fd), self.uids, self.gids)
+            os.umask(umask)
+            fuse.set_fsids(lower_uid, lower_gid)
+            try:
+                return make(name, *args, dir_fd=dir_fd)
+            finally:
+                fuse.set_fsids(self.daemon_uid, self.daemon_gid)
+        return self._at(path, create)
 
     def _frozen_check(self, path: bytes | None, fh: int | None, what: str) -> os.stat_result:
         st = os.fstat(fh) if fh is not None else self._lstat(path)
@@ -360,18 +363,16 @@ class ShiftOperations:
 
     # ---- names ----
     def mknod(self, path, mode, dev):
-        self._create_as_caller(path, self._at, path, os.mknod, mode, dev)
+        self._create_as_caller(path, os.mknod, mode, dev)
 
     def mkdir(self, path, mode):
-        self._create_as_caller(path, self._at, path, os.mkdir, mode)
+        self._create_as_caller(path, os.mkdir, mode)
 
     def symlink(self, target, path):
-        self._create_as_caller(path, self._at, path,
-                               lambda name, dir_fd: os.symlink(target, name, dir_fd=dir_fd))
+        self._create_as_caller(path, lambda name, dir_fd: os.symlink(target, name, dir_fd=dir_fd))
 
     def create(self, path, mode, flags):
-        return self._create_as_caller(
-            path, self._at, path, os.open, flags | os.O_CREAT | _O_PATH_FLAGS, mode)
+        return self._create_as_caller(path, os.open, flags | os.O_CREAT | _O_PATH_FLAGS, mode)
 
     def link(self, existing, path):
         policy.check_link(self._lstat(existing), self._caller_mapped(), self._parent_lstat(path),
