@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+import shiftfs
 from shiftfs.mount import is_mounted
 
 from . import container
@@ -363,7 +364,24 @@ def test_scenario4_overlay_on_shiftfs(rootfs, mounts):
 # ---- scenario 5: rootless: shiftfs itself unprivileged in a user namespace ----------
 
 ROOTLESS_HOST = 100000  # the namespace's 0..131071 are host 100000..231071
-TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _world_readable_code(dest: str) -> str:
+    """Copy the packages the driver imports (shiftfs, as imported here, and this
+    e2e package) into ``dest``, readable by anyone, and return ``dest``. The
+    driver runs as host uid 100000, which cannot be assumed to reach the
+    checkout: it may be cloned anywhere (e.g. under a 0700 /root)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name, src in (("shiftfs", os.path.dirname(os.path.abspath(shiftfs.__file__))),
+                      ("e2e", os.path.dirname(os.path.abspath(__file__)))):
+        shutil.copytree(src, os.path.join(dest, name), ignore=ignore)
+    os.chmod(dest, 0o755)
+    for dirpath, dirnames, filenames in os.walk(dest):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+    return dest
 
 
 def _reachable_by_others(path: str) -> bool:
@@ -410,12 +428,13 @@ def run_rootless_session(session: str, timeout: float = 120) -> container.Result
     """Fork; the child gets a user namespace (0..131071 -> host 100000..) and, as its
     uid 0, runs rootless_driver; returns its Result. Killed (whole group) on timeout."""
     out_path, err_path = os.path.join(session, "..", "rootless.out"), os.path.join(session, "..", "rootless.err")
+    code = _world_readable_code(os.path.join(os.path.dirname(session), "code"))
 
     def become_rootless_daemon_host():
         container._unshare(container.CLONE_NEWNS)  # a mount namespace this user owns
         os.chdir(session)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LC_ALL": "C",
-               "PYTHONPATH": f"{TESTS_DIR}:{os.path.dirname(TESTS_DIR)}",
+               "PYTHONPATH": code,
                "PYTHONDONTWRITEBYTECODE": "1", "HOME": session}
         os.execve(sys.executable, [sys.executable, "-B", "-m", "e2e.rootless_driver", session], env)
 
