@@ -1,23 +1,29 @@
-"""What mfusepy does not do for us: the only module with ctypes.
+"""libfuse 3's low-level (inode) API through ctypes: the session, the
+request loop, the replies and the notify calls. The only module that
+touches libfuse; it imports nothing of ours.
 
-- loads libfuse **3** (mfusepy prefers libfuse2 when bindfs installed it);
-- hands callbacks bytes paths and raw arguments (no decode, no dicts);
-- readdirplus (full attributes with the listing, so `ls -l` costs one
-  request), renameat2 flags, raw utimensat timespecs (UTIME_NOW/OMIT),
-  read_buf/write_buf on file descriptors (libfuse copies, Python never
-  touches the bytes), init capabilities and config;
-- keeps one Python thread state per libfuse worker thread (ctypes would
-  otherwise build and tear one down for every callback).
+mfusepy finds and loads libfuse **3** (forced: it prefers libfuse 2 when
+bindfs installed it) and knows the layouts of ``struct stat``,
+``fuse_file_info`` and ``fuse_conn_info`` for 3.14 to 3.17; the structs
+only the low-level API has (``fuse_lowlevel_ops``, ``fuse_entry_param``,
+``fuse_ctx``, ``fuse_buf``) are defined here, per libfuse version where
+they differ, and their sizes are checked against the installed C header by
+tests/test_fuse_layout.py.
+
+The handlers object (ops.Operations) gets plain Python values and returns
+plain Python values; the wrappers here reply. Every request is answered
+exactly once: a handler that raises OSError is answered with its errno, any
+other exception with EIO and a log line (a bug never hangs a caller).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
 import platform
+import signal
 import struct
 import sys
 import threading
@@ -40,41 +46,78 @@ LIBFUSE_PATH = mfusepy._libfuse_path
 LIBFUSE_VERSION = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libfuse = mfusepy._libfuse
+_lib = mfusepy._libfuse
 
 # fuse_common.h capability bits
+FUSE_CAP_ASYNC_READ = 1 << 0
+FUSE_CAP_POSIX_LOCKS = 1 << 1
 FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
 FUSE_CAP_EXPORT_SUPPORT = 1 << 4
 FUSE_CAP_DONT_MASK = 1 << 6
 FUSE_CAP_SPLICE_WRITE = 1 << 7
 FUSE_CAP_SPLICE_MOVE = 1 << 8
 FUSE_CAP_SPLICE_READ = 1 << 9
+FUSE_CAP_FLOCK_LOCKS = 1 << 10
+FUSE_CAP_IOCTL_DIR = 1 << 11
+FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
 FUSE_CAP_READDIRPLUS = 1 << 13
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+FUSE_CAP_ASYNC_DIO = 1 << 15
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+FUSE_CAP_NO_OPEN_SUPPORT = 1 << 17
 FUSE_CAP_PARALLEL_DIROPS = 1 << 18
 FUSE_CAP_POSIX_ACL = 1 << 19
 FUSE_CAP_HANDLE_KILLPRIV = 1 << 20
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
+FUSE_CAP_NO_OPENDIR_SUPPORT = 1 << 24
+FUSE_CAP_EXPLICIT_INVAL_DATA = 1 << 25
 
-FUSE_READDIR_PLUS = 1 << 0
-FUSE_FILL_DIR_PLUS = 1 << 1
+# FUSE_SET_ATTR_* (fuse_lowlevel.h): which fields a SETATTR carries
+SET_ATTR_MODE = 1 << 0
+SET_ATTR_UID = 1 << 1
+SET_ATTR_GID = 1 << 2
+SET_ATTR_SIZE = 1 << 3
+SET_ATTR_ATIME = 1 << 4
+SET_ATTR_MTIME = 1 << 5
+SET_ATTR_ATIME_NOW = 1 << 7
+SET_ATTR_MTIME_NOW = 1 << 8
+SET_ATTR_CTIME = 1 << 10
+
 FUSE_BUF_IS_FD = 1 << 1
 FUSE_BUF_FD_SEEK = 1 << 2
-RENAME_NOREPLACE = 1 << 0
-RENAME_EXCHANGE = 1 << 1
-AT_FDCWD = -100
-AT_SYMLINK_NOFOLLOW = 0x100
+ROOT_ID = 1
+
+c_stat = mfusepy.c_stat
+c_statvfs = mfusepy.c_statvfs
+FileInfo = mfusepy.fuse_file_info
+ConnInfo = mfusepy.fuse_conn_info
+_NEW_LAYOUT = LIBFUSE_VERSION >= (3, 17)  # struct fuse_buf gained mem_size
 
 
-class Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+class Ctx(ctypes.Structure):
+    _fields_ = [("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32),
+                ("pid", ctypes.c_int32), ("umask", ctypes.c_uint32)]
+
+
+class EntryParam(ctypes.Structure):
+    _fields_ = [("ino", ctypes.c_uint64), ("generation", ctypes.c_uint64),
+                ("attr", c_stat), ("attr_timeout", ctypes.c_double),
+                ("entry_timeout", ctypes.c_double)]
+
+
+class ForgetData(ctypes.Structure):
+    _fields_ = [("ino", ctypes.c_uint64), ("nlookup", ctypes.c_uint64)]
+
+
+class Args(ctypes.Structure):
+    _fields_ = [("argc", ctypes.c_int), ("argv", ctypes.POINTER(ctypes.c_char_p)),
+                ("allocated", ctypes.c_int)]
 
 
 class FuseBuf(ctypes.Structure):
-    # mfusepy's fuse_bufvec is 32 bytes; C's (with the inline buf[1]) is 64
-    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int),
-                ("mem", ctypes.c_void_p), ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)] + (
+                    [("mem_size", ctypes.c_size_t)] if _NEW_LAYOUT else [])
 
 
 class FuseBufvec(ctypes.Structure):
@@ -82,429 +125,622 @@ class FuseBufvec(ctypes.Structure):
                 ("off", ctypes.c_size_t), ("buf", FuseBuf * 1)]
 
 
-assert ctypes.sizeof(FuseBufvec) == 64 or ctypes.sizeof(ctypes.c_void_p) != 8
+# sizes the C headers give (gcc, x86_64 and aarch64), checked by the tests
+LAYOUT_SIZES = {
+    "fuse_buf": 48 if _NEW_LAYOUT else 40,
+    "fuse_bufvec": 72 if _NEW_LAYOUT else 64,
+    "fuse_entry_param": 176 if platform.machine() == "x86_64" else 160,
+    "fuse_ctx": 16,
+    "fuse_forget_data": 16,
+    "fuse_args": 24,
+    "fuse_file_info": 40,
+}
 
-_libc.malloc.restype = ctypes.c_void_p
-_libc.malloc.argtypes = [ctypes.c_size_t]
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
-_libc.futimens.argtypes = [ctypes.c_int, ctypes.c_void_p]
-_libc.setfsuid.argtypes = [ctypes.c_uint]
-_libc.setfsgid.argtypes = [ctypes.c_uint]
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-_libfuse.fuse_buf_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-_libfuse.fuse_buf_copy.restype = ctypes.c_ssize_t
-_libfuse.fuse_buf_size.argtypes = [ctypes.c_void_p]
-_libfuse.fuse_buf_size.restype = ctypes.c_size_t
-_libfuse.fuse_getgroups.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint)]
-_libfuse.fuse_getgroups.restype = ctypes.c_int
+_req = ctypes.c_void_p
+_ino = ctypes.c_uint64
+_fi = ctypes.POINTER(FileInfo)
+_name = ctypes.c_char_p
+_off = ctypes.c_int64
+_size = ctypes.c_size_t
+_F = ctypes.CFUNCTYPE
 
-CLONE_FS = 0x200
-PR_GET_SECUREBITS = 27
-PR_SET_SECUREBITS = 28
-SECBIT_NO_SETUID_FIXUP = 1 << 2
-M_MMAP_THRESHOLD = -3
-M_TRIM_THRESHOLD = -1
-
-
-def _raise_errno(ret: int) -> int:
-    if ret < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return ret
-
-
-# ---- syscalls Python's os module lacks --------------------------------------
-
-def renameat2(dirfd: int, old: bytes, new: bytes, flags: int) -> None:
-    _raise_errno(_libc.renameat2(dirfd, old, dirfd, new, flags))
-
-
-def utimensat(dirfd: int, path: bytes, times_ptr: int | None) -> None:
-    """Raw timespec pair (UTIME_NOW/UTIME_OMIT kept as they came), never
-    following a final symlink."""
-    _raise_errno(_libc.utimensat(dirfd, path, times_ptr, AT_SYMLINK_NOFOLLOW))
-
-
-def futimens(fd: int, times_ptr: int | None) -> None:
-    _raise_errno(_libc.futimens(fd, times_ptr))
-
-
-def set_fsids(uid: int, gid: int) -> None:
-    """Per-thread filesystem ids: new lower entries are born with the right
-    owner (no window with a wrong one). Needs SECBIT_NO_SETUID_FIXUP so the
-    thread keeps its capabilities while its fsuid is not 0."""
-    _libc.setfsgid(gid)
-    _libc.setfsuid(uid)
-
-
-def keep_caps_across_fsuid() -> bool:
-    bits = _libc.prctl(PR_GET_SECUREBITS, 0, 0, 0, 0)
-    if bits < 0:
-        return False
-    return _libc.prctl(PR_SET_SECUREBITS, bits | SECBIT_NO_SETUID_FIXUP, 0, 0, 0) == 0
-
-
-def limit_mmap_threshold() -> None:
-    # glibc otherwise maps and unmaps a fresh 1 MiB buffer for every request
-    # (libfuse mallocs one per read reply) ...
-    _libc.mallopt(M_MMAP_THRESHOLD, 4 << 20)
-    # ... or, from the heap, gives it back (madvise DONTNEED) at every free
-    # and faults it in again: measured 967 madvise calls per 1,024 1 MiB
-    # reads and 1.5x the time. Keeps at most this much idle per arena.
-    _libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+# fuse_lowlevel_ops, in header order; None marks a slot we leave NULL
+_OPS = [
+    ("init", _F(None, ctypes.c_void_p, ctypes.POINTER(ConnInfo))),
+    ("destroy", _F(None, ctypes.c_void_p)),
+    ("lookup", _F(None, _req, _ino, _name)),
+    ("forget", _F(None, _req, _ino, ctypes.c_uint64)),
+    ("getattr", _F(None, _req, _ino, _fi)),
+    ("setattr", _F(None, _req, _ino, ctypes.POINTER(c_stat), ctypes.c_int, _fi)),
+    ("readlink", _F(None, _req, _ino)),
+    ("mknod", _F(None, _req, _ino, _name, ctypes.c_uint32, ctypes.c_uint64)),
+    ("mkdir", _F(None, _req, _ino, _name, ctypes.c_uint32)),
+    ("unlink", _F(None, _req, _ino, _name)),
+    ("rmdir", _F(None, _req, _ino, _name)),
+    ("symlink", _F(None, _req, _name, _ino, _name)),
+    ("rename", _F(None, _req, _ino, _name, _ino, _name, ctypes.c_uint)),
+    ("link", _F(None, _req, _ino, _ino, _name)),
+    ("open", _F(None, _req, _ino, _fi)),
+    ("read", _F(None, _req, _ino, _size, _off, _fi)),
+    ("write", _F(None, _req, _ino, ctypes.c_void_p, _size, _off, _fi)),
+    ("flush", _F(None, _req, _ino, _fi)),
+    ("release", _F(None, _req, _ino, _fi)),
+    ("fsync", _F(None, _req, _ino, ctypes.c_int, _fi)),
+    ("opendir", _F(None, _req, _ino, _fi)),
+    ("readdir", _F(None, _req, _ino, _size, _off, _fi)),
+    ("releasedir", _F(None, _req, _ino, _fi)),
+    ("fsyncdir", _F(None, _req, _ino, ctypes.c_int, _fi)),
+    ("statfs", _F(None, _req, _ino)),
+    ("setxattr", _F(None, _req, _ino, _name, ctypes.c_void_p, _size, ctypes.c_int)),
+    ("getxattr", _F(None, _req, _ino, _name, _size)),
+    ("listxattr", _F(None, _req, _ino, _size)),
+    ("removexattr", _F(None, _req, _ino, _name)),
+    ("access", _F(None, _req, _ino, ctypes.c_int)),
+    ("create", _F(None, _req, _ino, _name, ctypes.c_uint32, _fi)),
+    ("getlk", ctypes.c_void_p),
+    ("setlk", ctypes.c_void_p),
+    ("bmap", ctypes.c_void_p),
+    ("ioctl", ctypes.c_void_p),
+    ("poll", ctypes.c_void_p),
+    ("write_buf", _F(None, _req, _ino, ctypes.POINTER(FuseBufvec), _off, _fi)),
+    ("retrieve_reply", ctypes.c_void_p),
+    ("forget_multi", _F(None, _req, _size, ctypes.POINTER(ForgetData))),
+    ("flock", ctypes.c_void_p),
+    ("fallocate", _F(None, _req, _ino, ctypes.c_int, _off, _off, _fi)),
+    ("readdirplus", _F(None, _req, _ino, _size, _off, _fi)),
+    ("copy_file_range", _F(None, _req, _ino, _off, _fi, _ino, _off, _fi, _size, ctypes.c_int)),
+    ("lseek", _F(None, _req, _ino, _off, ctypes.c_int, _fi)),
+]
 
 
-READ_AHEAD_KB = 1024  # sequential reads in 1 MiB requests (the kernel default is 128 KiB)
+class LowlevelOps(ctypes.Structure):
+    _fields_ = [(name, kind) for name, kind in _OPS]
 
 
-def set_read_ahead(mountpoint: str, kb: int) -> bool:
-    """Raise the read-ahead of the FUSE mount at ``mountpoint`` (its bdi,
-    /sys/class/bdi/MAJOR:MINOR). Called from init: the mount is in
-    mountinfo by then, and nothing here touches the mount itself (which
-    would wait for the very INIT reply being prepared). Root only; False
-    if it could not be done."""
-    from .mount import mountinfo
-    try:
-        devs = [dev for dev, _src, mp, fstype in mountinfo()
-                if mp == mountpoint and fstype.startswith("fuse")]
-        dev = devs[-1] if devs else None  # the last (topmost) mount there wins
-        if dev is None:
-            return False
-        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w", encoding="ascii") as f:
-            f.write(str(kb))
-        return True
-    except (OSError, ValueError):
-        return False
+def _sig(fn, restype, *argtypes):
+    fn.restype, fn.argtypes = restype, list(argtypes)
 
 
-def caller() -> tuple[int, int, int, int]:
-    """(uid, gid, pid, umask) of the request being served."""
-    ctx = _libfuse.fuse_get_context().contents
-    return ctx.uid, ctx.gid, ctx.pid, ctx.umask
+_vp = ctypes.c_void_p
+_sig(_lib.fuse_session_new, _vp, ctypes.POINTER(Args), ctypes.POINTER(LowlevelOps), _size, _vp)
+_sig(_lib.fuse_session_mount, ctypes.c_int, _vp, ctypes.c_char_p)
+_sig(_lib.fuse_session_unmount, None, _vp)
+_sig(_lib.fuse_session_destroy, None, _vp)
+_sig(_lib.fuse_session_exit, None, _vp)
+_sig(_lib.fuse_session_exited, ctypes.c_int, _vp)
+_sig(_lib.fuse_session_fd, ctypes.c_int, _vp)
+_sig(_lib.fuse_session_receive_buf, ctypes.c_int, _vp, ctypes.POINTER(FuseBuf))
+_sig(_lib.fuse_session_process_buf, None, _vp, ctypes.POINTER(FuseBuf))
+_sig(_lib.fuse_req_ctx, ctypes.POINTER(Ctx), _req)
+_sig(_lib.fuse_req_getgroups, ctypes.c_int, _req, ctypes.c_int, ctypes.POINTER(ctypes.c_uint32))
+_sig(_lib.fuse_reply_err, ctypes.c_int, _req, ctypes.c_int)
+_sig(_lib.fuse_reply_none, None, _req)
+_sig(_lib.fuse_reply_entry, ctypes.c_int, _req, ctypes.POINTER(EntryParam))
+_sig(_lib.fuse_reply_create, ctypes.c_int, _req, ctypes.POINTER(EntryParam), _fi)
+_sig(_lib.fuse_reply_attr, ctypes.c_int, _req, ctypes.POINTER(c_stat), ctypes.c_double)
+_sig(_lib.fuse_reply_readlink, ctypes.c_int, _req, ctypes.c_char_p)
+_sig(_lib.fuse_reply_open, ctypes.c_int, _req, _fi)
+_sig(_lib.fuse_reply_write, ctypes.c_int, _req, _size)
+_sig(_lib.fuse_reply_buf, ctypes.c_int, _req, ctypes.c_void_p, _size)
+_sig(_lib.fuse_reply_data, ctypes.c_int, _req, ctypes.POINTER(FuseBufvec), ctypes.c_int)
+_sig(_lib.fuse_reply_statfs, ctypes.c_int, _req, ctypes.POINTER(c_statvfs))
+_sig(_lib.fuse_reply_xattr, ctypes.c_int, _req, _size)
+_sig(_lib.fuse_reply_lseek, ctypes.c_int, _req, _off)
+_sig(_lib.fuse_add_direntry, _size, _req, ctypes.c_void_p, _size, ctypes.c_char_p,
+     ctypes.POINTER(c_stat), _off)
+_sig(_lib.fuse_add_direntry_plus, _size, _req, ctypes.c_void_p, _size, ctypes.c_char_p,
+     ctypes.POINTER(EntryParam), _off)
+_sig(_lib.fuse_buf_copy, ctypes.c_ssize_t, ctypes.POINTER(FuseBufvec), ctypes.POINTER(FuseBufvec),
+     ctypes.c_int)
+_sig(_lib.fuse_buf_size, _size, ctypes.POINTER(FuseBufvec))
+_sig(_lib.fuse_lowlevel_notify_inval_inode, ctypes.c_int, _vp, _ino, _off, _off)
+_sig(_lib.fuse_lowlevel_notify_inval_entry, ctypes.c_int, _vp, _ino, ctypes.c_char_p, _size)
+_sig(_lib.fuse_lowlevel_notify_delete, ctypes.c_int, _vp, _ino, _ino, ctypes.c_char_p, _size)
+_sig(_lib.fuse_set_signal_handlers, ctypes.c_int, _vp)
+_sig(_lib.fuse_remove_signal_handlers, None, _vp)
+_libc.free.argtypes = [ctypes.c_void_p]
 
 
-def caller_groups() -> list[int]:
-    buf = (ctypes.c_uint * 256)()
-    n = _libfuse.fuse_getgroups(256, buf)
-    return list(buf[:n]) if n > 0 else []
-
-
-def exit_session() -> None:
-    mfusepy.fuse_exit()
-
-
-# ---- struct stat --------------------------------------------------------------
+# ---- struct stat ------------------------------------------------------------------
 
 if platform.machine() == "x86_64":
-    _STAT = struct.Struct("QQQIIIiQqqqqqqqqq24x")
+    _STAT_FMT = "QQQIIIiQqqqqqqqqq24x"
+    _STAT = struct.Struct(_STAT_FMT)
+    _ENTRY = struct.Struct("QQ" + _STAT_FMT + "dd")
 
-    _pack_into = _STAT.pack_into
-
-    def pack_stat_into(obj, st: os.stat_result, uid: int, gid: int) -> None:
-        """Into a c_stat object (pack_into: no bytes object, no memmove)."""
+    def pack_stat(obj, st: os.stat_result, uid: int, gid: int) -> None:
         a, an = divmod(st.st_atime_ns, 1000000000)
         m, mn = divmod(st.st_mtime_ns, 1000000000)
         c, cn = divmod(st.st_ctime_ns, 1000000000)
-        _pack_into(obj, 0, st.st_dev, st.st_ino, st.st_nlink, st.st_mode, uid, gid, 0, st.st_rdev,
-                   st.st_size, st.st_blksize, st.st_blocks, a, an, m, mn, c, cn)
+        _STAT.pack_into(obj, 0, st.st_dev, st.st_ino, st.st_nlink, st.st_mode, uid, gid, 0,
+                        st.st_rdev, st.st_size, st.st_blksize, st.st_blocks, a, an, m, mn, c, cn)
 
-    def pack_stat(buf, st: os.stat_result, uid: int, gid: int) -> None:
-        pack_stat_into(buf.contents, st, uid, gid)
+    def pack_entry(obj, node_id: int, st: os.stat_result, uid: int, gid: int,
+                   attr_timeout: float, entry_timeout: float) -> None:
+        a, an = divmod(st.st_atime_ns, 1000000000)
+        m, mn = divmod(st.st_mtime_ns, 1000000000)
+        c, cn = divmod(st.st_ctime_ns, 1000000000)
+        _ENTRY.pack_into(obj, 0, node_id, 0, st.st_dev, st.st_ino, st.st_nlink, st.st_mode, uid,
+                         gid, 0, st.st_rdev, st.st_size, st.st_blksize, st.st_blocks, a, an, m, mn,
+                         c, cn, attr_timeout, entry_timeout)
 else:
-    def pack_stat(buf, st: os.stat_result, uid: int, gid: int) -> None:
-        ctypes.memset(buf, 0, ctypes.sizeof(mfusepy.c_stat))
-        s = ctypes.cast(buf, ctypes.POINTER(mfusepy.c_stat)).contents
-        s.st_dev, s.st_ino, s.st_nlink, s.st_mode = st.st_dev, st.st_ino, st.st_nlink, st.st_mode
-        s.st_uid, s.st_gid, s.st_rdev, s.st_size = uid, gid, st.st_rdev, st.st_size
-        s.st_blksize, s.st_blocks = st.st_blksize, st.st_blocks
+    def pack_stat(obj, st: os.stat_result, uid: int, gid: int) -> None:
+        ctypes.memset(ctypes.addressof(obj), 0, ctypes.sizeof(obj))
+        obj.st_dev, obj.st_ino, obj.st_nlink, obj.st_mode = st.st_dev, st.st_ino, st.st_nlink, st.st_mode
+        obj.st_uid, obj.st_gid, obj.st_rdev, obj.st_size = uid, gid, st.st_rdev, st.st_size
+        obj.st_blksize, obj.st_blocks = st.st_blksize, st.st_blocks
         for name, ns in (("st_atimespec", st.st_atime_ns), ("st_mtimespec", st.st_mtime_ns),
                          ("st_ctimespec", st.st_ctime_ns)):
-            t = getattr(s, name)
+            t = getattr(obj, name)
             t.tv_sec, t.tv_nsec = divmod(ns, 1000000000)
 
-    def pack_stat_into(obj, st: os.stat_result, uid: int, gid: int) -> None:
-        pack_stat(ctypes.pointer(obj), st, uid, gid)
+    def pack_entry(obj, node_id, st, uid, gid, attr_timeout, entry_timeout) -> None:
+        obj.ino, obj.generation = node_id, 0
+        pack_stat(obj.attr, st, uid, gid)
+        obj.attr_timeout, obj.entry_timeout = attr_timeout, entry_timeout
 
 
-# fip[0].fh: 0.06 us; ctypes.cast(fip, POINTER(c_uint64))[word] was 0.5 us
-def _fh(fip) -> int | None:
-    return fip[0].fh if fip else None
+def unpack_times(attr: c_stat) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(atime, mtime) as (sec, nsec) from a SETATTR's struct stat."""
+    a, m = attr.st_atimespec, attr.st_mtimespec
+    return (a.tv_sec, a.tv_nsec), (m.tv_sec, m.tv_nsec)
 
 
-def _set_fh(fip, fh: int) -> None:
-    fip[0].fh = fh
+# ---- the request being served ------------------------------------------------------
+
+_tls = threading.local()
 
 
-def _copy_out(data: bytes, buf, size: int) -> int:
-    """The xattr calls' contract: size 0 asks for the length; a buffer too
-    small is ERANGE, never a truncated value."""
-    if not size:
-        return len(data)
-    if len(data) > size:
-        return -errno.ERANGE
-    ctypes.memmove(buf, data, len(data))
-    return len(data)
+def caller() -> tuple[int, int, int, int]:
+    """(uid, gid, pid, umask) of the request this thread is serving."""
+    c = _lib.fuse_req_ctx(_tls.req).contents
+    return c.uid, c.gid, c.pid, c.umask
 
 
-class ShiftFUSE(mfusepy.FUSE):
-    """mfusepy's FUSE with the wrappers shiftfs needs. ``operations`` is a
-    shiftfs.ops.ShiftOperations; its callbacks take bytes paths (None for
-    handle-only requests, as nullpath_ok gives) and raise OSError."""
+def caller_groups() -> list[int]:
+    buf = (ctypes.c_uint32 * 256)()
+    n = _lib.fuse_req_getgroups(_tls.req, 256, buf)
+    return list(buf[:min(n, 256)]) if n > 0 else []
 
-    def __init__(self, operations, mountpoint: str, config: dict, conn_want: int,
-                 conn_unwant: int, **options) -> None:
-        self._config = config
-        self._conn_want = conn_want
-        self._conn_unwant = conn_unwant
-        self._pinned_threads: set[int] = set()
-        self._mountpoint = os.path.realpath(mountpoint)
+
+# ---- the results a handler may return ----------------------------------------------
+
+class Entry:
+    """A LOOKUP-like answer: node 0 is a negative entry (cached for
+    ``entry_timeout``), any other counts as one lookup of that node."""
+
+    __slots__ = ("node_id", "st", "uid", "gid", "attr_timeout", "entry_timeout")
+
+    def __init__(self, node_id, st, uid, gid, attr_timeout, entry_timeout):
+        self.node_id, self.st, self.uid, self.gid = node_id, st, uid, gid
+        self.attr_timeout, self.entry_timeout = attr_timeout, entry_timeout
+
+
+_DIRENT_BASE = 24    # struct fuse_dirent without the name
+_DIRENTPLUS_BASE = 128 + 24  # struct fuse_entry_out in front of it
+
+
+def _dirent_size(namelen: int, plus: bool) -> int:
+    return (namelen + (_DIRENTPLUS_BASE if plus else _DIRENT_BASE) + 7) & ~7
+
+
+# ---- the session -------------------------------------------------------------------
+
+class Session:
+    """One low-level session: ``ops`` (ops.Operations) serves the requests.
+
+    ``mount_options`` are the -o words libfuse and the kernel take
+    (allow_other, default_permissions, fsname=, ro, nosuid, ...);
+    ``conn_want``/``conn_unwant`` the capability bits asked for and refused
+    at INIT; ``debug`` a callable printing one line per request, or None.
+    """
+
+    def __init__(self, ops, mount_options: list[str], conn_want: int, conn_unwant: int,
+                 max_readahead: int = 0, debug=None) -> None:
+        self.ops = ops
+        self.conn_want, self.conn_unwant = conn_want, conn_unwant
+        self.max_readahead = max_readahead
         self.init_error: BaseException | None = None
-        if options.get("debug"):  # chosen once: no cost per request when off
-            self._wrapper = self._debug_wrapper
-        super().__init__(operations, mountpoint, raw_fi=True, **options)
+        self.got_init = threading.Event()
+        self._debug = debug
+        self._callbacks = []  # kept alive as long as the session
+        self._ll_ops = LowlevelOps()
+        for name, kind in _OPS:
+            handler = getattr(self, "_ll_" + name, None)
+            if handler is not None and kind is not ctypes.c_void_p:
+                if debug is not None and name not in ("init", "destroy"):
+                    handler = self._debugged(name, handler)
+                cb = kind(handler)
+                self._callbacks.append(cb)
+                setattr(self._ll_ops, name, cb)
+        words = [b"shiftfs"] + [w for opt in mount_options for w in (b"-o", opt.encode())]
+        self._argv = (ctypes.c_char_p * (len(words) + 1))(*words, None)
+        self._args = Args(len(words), self._argv, 0)
+        self.se = _lib.fuse_session_new(ctypes.byref(self._args), ctypes.byref(self._ll_ops),
+                                        ctypes.sizeof(self._ll_ops), None)
+        if not self.se:
+            raise OSError(errno.EINVAL, "libfuse refused the mount options")
+        self._threads: list[threading.Thread] = []
+        self._done = threading.Event()
 
-    def _wrapper(self, func, *args):
-        ident = threading.get_ident()
-        if ident not in self._pinned_threads:
-            self._adopt_thread(ident)
+    # ---- lifecycle ----
+    def mount(self, mountpoint: str) -> None:
+        if _lib.fuse_session_mount(self.se, mountpoint.encode()) != 0:
+            raise OSError(errno.EIO, f"mount of {mountpoint} failed")
+
+    def serve(self, workers: int) -> None:
+        """Serve until unmounted or a SIGTERM/SIGINT/SIGHUP; then unmount."""
+        stop = []
+
+        def on_signal(signum, frame):
+            stop.append(signum)
+            _lib.fuse_session_exit(self.se)
+            self._done.set()
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         try:
-            return func(*args) or 0
-        except OSError as e:
-            return -(e.errno or errno.EIO)
-        except Exception:  # a bug: say so (stderr or syslog), do not take the mount down
-            log.exception("%s failed", func.__name__.removesuffix("_fuse_3"))
-            return -errno.EIO
+            for i in range(max(1, workers)):
+                t = threading.Thread(target=self._worker, name=f"shiftfs-worker-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+            while not self._done.wait(0.5):
+                pass
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            _lib.fuse_session_exit(self.se)
+            _lib.fuse_session_unmount(self.se)  # wakes the workers with ENODEV
+            for t in self._threads:
+                t.join(5)
 
-    def _debug_wrapper(self, func, *args):
-        """-d: one line per request on stderr: operation, path, the caller's
-        upper ids and the lower ids they stand for, the result."""
-        uid, gid, pid, _umask = caller()
-        lower_uid = self.operations.uids.to_lower(uid)
-        lower_gid = self.operations.gids.to_lower(gid)
-        ret = ShiftFUSE._wrapper(self, func, *args)
-        path = args[0].decode(errors="replace") if args and isinstance(args[0], bytes) else "-"
-        result = errno.errorcode.get(-ret, str(ret)) if isinstance(ret, int) and ret < 0 else "ok"
-        print(f"shiftfs: {func.__name__.removesuffix('_fuse_3')} {path} pid {pid} "
-              f"upper {uid}:{gid} lower "
-              f"{'unmapped' if lower_uid is None else lower_uid}:"
-              f"{'unmapped' if lower_gid is None else lower_gid} -> {result}",
-              file=sys.stderr, flush=True)
-        return ret
+    def destroy(self) -> None:
+        if self.se and not any(t.is_alive() for t in self._threads):
+            _lib.fuse_session_destroy(self.se)
+            self.se = None
 
-    def _adopt_thread(self, ident: int) -> None:
-        # A thread state that outlives the callback: ctypes then reuses it
-        # instead of creating and destroying one per request.
-        ctypes.pythonapi.PyGILState_Ensure()
-        # A private umask per thread, so a create can use the caller's.
-        _libc.unshare(CLONE_FS)
-        self._pinned_threads.add(ident)
-
-    # ---- init ----
-    def init_fuse_3(self, conn, config):
+    def _worker(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+        self.ops.worker_started()
+        buf = FuseBuf()
+        se = self.se
+        receive, process, exited = (_lib.fuse_session_receive_buf, _lib.fuse_session_process_buf,
+                                    _lib.fuse_session_exited)
+        ref = ctypes.byref(buf)
         try:
-            c = config.contents
-            for key, value in self._config.items():
-                setattr(c, key, value)
+            while not exited(se):
+                res = receive(se, ref)
+                if res == -errno.EINTR or res == -errno.EAGAIN:
+                    continue
+                if res <= 0:
+                    break
+                process(se, ref)
+        finally:
+            if buf.mem:
+                _libc.free(buf.mem)
+            self._done.set()
+
+    # ---- notify: changes the kernel did not see ----
+    def inval_inode(self, node_id: int) -> int:
+        return _lib.fuse_lowlevel_notify_inval_inode(self.se, node_id, 0, 0)
+
+    def inval_entry(self, parent_id: int, name: bytes) -> int:
+        return _lib.fuse_lowlevel_notify_inval_entry(self.se, parent_id, name, len(name))
+
+    def notify_delete(self, parent_id: int, child_id: int, name: bytes) -> int:
+        return _lib.fuse_lowlevel_notify_delete(self.se, parent_id, child_id, name, len(name))
+
+    # ---- the wrappers ----
+    def _debugged(self, name, handler):
+        def wrapped(req, *args):
+            ctx = _lib.fuse_req_ctx(req).contents
+            _tls.last_result = "ok"
+            handler(req, *args)
+            shown = " ".join(a.decode(errors="replace") if isinstance(a, bytes) else str(a)
+                             for a in args[:2] if isinstance(a, (int, bytes)))
+            print(f"shiftfs: {name} {shown} pid {ctx.pid} {self._debug(ctx.uid, ctx.gid)} "
+                  f"-> {_tls.last_result}", file=sys.stderr, flush=True)
+        return wrapped
+
+    def _fail(self, req, e: BaseException, what: str) -> None:
+        if isinstance(e, OSError) and e.errno:
+            code = e.errno
+        else:
+            log.error("%s failed", what, exc_info=e)
+            code = errno.EIO
+        if self._debug is not None:
+            _tls.last_result = errno.errorcode.get(code, str(code))
+        _lib.fuse_reply_err(req, code)
+
+    def _call(self, req, what, fn, *args):
+        """fn(*args), or the request answered with its error and None."""
+        _tls.req = req
+        try:
+            return fn(*args)
+        except BaseException as e:  # noqa: B902 (a bug must still answer)
+            self._fail(req, e, what)
+            return None
+
+    def _reply_entry(self, req, e: Entry) -> None:
+        ep = EntryParam()
+        pack_entry(ep, e.node_id, e.st, e.uid, e.gid, e.attr_timeout, e.entry_timeout) \
+            if e.st is not None else setattr(ep, "entry_timeout", e.entry_timeout)
+        _lib.fuse_reply_entry(req, ctypes.byref(ep))
+
+    def _reply_attr(self, req, attr) -> None:
+        st, uid, gid, timeout = attr
+        buf = c_stat()
+        pack_stat(buf, st, uid, gid)
+        _lib.fuse_reply_attr(req, ctypes.byref(buf), timeout)
+
+    def _entry_op(self, req, what, fn, *args) -> None:
+        e = self._call(req, what, fn, *args)
+        if e is not None:
+            self._guarded(req, what, self._reply_entry, e)
+
+    def _err_op(self, req, what, fn, *args) -> None:
+        if self._call(req, what, lambda: fn(*args) or True):
+            _lib.fuse_reply_err(req, 0)
+
+    def _guarded(self, req, what, reply, value) -> None:
+        """A reply that cannot be packed is still an answer (EIO)."""
+        try:
+            reply(req, value)
+        except BaseException as e:  # noqa: B902
+            self._fail(req, e, what)
+
+    # ---- lifecycle requests ----
+    def _ll_init(self, userdata, conn) -> None:
+        try:
             n = conn.contents
-            n.want = (n.want | (self._conn_want & n.capable)) & ~self._conn_unwant
-            if set_read_ahead(self._mountpoint, READ_AHEAD_KB):
-                # the kernel keeps min(bdi read-ahead, max_readahead) from this reply
-                n.max_readahead = READ_AHEAD_KB * 1024
-            self.operations.init_connection(n.capable, n.want)
-        except BaseException as e:  # mfusepy would swallow it and mount with defaults
+            n.want = (n.want | (self.conn_want & n.capable)) & ~self.conn_unwant
+            if self.max_readahead:
+                n.max_readahead = self.max_readahead
+            n.time_gran = 1
+            self.ops.init(n.capable, n.want)
+        except BaseException as e:  # noqa: B902
             self.init_error = e
-            exit_session()
-        return None
+            _lib.fuse_session_exit(self.se)
+        self.got_init.set()
 
-    def destroy(self, private_data):
-        self.operations.destroy()
+    def _ll_destroy(self, userdata) -> None:
+        try:
+            self.ops.destroy()
+        except BaseException:  # noqa: B902
+            log.exception("destroy failed")
+
+    # ---- names ----
+    def _ll_lookup(self, req, parent, name):
+        self._entry_op(req, "lookup", self.ops.lookup, parent, name)
+
+    def _ll_forget(self, req, node_id, nlookup):
+        try:
+            self.ops.forget(((node_id, nlookup),))
+        except BaseException:  # noqa: B902
+            log.exception("forget failed")
+        _lib.fuse_reply_none(req)
+
+    def _ll_forget_multi(self, req, count, forgets):
+        try:
+            self.ops.forget([(forgets[i].ino, forgets[i].nlookup) for i in range(count)])
+        except BaseException:  # noqa: B902
+            log.exception("forget failed")
+        _lib.fuse_reply_none(req)
+
+    def _ll_mknod(self, req, parent, name, mode, rdev):
+        self._entry_op(req, "mknod", self.ops.mknod, parent, name, mode, rdev)
+
+    def _ll_mkdir(self, req, parent, name, mode):
+        self._entry_op(req, "mkdir", self.ops.mkdir, parent, name, mode)
+
+    def _ll_symlink(self, req, target, parent, name):
+        self._entry_op(req, "symlink", self.ops.symlink, target, parent, name)
+
+    def _ll_link(self, req, node_id, parent, name):
+        self._entry_op(req, "link", self.ops.link, node_id, parent, name)
+
+    def _ll_unlink(self, req, parent, name):
+        self._err_op(req, "unlink", self.ops.unlink, parent, name)
+
+    def _ll_rmdir(self, req, parent, name):
+        self._err_op(req, "rmdir", self.ops.rmdir, parent, name)
+
+    def _ll_rename(self, req, parent, name, newparent, newname, flags):
+        self._err_op(req, "rename", self.ops.rename, parent, name, newparent, newname, flags)
 
     # ---- attributes ----
-    def getattr_fuse_3(self, path, buf, fip):
-        st, uid, gid = self.operations.getattr(path, _fh(fip))
-        pack_stat(buf, st, uid, gid)
-        return 0
+    def _ll_getattr(self, req, node_id, fi):
+        attr = self._call(req, "getattr", self.ops.getattr, node_id, fi[0].fh if fi else None)
+        if attr is not None:
+            self._guarded(req, "getattr", self._reply_attr, attr)
 
-    def readlink(self, path, buf, bufsize):
-        target = self.operations.readlink(path)[: bufsize - 1]
-        ctypes.memmove(buf, target + b"\0", len(target) + 1)
-        return 0
+    def _ll_setattr(self, req, node_id, attr, to_set, fi):
+        a = attr.contents
+        result = self._call(req, "setattr", self.ops.setattr, node_id, to_set, a,
+                            fi[0].fh if fi else None)
+        if result is not None:
+            self._guarded(req, "setattr", self._reply_attr, result)
 
-    def chmod_fuse_3(self, path, mode, fip):
-        return self.operations.chmod(path, mode, _fh(fip))
+    def _ll_readlink(self, req, node_id):
+        target = self._call(req, "readlink", self.ops.readlink, node_id)
+        if target is not None:
+            _lib.fuse_reply_readlink(req, target)
 
-    def chown_fuse_3(self, path, uid, gid, fip):
-        return self.operations.chown(path, uid, gid, _fh(fip))
-
-    def truncate_fuse_3(self, path, length, fip):
-        return self.operations.truncate(path, length, _fh(fip))
-
-    def utimens_fuse_3(self, path, times, fip):
-        return self.operations.utimens(path, ctypes.cast(times, ctypes.c_void_p).value, _fh(fip))
-
-    def statfs(self, path, buf):
-        sv = self.operations.statfs(path)
-        s = buf.contents
+    def _ll_statfs(self, req, node_id):
+        sv = self._call(req, "statfs", self.ops.statfs, node_id)
+        if sv is None:
+            return
+        s = c_statvfs()
         for key in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                     "f_ffree", "f_favail", "f_flag", "f_namemax"):
             setattr(s, key, getattr(sv, key))
-        return 0
-
-    # ---- names ----
-    def mknod(self, path, mode, dev):
-        return self.operations.mknod(path, mode, dev)
-
-    def mkdir(self, path, mode):
-        return self.operations.mkdir(path, mode)
-
-    def unlink(self, path):
-        return self.operations.unlink(path)
-
-    def rmdir(self, path):
-        return self.operations.rmdir(path)
-
-    def symlink(self, target, path):
-        return self.operations.symlink(target, path)
-
-    def rename_fuse_3(self, old, new, flags):
-        return self.operations.rename(old, new, flags)
-
-    def link(self, existing, path):
-        return self.operations.link(existing, path)
+        _lib.fuse_reply_statfs(req, ctypes.byref(s))
 
     # ---- files ----
-    def open(self, path, fip):
-        _set_fh(fip, self.operations.open(path, fip[0].flags))
-        return 0
+    def _open_reply(self, fi, result) -> None:
+        fh, keep_cache = result
+        f = fi[0]
+        f.fh = fh
+        f.keep_cache = 1 if keep_cache else 0
 
-    def create(self, path, mode, fip):
-        _set_fh(fip, self.operations.create(path, mode, fip[0].flags))
-        return 0
+    def _ll_open(self, req, node_id, fi):
+        result = self._call(req, "open", self.ops.open, node_id, fi[0].flags)
+        if result is not None:
+            self._open_reply(fi, result)
+            if _lib.fuse_reply_open(req, fi) != 0:  # interrupted: the caller is gone
+                self.ops.release(node_id, result[0])
 
-    def read(self, path, buf, size, offset, fip):
-        data = os.pread(_fh(fip), size, offset)
-        ctypes.memmove(buf, data, len(data))
-        return len(data)
+    def _ll_create(self, req, parent, name, mode, fi):
+        result = self._call(req, "create", self.ops.create, parent, name, mode, fi[0].flags)
+        if result is None:
+            return
+        entry, fh = result
+        self._open_reply(fi, (fh, False))
+        ep = EntryParam()
+        pack_entry(ep, entry.node_id, entry.st, entry.uid, entry.gid, entry.attr_timeout,
+                   entry.entry_timeout)
+        if _lib.fuse_reply_create(req, ctypes.byref(ep), fi) != 0:
+            self.ops.release(entry.node_id, fh)
+            self.ops.forget(((entry.node_id, 1),))
 
-    def write(self, path, buf, size, offset, fip):
-        return os.pwrite(_fh(fip), ctypes.string_at(buf, size), offset)
-
-    def read_buf(self, path, bufpp, size, offset, fip):
-        # A buffer that names the lower fd: libfuse reads (or splices) the
-        # bytes itself. libfuse frees the bufvec, so it must come from malloc.
-        addr = _libc.malloc(ctypes.sizeof(FuseBufvec))
-        if not addr:
-            return -errno.ENOMEM
-        bv = FuseBufvec.from_address(addr)
-        bv.count, bv.idx, bv.off = 1, 0, 0
+    def _ll_read(self, req, node_id, size, off, fi):
+        # A buffer that names the lower fd: libfuse preads into its own
+        # buffer and replies (also with the error, if the read fails).
+        bv = FuseBufvec()
+        bv.count = 1
         b = bv.buf[0]
-        b.size, b.flags, b.mem, b.fd, b.pos = size, FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK, None, _fh(fip), offset
-        ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = addr
-        return 0
+        b.size, b.flags, b.fd, b.pos = size, FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK, fi[0].fh, off
+        _lib.fuse_reply_data(req, ctypes.byref(bv), 0)
 
-    def write_buf(self, path, src, offset, fip):
+    def _ll_write_buf(self, req, node_id, src, off, fi):
         dst = FuseBufvec()
         dst.count = 1
         b = dst.buf[0]
-        b.size, b.flags, b.fd, b.pos = (_libfuse.fuse_buf_size(src), FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK,
-                                        _fh(fip), offset)
-        # libfuse pwrite()s into the lower fd; the result is the byte count or -errno
-        return _libfuse.fuse_buf_copy(ctypes.byref(dst), src, 0)
+        b.size, b.flags, b.fd, b.pos = (_lib.fuse_buf_size(src), FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK,
+                                        fi[0].fh, off)
+        n = _lib.fuse_buf_copy(ctypes.byref(dst), src, 0)
+        if n < 0:
+            _lib.fuse_reply_err(req, -n)
+        else:
+            _lib.fuse_reply_write(req, n)
 
-    def release(self, path, fip):
-        return self.operations.release(_fh(fip))
+    def _ll_flush(self, req, node_id, fi):
+        _lib.fuse_reply_err(req, 0)
 
-    def fsync(self, path, datasync, fip):
-        return self.operations.fsync(_fh(fip), datasync)
+    def _ll_release(self, req, node_id, fi):
+        self._err_op(req, "release", self.ops.release, node_id, fi[0].fh)
 
-    def fallocate(self, path, mode, offset, length, fip):
-        return self.operations.fallocate(_fh(fip), mode, offset, length)
+    def _ll_fsync(self, req, node_id, datasync, fi):
+        self._err_op(req, "fsync", self.ops.fsync, fi[0].fh, datasync)
+
+    def _ll_fallocate(self, req, node_id, mode, off, length, fi):
+        self._err_op(req, "fallocate", self.ops.fallocate, fi[0].fh, mode, off, length)
+
+    def _ll_lseek(self, req, node_id, off, whence, fi):
+        pos = self._call(req, "lseek", os.lseek, fi[0].fh, off, whence)
+        if pos is not None:
+            _lib.fuse_reply_lseek(req, pos)
+
+    def _ll_copy_file_range(self, req, ino_in, off_in, fi_in, ino_out, off_out, fi_out, length,
+                            flags):
+        n = self._call(req, "copy_file_range", self.ops.copy_file_range, fi_in[0].fh, off_in,
+                       fi_out[0].fh, off_out, length, flags)
+        if n is not None:
+            _lib.fuse_reply_write(req, n)
 
     # ---- directories ----
-    def opendir(self, path, fip):
-        _set_fh(fip, self.operations.opendir(path))
-        return 0
+    def _ll_opendir(self, req, node_id, fi):
+        fh = self._call(req, "opendir", self.ops.opendir, node_id)
+        if fh is not None:
+            fi[0].fh = fh
+            if _lib.fuse_reply_open(req, fi) != 0:
+                self.ops.releasedir(node_id, fh)
 
-    def readdir_fuse_3(self, path, buf, filler, offset, fip, flags):
-        fh = _fh(fip)
-        plus = bool(flags & FUSE_READDIR_PLUS)
-        st_buf = mfusepy.c_stat()
-        st_ptr = ctypes.pointer(st_buf)
-        fill_flags = FUSE_FILL_DIR_PLUS if plus else 0
-        pack = pack_stat_into
-        for index, (name, attr) in enumerate(self.operations.readdir(fh, offset, plus), offset + 1):
-            if attr is None:
-                if filler(buf, name, None, index, 0):
+    def _ll_releasedir(self, req, node_id, fi):
+        self._err_op(req, "releasedir", self.ops.releasedir, node_id, fi[0].fh)
+
+    def _ll_fsyncdir(self, req, node_id, datasync, fi):
+        self._err_op(req, "fsyncdir", self.ops.fsync, fi[0].fh, datasync)
+
+    def _ll_readdir(self, req, node_id, size, off, fi):
+        self._readdir(req, node_id, size, off, fi[0].fh, False)
+
+    def _ll_readdirplus(self, req, node_id, size, off, fi):
+        self._readdir(req, node_id, size, off, fi[0].fh, True)
+
+    def _readdir(self, req, node_id, size, off, fh, plus) -> None:
+        """Fill one reply from the handle's stream: an entry goes in only
+        if it fits, and only then is it looked up (a readdirplus entry
+        counts as a lookup, so an entry left out must not be counted)."""
+        _tls.req = req
+        buf = ctypes.create_string_buffer(size)
+        base = ctypes.addressof(buf)
+        pos = 0
+        ep = EntryParam()
+        st_buf = c_stat()
+        try:
+            stream = self.ops.readdir(node_id, fh, off)
+            lookup = self.ops.readdir_entry
+            while True:
+                item = stream.peek()
+                if item is None:
                     break
-                continue
-            pack(st_buf, *attr)
-            # non-zero offsets: libfuse 3.14 drops plus entries at offset 0
-            if filler(buf, name, st_ptr, index, fill_flags):
-                break
-        return 0
-
-    def releasedir(self, path, fip):
-        return self.operations.releasedir(_fh(fip))
-
-    def fsyncdir(self, path, datasync, fip):
-        return self.operations.fsyncdir(_fh(fip), datasync)
+                name, d_ino, d_type, d_off = item
+                need = _dirent_size(len(name), plus)
+                if pos + need > size:
+                    break
+                if plus:
+                    e = lookup(node_id, fh, name, d_type)
+                    if e is None:  # no attributes: the kernel looks it up if it needs them
+                        ctypes.memset(ctypes.addressof(ep), 0, ctypes.sizeof(ep))
+                        ep.attr.st_ino, ep.attr.st_mode = d_ino, d_type << 12
+                    else:
+                        pack_entry(ep, e.node_id, e.st, e.uid, e.gid, e.attr_timeout,
+                                   e.entry_timeout)
+                    _lib.fuse_add_direntry_plus(req, base + pos, size - pos, name,
+                                                ctypes.byref(ep), d_off)
+                else:
+                    st_buf.st_ino, st_buf.st_mode = d_ino, d_type << 12
+                    _lib.fuse_add_direntry(req, base + pos, size - pos, name,
+                                           ctypes.byref(st_buf), d_off)
+                pos += need
+                stream.advance()
+        except BaseException as e:  # noqa: B902
+            if pos == 0:
+                self._fail(req, e, "readdir")
+                return
+            # entries already counted are sent; the error comes next time
+        _lib.fuse_reply_buf(req, buf, pos)
 
     # ---- xattrs ----
-    def setxattr(self, path, name, value, size, options, *args):
-        return self.operations.setxattr(path, name, ctypes.string_at(value, size), options)
+    def _xattr_reply(self, req, value: bytes, size: int) -> None:
+        if size == 0:
+            _lib.fuse_reply_xattr(req, len(value))
+        elif len(value) > size:
+            _lib.fuse_reply_err(req, errno.ERANGE)
+        else:
+            _lib.fuse_reply_buf(req, value, len(value))
 
-    def getxattr(self, path, name, value, size, *args):
-        return _copy_out(self.operations.getxattr(path, name), value, size)
+    def _ll_getxattr(self, req, node_id, name, size):
+        value = self._call(req, "getxattr", self.ops.getxattr, node_id, name)
+        if value is not None:
+            self._xattr_reply(req, value, size)
 
-    def listxattr(self, path, namebuf, size):
-        return _copy_out(self.operations.listxattr(path), namebuf, size)
+    def _ll_listxattr(self, req, node_id, size):
+        value = self._call(req, "listxattr", self.ops.listxattr, node_id)
+        if value is not None:
+            self._xattr_reply(req, value, size)
 
-    def removexattr(self, path, name):
-        return self.operations.removexattr(path, name)
+    def _ll_setxattr(self, req, node_id, name, value, size, flags):
+        self._err_op(req, "setxattr", self.ops.setxattr, node_id, name,
+                     ctypes.string_at(value, size), flags)
 
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    _raise_errno(_libc.fallocate(fd, mode, offset, length))
-
-
-# ---- openat2: a lower directory in one syscall, never through a symlink ----
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_SYS_OPENAT2 = 437  # the same number on x86_64, aarch64 and the generic table
-_RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x02, 0x04, 0x08
-_DIR_HOW = _OpenHow(os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
-                    _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-_libc.syscall.restype = ctypes.c_long
+    def _ll_removexattr(self, req, node_id, name):
+        self._err_op(req, "removexattr", self.ops.removexattr, node_id, name)
 
 
-def open_dir_beneath(dir_fd: int, path: bytes) -> int:
-    """An O_PATH fd of directory ``path`` below ``dir_fd``; a symlink in any
-    component gives ENOTDIR (as a per-component O_NOFOLLOW walk would)."""
-    fd = _libc.syscall(_SYS_OPENAT2, ctypes.c_int(dir_fd), ctypes.c_char_p(path),
-                       ctypes.byref(_DIR_HOW), ctypes.c_size_t(ctypes.sizeof(_DIR_HOW)))
-    if fd < 0:
-        e = ctypes.get_errno()
-        raise OSError(errno.ENOTDIR if e == errno.ELOOP else e, os.strerror(e))
-    return fd
-
-
-def _has_openat2() -> bool:
-    try:
-        os.close(open_dir_beneath(AT_FDCWD, b"."))
-        return True
-    except OSError:
-        return False  # ENOSYS before Linux 5.6, or blocked by a seccomp filter
-
-
-HAS_OPENAT2 = _has_openat2()
+def session_fd(session: Session) -> int:
+    return _lib.fuse_session_fd(session.se)
 
 
 # ---- libfuse's own log lines ----------------------------------------------------
@@ -523,9 +759,7 @@ _forward_log_c = _LOG_FUNC(_forward_log)  # kept alive for libfuse's lifetime
 
 
 def quiet_libfuse_noise() -> None:
-    """Every mount printed 'Ignoring invalid max threads value 4294967295'
-    (fuse_main in libfuse 3.14 passes UINT_MAX itself); pass everything
-    else libfuse says to stderr unchanged. The va_list travels as a pointer,
-    which holds on x86_64 and aarch64 only."""
-    if platform.machine() in ("x86_64", "aarch64") and hasattr(_libfuse, "fuse_set_log_func"):
-        _libfuse.fuse_set_log_func(_forward_log_c)
+    """Pass what libfuse says to stderr, less its known noise. The va_list
+    travels as a pointer, which holds on x86_64 and aarch64 only."""
+    if platform.machine() in ("x86_64", "aarch64") and hasattr(_lib, "fuse_set_log_func"):
+        _lib.fuse_set_log_func(_forward_log_c)

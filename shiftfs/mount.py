@@ -7,6 +7,7 @@ import contextlib
 import logging
 import logging.handlers
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from .idmap import Extent, IdMap, build_idmap, parse_extent
+from .watch import Shrinker
 
 FSTYPE = "fuse.shiftfs"
 
@@ -36,30 +38,18 @@ class MountOptions:
     negative_timeout: float = 1.0
     threads: bool = True
 
-    def fuse_options(self, lower: str) -> dict:
-        opts = {
-            "fsname": lower.replace(",", "\\,"),
-            "subtype": "shiftfs",
-            "allow_other": True,
-            "default_permissions": True,
-            "suid" if self.suid else "nosuid": True,
-            "dev" if self.dev else "nodev": True,
-            "ro" if self.read_only else "rw": True,
-        }
-        for flag in self.kernel_flags:
-            opts[flag] = True
-        return opts
-
-    def fuse_config(self) -> dict:
-        return {
-            "use_ino": 1,          # lower inode numbers: hard links, tar, du, find -samefile
-            "hard_remove": 1,      # no .fuse_hidden files in the lower tree
-            "nullpath_ok": 1,      # handle requests carry the lower fd; no path lookups
-            "attr_timeout": self.attr_timeout,
-            "entry_timeout": self.entry_timeout,
-            "negative_timeout": self.negative_timeout,
-            "auto_cache": 1,       # keep page cache across opens while mtime/size are unchanged
-        }
+    def mount_options(self, lower: str) -> list[str]:
+        """The -o words for libfuse and the kernel."""
+        opts = [
+            "fsname=" + lower.replace("\\", "\\\\").replace(",", "\\,"),
+            "subtype=shiftfs",
+            "allow_other",
+            "default_permissions",
+            "suid" if self.suid else "nosuid",
+            "dev" if self.dev else "nodev",
+            "ro" if self.read_only else "rw",
+        ]
+        return opts + list(self.kernel_flags)
 
 
 log = logging.getLogger("shiftfs")
@@ -86,51 +76,119 @@ def setup_logging(foreground: bool) -> None:
     log.addHandler(handler)
 
 
+WORKERS = 4  # few threads on few cores: each wakes through the GIL
+READ_AHEAD_KB = 1024  # sequential reads in 1 MiB requests (the kernel default is 128 KiB)
+
+
+def set_read_ahead(mountpoint: str, kb: int) -> bool:
+    """Raise the read-ahead of the FUSE mount at ``mountpoint`` (its bdi,
+    /sys/class/bdi/MAJOR:MINOR). Called from INIT: the mount is in
+    mountinfo by then, and nothing here touches the mount itself (which
+    would wait for the very INIT reply being prepared). Root only; False
+    if it could not be done."""
+    try:
+        devs = [dev for dev, _src, mp, fstype in mountinfo()
+                if mp == mountpoint and fstype.startswith("fuse")]
+        if not devs:
+            return False
+        with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w", encoding="ascii") as f:
+            f.write(str(kb))  # the last (topmost) mount there wins
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _raise_nofile() -> None:
+    """Every node holds an fd: as many as the kernel caches inodes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:  # as root, up to the kernel's ceiling (CAP_SYS_RESOURCE)
+        with open("/proc/sys/fs/nr_open", encoding="ascii") as f:
+            ceiling = int(f.read())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
+        return
+    except (OSError, ValueError):
+        pass
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _daemonize() -> None:
+    """Fork once the mount is live: the parent exits 0, the child serves
+    in a session of its own with stdio on /dev/null."""
+    r, w = os.pipe()
+    if os.fork():
+        os.close(w)
+        ok = os.read(r, 1)
+        os._exit(0 if ok else 1)
+    os.close(r)
+    os.setsid()
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    os.write(w, b"1")
+    os.close(w)
+
+
 def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> int:
-    """Mount and serve until unmounted. Without ``foreground`` libfuse forks
-    after the mount is live, so the caller returns only then."""
-    from . import fuse
-    from .ops import ShiftOperations
+    """Mount and serve until unmounted. Without ``foreground`` the process
+    forks once the mount is live, so the caller returns only then."""
+    from . import fuse, linux
+    from .ops import Lifetimes, Operations
 
     setup_logging(options.foreground)
     fuse.quiet_libfuse_noise()
-    fuse.limit_mmap_threshold()
-    if os.geteuid() == 0 and not fuse.keep_caps_across_fsuid():
+    linux.limit_mmap_threshold()
+    _raise_nofile()
+    if os.geteuid() == 0 and not linux.keep_caps_across_fsuid():
         print("shiftfs: cannot set SECBIT_NO_SETUID_FIXUP; new files may get the wrong owner",
               file=sys.stderr)
-    operations = ShiftOperations(lower, idmap)
-    want = (fuse.FUSE_CAP_POSIX_ACL | fuse.FUSE_CAP_DONT_MASK | fuse.FUSE_CAP_READDIRPLUS | fuse.FUSE_CAP_READDIRPLUS_AUTO
-            | fuse.FUSE_CAP_PARALLEL_DIROPS | fuse.FUSE_CAP_CACHE_SYMLINKS)
+    operations = Operations(lower, idmap, Lifetimes(options.attr_timeout, options.entry_timeout,
+                                                    options.negative_timeout))
+    mp = os.path.realpath(mountpoint)
+    want = (fuse.FUSE_CAP_POSIX_ACL | fuse.FUSE_CAP_DONT_MASK | fuse.FUSE_CAP_READDIRPLUS
+            | fuse.FUSE_CAP_READDIRPLUS_AUTO | fuse.FUSE_CAP_PARALLEL_DIROPS
+            | fuse.FUSE_CAP_CACHE_SYMLINKS | fuse.FUSE_CAP_AUTO_INVAL_DATA
+            | fuse.FUSE_CAP_ASYNC_READ)
     # The kernel clears set-id bits and sends truncates itself, as it would
     # for a local caller; the daemon holds CAP_FSETID and would not.
     unwant = (fuse.FUSE_CAP_HANDLE_KILLPRIV | fuse.FUSE_CAP_ATOMIC_O_TRUNC
               | fuse.FUSE_CAP_WRITEBACK_CACHE | fuse.FUSE_CAP_SPLICE_READ
-              | fuse.FUSE_CAP_SPLICE_WRITE | fuse.FUSE_CAP_SPLICE_MOVE)
-    # Note when the kernel's INIT reached us: the mount was live. libfuse
-    # reports a session ended by SIGTERM/SIGINT/SIGHUP as status 8 (it keeps
-    # the signal number as the loop's error), after unmounting cleanly.
-    served: list[bool] = []
-    init_connection = operations.init_connection
+              | fuse.FUSE_CAP_SPLICE_WRITE | fuse.FUSE_CAP_SPLICE_MOVE
+              | fuse.FUSE_CAP_EXPORT_SUPPORT | fuse.FUSE_CAP_POSIX_LOCKS
+              | fuse.FUSE_CAP_FLOCK_LOCKS)
+    init = operations.init
 
-    def _init_connection(*args):
-        result = init_connection(*args)
-        served.append(True)
+    def _init(capable: int, wanted: int) -> None:
+        init(capable, wanted)
+        set_read_ahead(mp, READ_AHEAD_KB)
         log.info("serving %s at %s", lower, mountpoint)
-        return result
 
-    operations.init_connection = _init_connection
+    operations.init = _init
     try:
-        runner = fuse.ShiftFUSE(
-            operations, mountpoint, options.fuse_config(), want, unwant,
-            foreground=options.foreground, debug=options.debug,
-            nothreads=not options.threads, **options.fuse_options(lower))
-    except RuntimeError as e:
-        if served:  # stopped by a signal after serving: a clean unmount
-            return 0
-        print(f"shiftfs: mount of {mountpoint} failed (libfuse status {e})", file=sys.stderr)
+        session = fuse.Session(operations, options.mount_options(lower), want, unwant,
+                               max_readahead=READ_AHEAD_KB * 1024,
+                               debug=operations.describe_caller if options.debug else None)
+    except OSError:
+        print(f"shiftfs: libfuse refused the mount options for {mountpoint}", file=sys.stderr)
         return 1
-    if runner.init_error is not None:
-        log.error("mount setup failed: %s", runner.init_error)
+    try:
+        session.mount(mp)
+    except OSError:
+        print(f"shiftfs: mount of {mountpoint} failed", file=sys.stderr)
+        session.destroy()
+        return 1
+    if not options.foreground:
+        _daemonize()
+    # the table's fds stay well inside RLIMIT_NOFILE (open files need some too)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    operations.table.high, operations.table.low = int(limit * 0.6), int(limit * 0.4)
+    Shrinker(operations.table, session).start()
+    session.serve(1 if not options.threads else WORKERS)
+    session.destroy()
+    if session.init_error is not None:
+        log.error("mount setup failed: %s", session.init_error)
         return 1
     return 0
 

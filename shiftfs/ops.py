@@ -1,23 +1,51 @@
-"""The passthrough operations: resolve the lower path, do the syscall,
-translate the ids. The only module that knows both the lower tree and the
+"""One handler per FUSE request, acting on the lower fd of the node it
+names and translating ids; no path strings.
+
+Handlers take plain values (node ids, bytes names, ints) and return plain
+values (fuse.Entry, attribute tuples, bytes) or raise OSError; fuse.py
+packs and replies. The only module that knows both the lower tree and the
 table.
 
-Every callback takes bytes paths as libfuse gives them ("/a/b", or None for
-requests that only carry a handle) and raises OSError on failure; fuse.py
-turns that into -errno.
+How a request reaches the lower inode:
+- every node holds an O_PATH fd of its lower inode (inodes.py); GETATTR is
+  one fstat of it; names are ``*at(parent_fd, name)`` never following a
+  symlink; calls that take no fd use /proc/self/fd/N, which the kernel
+  resolves to the held inode itself (a symlink node is not followed);
+- OPEN reopens the held inode (regular files only): a device node, FIFO or
+  socket swapped in under a name the kernel has cached is never opened,
+  since the daemon never opens a name for a caller;
+- CREATE is O_CREAT|O_EXCL on the lower: a name that exists after all (the
+  kernel's negative entry was stale) gives EEXIST for O_EXCL and ESTALE
+  otherwise, which makes the kernel look the name up again and open the
+  existing file with its own permission check;
+- new entries are made with the worker thread's fsuid/fsgid set to the
+  caller's lower ids and its umask to the caller's, so the lower kernel
+  gives owner, set-gid group, default ACL and mode in one step.
+
+What the kernel caches, for how long, and who invalidates it
+(``Lifetimes``):
+- entry (name -> node) and attr replies: ``entry_timeout`` and
+  ``attr_timeout`` (1 s by default); changes made through this mount are
+  known to the kernel already, changes behind it show within the timeout;
+- negative entries (no such name): ``negative_timeout``;
+- frozen inodes (an unmapped lower owner or group) get attr lifetime 0 and
+  names inside a frozen directory entry lifetime 0, so the daemon sees
+  every access it must decide (policy.py);
+- page cache: kept across opens while the lower file's size and mtime are
+  unchanged (keep_cache), dropped by the kernel when it sees them change
+  (FUSE_CAP_AUTO_INVAL_DATA);
+- symlink targets: cached with the page cache (FUSE_CAP_CACHE_SYMLINKS);
+- POSIX ACLs: cached by the kernel with the inode, dropped when its
+  attributes change through this mount.
 
 Caveats (honest ones, as in pyfuse3's passthroughfs):
-- The lower root is held open as a directory fd and every call is relative
-  to it (``*at`` syscalls), so paths cannot climb out of it with ``..`` and
-  a lower directory swapped or mounted over afterwards does not change what
-  is served. The kernel resolves symlinks above us, but the lower tree can
-  change behind its back (directly, or through another mount of the same
-  lower): so the parent of every path is reached one component at a time
-  with O_NOFOLLOW (``_at``) and no call follows a symlink in the last
-  component; nothing ever resolves outside the lower root.
-- Handles are lower file descriptors; data moves between them and libfuse
-  without passing through Python (read_buf/write_buf in fuse.py).
+- UNLINK, RMDIR and RENAME name their victims; the kernel checked the
+  inode it had cached under that name. If the lower name was swapped for
+  another inode since, the daemon checks (frozen rules) and removes the one
+  the name points to now.
 - POSIX locks and flock are left to the kernel (local to this mount).
+- Every node holds an fd: the daemon raises RLIMIT_NOFILE at start, and the
+  number of fds follows the kernel's inode cache.
 """
 
 from __future__ import annotations
@@ -25,24 +53,32 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from dataclasses import dataclass
 
-from . import fuse, policy, xattrs
+from . import fuse, linux, policy, xattrs
+from .fuse import Entry
 from .idmap import IdMap
+from .inodes import InodeTable, Node
 
+CAP_FOWNER = 3
 CAP_FSETID = 4
-UNCHANGED = 0xFFFFFFFF  # (uid_t)-1 in chown: keep this id
-_O_PATH_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-_WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _rel(path: bytes) -> bytes:
-    """FUSE path ("/a/b") -> path relative to the lower root fd."""
-    return path[1:] or b"."
-
-
 _CAP_SYS_ADMIN = 21
+UNCHANGED = 0xFFFFFFFF  # (uid_t)-1 in chown: keep this id
+_ACL_ACCESS = "system.posix_acl_access"
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# what an OPEN's flags may not carry to the lower: the kernel made the name
+# and checked the caller; the daemon only reopens the inode it holds
+_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
+_DIRBUF = 32768
+
+
+@dataclass
+class Lifetimes:
+    """Seconds the kernel may trust each kind of reply."""
+
+    attr: float = 1.0
+    entry: float = 1.0
+    negative: float = 1.0
 
 
 def _caller_cap_eff(pid: int) -> int:
@@ -68,102 +104,104 @@ def _caller_sys_admin() -> bool:
     return _in_daemon_userns(pid) and bool(_caller_cap_eff(pid) >> _CAP_SYS_ADMIN & 1)
 
 
-class _Everything:
-    """Stands in for the frozen-path hints once there are too many to keep:
-    every path may be frozen (each check then pays a stat)."""
-
-    def __bool__(self):
-        return True
-
-    def __contains__(self, path):
-        return True
-
-    def __setitem__(self, path, value):
-        pass
-
-    def pop(self, path, default=None):
-        return default
-
-    def items(self):
-        return ()
+_CHOWN_SYSCALLS = {"x86_64": {92, 93, 94, 260}, "aarch64": {54, 55}}.get(os.uname().machine, set())
 
 
-_FROZEN_HINTS_MAX = 1 << 18
-_ACL_ACCESS = "system.posix_acl_access"
+def _caller_in_chown() -> bool:
+    """Whether the caller is inside a chown-family syscall: an empty
+    SETATTR is either chown(-1, -1) or a write's set-gid clearing, and the
+    kernel treats the two differently. Unknown means no."""
+    try:
+        with open(f"/proc/{fuse.caller()[2]}/syscall", "rb") as f:
+            return int(f.read().split(None, 1)[0]) in _CHOWN_SYSCALLS
+    except (OSError, ValueError, IndexError):
+        return False
 
 
-def _proc(dir_fd: int, name: bytes) -> bytes:
-    """A path naming ``name`` in the directory ``dir_fd`` for calls that
-    take no dir fd (the magic link jumps straight to that directory)."""
-    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
+class DirStream:
+    """An open lower directory, read in getdents batches and resumed at the
+    offsets the lower gives: memory per handle is one batch, whatever the
+    directory's size."""
+
+    __slots__ = ("fd", "frozen", "pos", "batch", "index", "buf")
+
+    def __init__(self, fd: int, frozen: bool) -> None:
+        self.fd, self.frozen = fd, frozen
+        self.pos = 0
+        self.batch: list = []
+        self.index = 0
+        self.buf = None
+
+    def seek(self, off: int) -> None:
+        if off != self.pos:
+            os.lseek(self.fd, off, os.SEEK_SET)
+            self.pos, self.batch, self.index = off, [], 0
+
+    def peek(self):
+        if self.index >= len(self.batch):
+            if self.buf is None:
+                import ctypes
+                self.buf = ctypes.create_string_buffer(_DIRBUF)
+            self.batch, self.index = linux.getdents(self.fd, self.buf), 0
+            if not self.batch:
+                return None
+        return self.batch[self.index]
+
+    def advance(self) -> None:
+        self.pos = self.batch[self.index][3]
+        self.index += 1
 
 
-class ShiftOperations:
-    use_ns = True
-
-    def __init__(self, lower: str, idmap: IdMap) -> None:
-        self.root = os.open(lower, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.proc_root = b"/proc/self/fd/%d/" % self.root
+class Operations:
+    def __init__(self, lower: str, idmap: IdMap, lifetimes: Lifetimes | None = None) -> None:
+        root_fd = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.table = InodeTable(root_fd)
         self.idmap = idmap
         self.uids = idmap.uids
         self.gids = idmap.gids
+        self.life = lifetimes or Lifetimes()
         self.daemon_uid = os.geteuid()
         self.daemon_gid = os.getegid()
         self.posix_acl = False
-        self._listings: dict[int, list] = {}
-        # FUSE paths getattr found frozen: only these are checked for read,
-        # exec and search (a hint: verified by a stat before it is used)
-        self._frozen: dict[bytes, None] | _Everything = {}
-        self._frozen_fhs: set[int] = set()  # open frozen directories
+        self._dirs: dict[int, DirStream] = {}
+        self._stamps: dict[int, tuple[int, int]] = {}  # node id -> (size, mtime) at last open
         self._ovf_uid, self._ovf_gid = idmap.overflow_uid, idmap.overflow_gid
 
-    # ---- path resolution: never out of the lower root ----
-    def _walk(self, head: bytes) -> int:
-        """An O_PATH fd of the lower directory ``head`` (relative, no
-        leading '/'), reached one component at a time with O_NOFOLLOW: a
-        symlink put in place of a directory on the lower side (directly, or
-        through another mount of the same lower) after the kernel looked the
-        directory up gives ENOTDIR instead of leading out of the tree.
-        With openat2 (Linux 5.6+) the kernel does the same walk in one call."""
-        if fuse.HAS_OPENAT2:
-            return fuse.open_dir_beneath(self.root, head)
-        fd = self.root
-        try:
-            for comp in head.split(b"/"):
-                nxt = os.open(comp, _WALK_FLAGS, dir_fd=fd)
-                if fd != self.root:
-                    os.close(fd)
-                fd = nxt
-        except BaseException:
-            if fd != self.root:
-                os.close(fd)
-            raise
-        return fd
+    # ---- lifecycle ----
+    def init(self, capable: int, want: int) -> None:
+        self.posix_acl = bool(want & fuse.FUSE_CAP_POSIX_ACL)
 
-    def _at(self, path: bytes, fn, *args, **kwargs):
-        """``fn(name, *args, dir_fd=parent, **kwargs)`` for a FUSE path, the
-        parent reached by _walk. Every path-based syscall goes through here
-        (or _at2); each one must also not follow a symlink in ``name``."""
-        head, _, name = path[1:].rpartition(b"/")
-        if not head:
-            return fn(name or b".", *args, dir_fd=self.root, **kwargs)
-        fd = self._walk(head)
-        try:
-            return fn(name, *args, dir_fd=fd, **kwargs)
-        finally:
-            os.close(fd)
+    def worker_started(self) -> None:
+        linux.private_fs_struct()
 
-    def _at2(self, path1: bytes, path2: bytes, fn):
-        """``fn(name1, dir_fd1, name2, dir_fd2)`` for two FUSE paths."""
-        return self._at(path1, lambda n1, dir_fd: self._at(
-            path2, lambda n2, dir_fd, fd1=dir_fd: fn(n1, fd1, n2, dir_fd)))
+    def destroy(self) -> None:
+        for d in list(self._dirs.values()):
+            os.close(d.fd)
+        self._dirs.clear()
+        self.table.close()
+        os.close(self.table.root.fd)
+
+    def describe_caller(self, uid: int, gid: int) -> str:
+        """-d: the caller's upper ids and the lower ids they stand for."""
+        lu, lg = self.uids.to_lower(uid), self.gids.to_lower(gid)
+        return (f"upper {uid}:{gid} lower {'unmapped' if lu is None else lu}:"
+                f"{'unmapped' if lg is None else lg}")
 
     # ---- helpers ----
-    def _lstat(self, path: bytes) -> os.stat_result:
-        return self._at(path, os.stat, follow_symlinks=False)
+    def _frozen(self, st: os.stat_result) -> bool:
+        return self.uids.to_upper(st.st_uid) is None or self.gids.to_upper(st.st_gid) is None
 
-    def _attr(self, st: os.stat_result) -> tuple[os.stat_result, int, int]:
-        return st, self.idmap.uid_to_upper(st.st_uid), self.idmap.gid_to_upper(st.st_gid)
+    def _attr(self, st: os.stat_result):
+        uid = self.uids.to_upper(st.st_uid)
+        gid = self.gids.to_upper(st.st_gid)
+        frozen = uid is None or gid is None
+        return (st, self._ovf_uid if uid is None else uid, self._ovf_gid if gid is None else gid,
+                0.0 if frozen else self.life.attr)
+
+    def _entry(self, node: Node, st: os.stat_result, in_frozen_dir: bool) -> Entry:
+        st, uid, gid, attr_timeout = self._attr(st)
+        return Entry(node.node_id, st, uid, gid, attr_timeout,
+                     0.0 if in_frozen_dir else self.life.entry)
 
     def _caller_lower_ids(self) -> tuple[int, int, int]:
         """The caller's (lower uid, lower gid, umask); EOVERFLOW if either
@@ -175,140 +213,206 @@ class ShiftOperations:
             raise OSError(errno.EOVERFLOW, "caller has no lower id")
         return lower_uid, lower_gid, umask
 
-    def _parent_lstat(self, path: bytes) -> os.stat_result:
-        return self._lstat(path.rpartition(b"/")[0] or b"/")
-
     def _caller_mapped(self) -> bool:
         uid, gid, _pid, _umask = fuse.caller()
         return self.uids.to_lower(uid) is not None and self.gids.to_lower(gid) is not None
 
-    def _create_as_caller(self, path, make, *args):
-        """``make(name, *args, dir_fd=parent)`` with the thread's fsuid/fsgid
-        set to the caller's lower ids and its umask to the caller's: the
-        lower kernel then gives the new entry its owner, its set-gid group,
-        its default ACL and its mode in one step, as for a local caller. The
-        parent is resolved once; it must not be frozen."""
+    def _as_caller(self, parent: Node, make):
+        """``make()`` with the thread's fsuid/fsgid set to the caller's
+        lower ids and its umask to the caller's; the parent must not be
+        frozen."""
         lower_uid, lower_gid, umask = self._caller_lower_ids()
+        policy.check_dir_write(os.fstat(parent.fd), self.uids, self.gids)
+        os.umask(umask)
+        linux.set_fsids(lower_uid, lower_gid)
+        try:
+            return make()
+        finally:
+            linux.set_fsids(self.daemon_uid, self.daemon_gid)
 
-        def create(name, dir_fd):
-            policy.check_dir_write(os.fstat(dir_fd), self.uids, self.gids)
-            os.umask(umask)
-            fuse.set_fsids(lower_uid, lower_gid)
-            try:
-                return make(name, *args, dir_fd=dir_fd)
-            finally:
-                fuse.set_fsids(self.daemon_uid, self.daemon_gid)
-        return self._at(path, create)
+    def _new_entry(self, parent: Node, name: bytes) -> Entry:
+        """The entry just made under ``name``, counted as one lookup."""
+        node, st = self.table.lookup_at(parent, name)
+        return self._entry(node, st, False)
 
-    def _frozen_check(self, path: bytes | None, fh: int | None, what: str) -> os.stat_result:
-        st = os.fstat(fh) if fh is not None else self._lstat(path)
-        policy.check_modify(st, self.uids, self.gids, what)
-        return st
-
-    # ---- frozen inodes: reading, listing, searching, exec ----
-    def _note_frozen(self, path: bytes, st: os.stat_result) -> None:
-        if policy.is_frozen(st, self.uids, self.gids):
-            if len(self._frozen) >= _FROZEN_HINTS_MAX:
-                self._frozen = _Everything()
-            self._frozen[path] = None
-
-    def _frozen_access(self, path: bytes, st: os.stat_result, want: int, fd: int | None) -> bool:
-        """EACCES unless the caller may ``want`` this inode as an idmapped
-        mount decides for a frozen inode (mode bits, mapped group, ACL; no
-        capability). False (and the hint dropped) if it is not frozen."""
-        if not policy.is_frozen(st, self.uids, self.gids):
-            self._frozen.pop(path, None)
-            return False
+    def _frozen_access(self, node: Node, st: os.stat_result, want: int) -> None:
+        """EACCES unless the caller may ``want`` this frozen inode as an
+        idmapped mount decides (mode bits, mapped group, ACL; no
+        capability)."""
         acl = None
         if st.st_mode & 0o070 and not stat.S_ISLNK(st.st_mode):
             try:
-                acl = os.getxattr(fd, _ACL_ACCESS) if fd is not None else self._at(
-                    path, lambda n, dir_fd: os.getxattr(_proc(dir_fd, n), _ACL_ACCESS,
-                                                        follow_symlinks=False))
+                acl = os.getxattr(node.path, _ACL_ACCESS)
             except OSError:
                 pass
         uid, gid, _pid, _umask = fuse.caller()
         groups = {gid, *fuse.caller_groups()}
         if not policy.frozen_permitted(st, self.uids, self.gids, uid, groups, want, acl):
             raise OSError(errno.EACCES, "inode has an unmapped owner")
-        return True
 
-    def _check_search(self, path: bytes) -> None:
-        """A lookup in a frozen directory needs search (x) permission on it
-        (the FUSE client checked against the overflow id, capabilities
-        included)."""
-        parent = path.rpartition(b"/")[0] or b"/"
-        if parent in self._frozen:
-            try:
-                st = self._lstat(parent)
-            except FileNotFoundError:
-                self._frozen.pop(parent, None)
-                return
-            self._frozen_access(parent, st, policy.MAY_EXEC, None)
+    @staticmethod
+    def _name(name: bytes) -> bytes:
+        if name in (b".", b"..") or b"/" in name:
+            raise OSError(errno.EINVAL, "not a name")
+        return name
 
-    def _frozen_renamed(self, old: bytes, new: bytes, exchange: bool) -> None:
-        """Keep the hints on the paths the kernel will use after a rename of
-        a directory above them (a frozen inode itself cannot be renamed)."""
-        moves = []
-        for src, dst in ((old, new), (new, old)) if exchange else ((old, new),):
-            prefix = src + b"/"
-            moves += [(p, dst + p[len(src):]) for p, _ in list(self._frozen.items())
-                      if p == src or p.startswith(prefix)]
-        for p, _ in moves:
-            self._frozen.pop(p, None)
-        for _, q in moves:
-            self._frozen[q] = None
+    # ---- names ----
+    def lookup(self, parent_id: int, name: bytes) -> Entry:
+        parent = self.table.get(parent_id)
+        pst = os.fstat(parent.fd)
+        frozen_dir = self._frozen(pst)
+        if frozen_dir:  # a lookup searches the directory: decided as the kernel would
+            self._frozen_access(parent, pst, policy.MAY_EXEC)
+        try:
+            node, st = self.table.lookup_at(parent, self._name(name))
+        except FileNotFoundError:
+            return Entry(0, None, 0, 0, 0.0, 0.0 if frozen_dir else self.life.negative)
+        return self._entry(node, st, frozen_dir)
 
-    # ---- lifecycle ----
-    def init_connection(self, capable: int, want: int) -> None:
-        self.posix_acl = bool(want & fuse.FUSE_CAP_POSIX_ACL)
+    def forget(self, pairs) -> None:
+        for node_id, nlookup in pairs:
+            if self.table.forget(node_id, nlookup):
+                self._stamps.pop(node_id, None)
 
-    def destroy(self) -> None:
-        os.close(self.root)
+    def mknod(self, parent_id, name, mode, rdev) -> Entry:
+        parent = self.table.get(parent_id)
+        self._as_caller(parent, lambda: os.mknod(self._name(name), mode, rdev, dir_fd=parent.fd))
+        return self._new_entry(parent, name)
+
+    def mkdir(self, parent_id, name, mode) -> Entry:
+        parent = self.table.get(parent_id)
+        self._as_caller(parent, lambda: os.mkdir(self._name(name), mode, dir_fd=parent.fd))
+        return self._new_entry(parent, name)
+
+    def symlink(self, target, parent_id, name) -> Entry:
+        parent = self.table.get(parent_id)
+        self._as_caller(parent, lambda: os.symlink(target, self._name(name), dir_fd=parent.fd))
+        return self._new_entry(parent, name)
+
+    def link(self, node_id, parent_id, name) -> Entry:
+        node = self.table.get(node_id)
+        parent = self.table.get(parent_id)
+        st = os.fstat(node.fd)
+        policy.check_link(st, self._caller_mapped(), os.fstat(parent.fd), self.uids, self.gids)
+        # the held inode itself, not whatever a name points to now
+        os.link(node.path, self._name(name), dst_dir_fd=parent.fd, follow_symlinks=True)
+        fd = os.dup(node.fd)
+        st = os.fstat(fd)
+        return self._entry(self.table.add(fd, st, parent_id, name), st, False)
+
+    def _delete(self, parent_id: int, name: bytes, remove) -> None:
+        parent = self.table.get(parent_id)
+        name = self._name(name)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        policy.check_delete(st, os.fstat(parent.fd), self.uids, self.gids)
+        remove(name, dir_fd=parent.fd)
+
+    def unlink(self, parent_id, name) -> None:
+        self._delete(parent_id, name, os.unlink)
+
+    def rmdir(self, parent_id, name) -> None:
+        self._delete(parent_id, name, os.rmdir)
+
+    def rename(self, parent_id, name, newparent_id, newname, flags) -> None:
+        old_dir = self.table.get(parent_id)
+        new_dir = self.table.get(newparent_id)
+        name, newname = self._name(name), self._name(newname)
+        old_st = os.stat(name, dir_fd=old_dir.fd, follow_symlinks=False)
+        try:
+            new_st = os.stat(newname, dir_fd=new_dir.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            new_st = None
+        if new_st is not None and flags & linux.RENAME_NOREPLACE:
+            raise OSError(errno.EEXIST, "rename: target exists")
+        policy.check_rename(old_st, os.fstat(old_dir.fd), new_st, os.fstat(new_dir.fd),
+                            new_st is not None or self._caller_mapped(), self.uids, self.gids)
+        if flags:
+            linux.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
+        else:
+            os.rename(name, newname, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
 
     # ---- attributes ----
-    def getattr(self, path, fh):
-        if fh is None and self._frozen and path != b"/":
-            self._check_search(path)
-        st = os.fstat(fh) if fh is not None else self._lstat(path)
-        attr = self._attr(st)
-        if (attr[1] == self._ovf_uid or attr[2] == self._ovf_gid) and fh is None:
-            self._note_frozen(path, st)
-        return attr
-
-    def readlink(self, path):
-        return self._at(path, os.readlink)
-
-    def statfs(self, path):
-        return os.fstatvfs(self.root)
-
-    def chmod(self, path, mode, fh):
-        self._frozen_check(path, fh, "chmod")
+    def getattr(self, node_id: int, fh: int | None):
         if fh is not None:
-            os.fchmod(fh, mode)
-        else:
-            try:  # never through a symlink put in the lower tree behind our back
-                self._at(path, os.chmod, mode, follow_symlinks=False)
-            except ValueError:  # Python's word for EOPNOTSUPP on a symlink
-                raise OSError(errno.EOPNOTSUPP, "chmod of a symlink") from None
+            return self._attr(os.fstat(fh))
+        return self._attr(os.fstat(self.table.get(node_id).fd))
 
-    def chown(self, path, uid, gid, fh):
+    def readlink(self, node_id: int) -> bytes:
+        return os.readlink(b"", dir_fd=self.table.get(node_id).fd)
+
+    def statfs(self, node_id: int):
+        return os.fstatvfs(self.table.root.fd)
+
+    def setattr(self, node_id: int, to_set: int, attr, fh: int | None):
+        """Applied in the order libfuse's high-level API used: mode, owner,
+        size, times. A SETATTR with nothing to set (chown -1 -1) still
+        reaches here: refused on a frozen inode, a ctime update otherwise."""
+        node = self.table.get(node_id)
+        fd = node.fd
+        st = os.fstat(fd)
+        if to_set & fuse.SET_ATTR_MODE:
+            policy.check_modify(st, self.uids, self.gids, "chmod")
+            mode = stat.S_IMODE(attr.st_mode)
+            if fh is not None:
+                os.fchmod(fh, mode)
+            elif stat.S_ISLNK(node.mode):
+                raise OSError(errno.EOPNOTSUPP, "chmod of a symlink")
+            else:
+                os.chmod(node.path, mode)
+            st = os.fstat(fd)
+        if to_set & (fuse.SET_ATTR_UID | fuse.SET_ATTR_GID):
+            self._chown(node, st, attr.st_uid if to_set & fuse.SET_ATTR_UID else UNCHANGED,
+                        attr.st_gid if to_set & fuse.SET_ATTR_GID else UNCHANGED)
+            st = os.fstat(fd)
+        if to_set & fuse.SET_ATTR_SIZE:
+            policy.check_modify(st, self.uids, self.gids, "write")
+            if fh is not None:
+                os.ftruncate(fh, attr.st_size)
+            elif not node.is_reg():
+                raise OSError(errno.EINVAL, "truncate of a non-regular file")
+            else:
+                os.truncate(node.path, attr.st_size)
+        times = to_set & (fuse.SET_ATTR_ATIME | fuse.SET_ATTR_MTIME | fuse.SET_ATTR_ATIME_NOW
+                          | fuse.SET_ATTR_MTIME_NOW)
+        if times:
+            (at, an), (mt, mn) = fuse.unpack_times(attr)
+            atime = (0, linux.UTIME_NOW) if to_set & fuse.SET_ATTR_ATIME_NOW else (
+                (at, an) if to_set & fuse.SET_ATTR_ATIME else (0, linux.UTIME_OMIT))
+            mtime = (0, linux.UTIME_NOW) if to_set & fuse.SET_ATTR_MTIME_NOW else (
+                (mt, mn) if to_set & fuse.SET_ATTR_MTIME else (0, linux.UTIME_OMIT))
+            policy.check_modify(st, self.uids, self.gids, policy.utimes_kind(atime[1], mtime[1]))
+            linux.utimens_fd(fd, atime, mtime)
+        if not to_set & (fuse.SET_ATTR_MODE | fuse.SET_ATTR_UID | fuse.SET_ATTR_GID
+                         | fuse.SET_ATTR_SIZE) and not times:
+            # chown(-1, -1) and the like: notify_change refuses a frozen
+            # inode, and otherwise only ctime moves
+            self._chown(node, st, UNCHANGED, UNCHANGED)
+        return self._attr(os.fstat(fd))
+
+    def _chown(self, node: Node, st: os.stat_result, uid: int, gid: int) -> None:
         lower_uid = -1 if uid == UNCHANGED else self.uids.to_lower(uid)
         lower_gid = -1 if gid == UNCHANGED else self.gids.to_lower(gid)
         if lower_uid is None or lower_gid is None:
             raise OSError(errno.EOVERFLOW, "id has no lower counterpart")
-        st = os.fstat(fh) if fh is not None else self._lstat(path)
         policy.check_chown(st, self.uids, self.gids, fuse.caller()[0], lower_uid, lower_gid)
-        if fh is not None:
-            os.fchown(fh, lower_uid, lower_gid)
-        else:
-            self._at(path, os.chown, lower_uid, lower_gid, follow_symlinks=False)
-        if st.st_mode & stat.S_ISGID and self._chown_drops_sgid(st):
-            mode = stat.S_IMODE(st.st_mode) & ~stat.S_ISGID
-            if fh is not None:
-                os.fchmod(fh, mode)
-            else:
-                self._at(path, os.chmod, mode, follow_symlinks=False)
+        drop_sgid = bool(st.st_mode & stat.S_ISGID) and self._chown_drops_sgid(st)
+        if (drop_sgid and lower_uid == -1 and lower_gid == -1 and _caller_in_chown()
+                and not self._caller_owns(st)):
+            # clearing the bit is a mode change, which only the owner may
+            # make (a write's clearing comes as the same empty SETATTR, and
+            # is forced)
+            raise OSError(errno.EPERM, "chown: set-gid bit needs clearing by the owner")
+        linux.chown_fd(node.fd, lower_uid, lower_gid)
+        if drop_sgid:
+            os.chmod(node.path, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
+
+    def _caller_owns(self, st: os.stat_result) -> bool:
+        """inode_owner_or_capable: the caller's fsuid owns it, or it holds
+        CAP_FOWNER over it."""
+        uid, _gid, pid, _umask = fuse.caller()
+        owner = self.idmap.uid_to_upper(st.st_uid)
+        return uid == owner or self._caller_capable(
+            CAP_FOWNER, pid, owner, self.idmap.gid_to_upper(st.st_gid))
 
     def _chown_drops_sgid(self, st: os.stat_result) -> bool:
         """The kernel's rule for S_ISGID without group exec on chown, which
@@ -335,191 +439,134 @@ class ShiftOperations:
         except OSError:  # the caller is gone: no privilege to act on
             return False
 
-    def truncate(self, path, length, fh):
-        self._frozen_check(path, fh, "write")
-        if fh is not None:
-            os.ftruncate(fh, length)
-        else:
-            # O_PATH|O_NOFOLLOW pins the inode itself (a symlink swapped in
-            # on the lower side is truncated as a symlink: EINVAL, and is
-            # never followed out of the tree)
-            fd = self._at(path, os.open, os.O_PATH | _O_PATH_FLAGS)
-            try:
-                os.truncate(f"/proc/self/fd/{fd}", length)
-            finally:
-                os.close(fd)
-
-    def utimens(self, path, times_ptr, fh):
-        if times_ptr is None:
-            kind = policy.utimes_kind(None, None)
-        else:
-            times = (fuse.Timespec * 2).from_address(times_ptr)
-            kind = policy.utimes_kind(times[0].tv_nsec, times[1].tv_nsec)
-        self._frozen_check(path, fh, kind)
-        if fh is not None:
-            fuse.futimens(fh, times_ptr)
-        else:
-            self._at(path, lambda name, dir_fd: fuse.utimensat(dir_fd, name, times_ptr))
-
-    # ---- names ----
-    def mknod(self, path, mode, dev):
-        self._create_as_caller(path, os.mknod, mode, dev)
-
-    def mkdir(self, path, mode):
-        self._create_as_caller(path, os.mkdir, mode)
-
-    def symlink(self, target, path):
-        self._create_as_caller(path, lambda name, dir_fd: os.symlink(target, name, dir_fd=dir_fd))
-
-    def create(self, path, mode, flags):
-        return self._create_as_caller(path, os.open, flags | os.O_CREAT | _O_PATH_FLAGS, mode)
-
-    def link(self, existing, path):
-        policy.check_link(self._lstat(existing), self._caller_mapped(), self._parent_lstat(path),
-                          self.uids, self.gids)
-        self._at2(existing, path, lambda a, fa, b, fb: os.link(
-            a, b, src_dir_fd=fa, dst_dir_fd=fb, follow_symlinks=False))
-
-    def _delete(self, path, remove):
-        def checked_remove(name, dir_fd):
-            # the parent fd we remove from is the one whose stat is checked
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            policy.check_delete(st, os.fstat(dir_fd), self.uids, self.gids)
-            remove(name, dir_fd=dir_fd)
-        self._at(path, checked_remove)
-
-    def unlink(self, path):
-        self._delete(path, os.unlink)
-
-    def rmdir(self, path):
-        self._delete(path, os.rmdir)
-
-    def rename(self, old, new, flags):
-        try:
-            new_st = self._lstat(new)
-        except FileNotFoundError:
-            new_st = None
-        if new_st is not None and flags & fuse.RENAME_NOREPLACE:
-            raise OSError(errno.EEXIST, "rename: target exists")
-        policy.check_rename(self._lstat(old), self._parent_lstat(old), new_st,
-                            self._parent_lstat(new), new_st is not None or self._caller_mapped(),
-                            self.uids, self.gids)
-        if flags:
-            self._at2(old, new, lambda a, fa, b, fb: fuse.renameat2(
-                fuse.AT_FDCWD, _proc(fa, a), _proc(fb, b), flags))
-        else:
-            self._at2(old, new, lambda a, fa, b, fb: os.rename(
-                a, b, src_dir_fd=fa, dst_dir_fd=fb))
-        if self._frozen:
-            self._frozen_renamed(old, new, bool(flags & fuse.RENAME_EXCHANGE))
-
     # ---- files ----
-    def open(self, path, flags):
-        fd = self._at(path, os.open, flags | _O_PATH_FLAGS)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
-            try:
-                policy.check_modify(os.fstat(fd), self.uids, self.gids, "write")
-            except OSError:
-                os.close(fd)
+    def open(self, node_id: int, flags: int):
+        """(fh, keep_cache): a new lower fd of the held inode."""
+        node = self.table.get(node_id)
+        if not node.is_reg():  # the kernel opens devices and FIFOs itself
+            raise OSError(errno.EACCES, "not a regular file")
+        fd = os.open(node.path, (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if self._frozen(st):
+                if flags & (os.O_WRONLY | os.O_RDWR):
+                    policy.check_modify(st, self.uids, self.gids, "write")
+                else:  # read or exec of a frozen file
+                    self._frozen_access(node, st, policy.open_want(flags))
+        except BaseException:
+            os.close(fd)
+            raise
+        stamp = (st.st_size, st.st_mtime_ns)
+        keep = self._stamps.get(node_id) == stamp
+        self._stamps[node_id] = stamp
+        return fd, keep
+
+    def create(self, parent_id: int, name: bytes, mode: int, flags: int):
+        """(Entry, fh) for a new file; never opens one that exists."""
+        parent = self.table.get(parent_id)
+        name = self._name(name)
+        try:
+            fd = self._as_caller(parent, lambda: os.open(
+                name, (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode, dir_fd=parent.fd))
+        except FileExistsError:
+            if flags & os.O_EXCL:
                 raise
-        elif self._frozen and path in self._frozen:  # read or exec of a frozen file
-            try:
-                self._frozen_access(path, os.fstat(fd), policy.open_want(flags), fd)
-            except OSError:
-                os.close(fd)
-                raise
-        return fd
+            raise OSError(errno.ESTALE, "the name exists: look it up again") from None
+        try:
+            st = os.fstat(fd)
+            node = self.table.add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC), st,
+                                  parent_id, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._stamps[node.node_id] = (st.st_size, st.st_mtime_ns)
+        return self._entry(node, st, False), fd
 
-    # Data moves in fuse.py, straight between the lower fd (the handle) and
-    # libfuse's buffers; these names only make mfusepy register the calls.
-    def read_buf(self, *args):
-        raise NotImplementedError
-
-    write_buf = read_buf
-
-    def release(self, fh):
+    def release(self, node_id: int, fh: int) -> None:
         os.close(fh)
 
-    def fsync(self, fh, datasync):
+    def fsync(self, fh: int, datasync: int) -> None:
         (os.fdatasync if datasync else os.fsync)(fh)
 
-    def fallocate(self, fh, mode, offset, length):
-        fuse.fallocate(fh, mode, offset, length)
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        linux.fallocate(fh, mode, offset, length)
+
+    def copy_file_range(self, fh_in, off_in, fh_out, off_out, length, flags) -> int:
+        return os.copy_file_range(fh_in, fh_out, length, off_in, off_out)
 
     # ---- directories ----
-    def opendir(self, path):
-        fd = self._at(path, os.open, os.O_RDONLY | os.O_DIRECTORY | _O_PATH_FLAGS)
-        if self._frozen and path in self._frozen:
-            try:
-                if self._frozen_access(path, os.fstat(fd), policy.MAY_READ, fd):
-                    self._frozen_fhs.add(fd)
-            except OSError:
-                os.close(fd)
-                raise
-        self._listings[fd] = []
+    def opendir(self, node_id: int) -> int:
+        node = self.table.get(node_id)
+        if not node.is_dir():
+            raise OSError(errno.ENOTDIR, "not a directory")
+        fd = os.open(node.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            frozen = self._frozen(st)
+            if frozen:
+                self._frozen_access(node, st, policy.MAY_READ)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._dirs[fd] = DirStream(fd, frozen)
         return fd
 
-    def readdir(self, fh, offset, plus):
-        """(name, (lower stat, upper uid, upper gid) or None) from entry
-        ``offset`` on; the listing is taken once per opendir."""
-        if offset == 0:
-            with os.scandir(fh) as it:
-                self._listings[fh] = [(b".", None), (b"..", None)] + [
-                    (os.fsencode(e.name), e) for e in it]
-        listing = self._listings[fh]
-        hide = bool(self._frozen_fhs) and fh in self._frozen_fhs
-        for name, entry in listing[offset:]:
-            if entry is None:
-                yield name, None
-                continue
-            try:
-                attr = self._attr(entry.stat(follow_symlinks=False))
-            except FileNotFoundError:  # removed since the listing was taken
-                continue
-            # Frozen entries, and all entries of a frozen directory, come
-            # without attributes: the kernel then looks each one up, and
-            # getattr can check it (see _check_search, _note_frozen).
-            if hide or attr[1] == self._ovf_uid or attr[2] == self._ovf_gid:
-                attr = None
-            yield name, attr
+    def readdir(self, node_id: int, fh: int, off: int) -> DirStream:
+        stream = self._dirs[fh]
+        stream.seek(off)
+        return stream
 
-    def releasedir(self, fh):
-        self._listings.pop(fh, None)
-        if self._frozen_fhs:
-            self._frozen_fhs.discard(fh)
+    def readdir_entry(self, parent_id: int, fh: int, name: bytes, d_type: int) -> Entry | None:
+        """A readdirplus entry with attributes (one lookup), or None: the
+        dot entries, a vanished name, and frozen entries or all entries of
+        a frozen directory (the kernel then looks each up when it needs it,
+        and lookup decides)."""
+        stream = self._dirs[fh]
+        if stream.frozen or name in (b".", b".."):
+            return None
+        try:
+            fd = os.open(name, _O_PATH, dir_fd=fh)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        if self._frozen(st):
+            os.close(fd)
+            return None
+        return self._entry(self.table.add(fd, st, parent_id, name), st, False)
+
+    def releasedir(self, node_id: int, fh: int) -> None:
+        self._dirs.pop(fh, None)
         os.close(fh)
 
-    def fsyncdir(self, fh, datasync):
-        (os.fdatasync if datasync else os.fsync)(fh)
-
     # ---- extended attributes ----
-    def getxattr(self, path, name):
-        if self._frozen and path in self._frozen and policy.xattr_read_needs_permission(name):
-            self._frozen_access(path, self._lstat(path), policy.MAY_READ, None)
-        if path == b"/":
-            # The kernel asks this for every lookup through the mount root
-            # (it made the root inode before INIT enabled ACLs, so never
-            # caches its ACL): one syscall on the held root fd.
-            value = os.getxattr(self.root, name)
-        else:
-            value = self._at(path, lambda n, dir_fd: os.getxattr(
-                _proc(dir_fd, n), name, follow_symlinks=False))
+    def getxattr(self, node_id: int, name: bytes) -> bytes:
+        node = self.table.get(node_id)
+        if name.startswith(b"user."):  # the only names whose read asks permission
+            st = os.fstat(node.fd)
+            if self._frozen(st):
+                self._frozen_access(node, st, policy.MAY_READ)
+        value = os.getxattr(node.path, name)
         return xattrs.to_upper(name, value, self.idmap)
 
-    def listxattr(self, path):
-        names = self._at(path, lambda n, dir_fd: os.listxattr(_proc(dir_fd, n), follow_symlinks=False))
+    def listxattr(self, node_id: int) -> bytes:
+        names = os.listxattr(self.table.get(node_id).path)
         if any(n.startswith("trusted.") for n in names) and not _caller_sys_admin():
             # a local filesystem lists trusted.* only to CAP_SYS_ADMIN callers;
             # the daemon (root) sees them all, so filter as the kernel would
             names = [n for n in names if not n.startswith("trusted.")]
         return b"".join(os.fsencode(n) + b"\0" for n in names)
 
-    def setxattr(self, path, name, value, flags):
-        policy.check_modify(self._lstat(path), self.uids, self.gids, "setxattr")
-        value = xattrs.to_lower(name, value, self.idmap)
-        self._at(path, lambda n, dir_fd: os.setxattr(
-            _proc(dir_fd, n), name, value, flags, follow_symlinks=False))
+    def setxattr(self, node_id: int, name: bytes, value: bytes, flags: int) -> None:
+        node = self.table.get(node_id)
+        policy.check_modify(os.fstat(node.fd), self.uids, self.gids, "setxattr")
+        os.setxattr(node.path, name, xattrs.to_lower(name, value, self.idmap), flags)
 
-    def removexattr(self, path, name):
-        policy.check_modify(self._lstat(path), self.uids, self.gids, "setxattr")
-        self._at(path, lambda n, dir_fd: os.removexattr(_proc(dir_fd, n), name, follow_symlinks=False))
+    def removexattr(self, node_id: int, name: bytes) -> None:
+        node = self.table.get(node_id)
+        policy.check_modify(os.fstat(node.fd), self.uids, self.gids, "setxattr")
+        os.removexattr(node.path, name)

@@ -414,21 +414,12 @@ for _ops, _callers, _doc in [
     (("chown_unmapped_gid",), ("user", "member", "unmapped"), "D2"),
     (("create_in_priv",), ("unmapped",), "D2"),
     (("mknod_chr",), ("unmapped", "gid_unmapped"), "D2"),
-    # D3: chown(-1, -1) never reaches the daemon
-    (("chown_frozen_keep",), ("host_root",) + NON_ROOT, "D3"),
-    (("chown_sgid_nx",), ("member", "unmapped", "gid_unmapped"), "D3"),
     # D4: set-uid exec of a frozen file (only with -o suid)
     (("exec_suid_frozen",), ("host_root",) + UNPRIVILEGED, "D4"),
     # D5: chown of a frozen set-id file by host root
     (("chown_frozen_suid_out",), ("host_root",), "D5"),
-    # D6: a write by a non-member leaves S_ISGID (without group exec) set
-    (("write_sgid_nx_file",), ("user", "unmapped", "gid_unmapped"), "D6"),
     # D7: access(2) is answered by the FUSE client alone
     (("access_frozen_600",), ("host_root",), "D7"),
-    # D8: a name looked up by a caller who may search a frozen directory is
-    # found from the kernel's cache by one who may not (host root, here in
-    # the snapshot taken after the case)
-    (("stat_in_frozen_group",), ("member",), "D8"),
 ]:
     for _op in _ops:
         for _caller in _callers:
@@ -441,21 +432,11 @@ def _only_errno_differs(rows, kernel_errno="EOVERFLOW"):
             and rows[0].endswith(f"kernel=Errno({kernel_errno})"))
 
 
-def _chown_noop(rows):
-    """The kernel refused or cleared S_ISGID; shiftfs did nothing at all."""
-    return all(r.startswith(" result: shiftfs=None kernel=Errno(")
-               or r.endswith("sgid_nx mode: shiftfs='0o2644' kernel='0o644'") for r in rows)
-
-
 ALLOWED = {
     "D2": _only_errno_differs,
-    "D3": _chown_noop,
     "D4": lambda rows: len(rows) == 1 and "shiftfs=(0, '65534')" in rows[0],
     "D5": lambda rows: rows == [" result: shiftfs=Errno(EOVERFLOW) kernel=Errno(EPERM)"],
-    "D6": lambda rows: all(r.endswith("sgw mode: shiftfs='0o2666' kernel='0o666'") for r in rows),
     "D7": lambda rows: rows == [" result: shiftfs=True kernel=False"],
-    "D8": lambda rows: all(r.startswith("upper pub/fzdg/c: shiftfs={") and r.endswith(
-        "kernel=Errno(EACCES)") for r in rows),
 }
 
 

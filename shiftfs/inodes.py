@@ -1,0 +1,159 @@
+"""The inode table: FUSE node ids <-> lower inodes.
+
+One node per lower inode, keyed by (st_dev, st_ino), holding an O_PATH fd
+of it. Every request starts from that fd, so the daemon always acts on the
+inode the kernel looked up, whatever the lower names point to now. While
+the fd is held the lower inode cannot be freed, so its (st_dev, st_ino)
+cannot be reused by another file.
+
+Lookup counts follow the kernel's: every reply that hands a node to the
+kernel (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK, each readdirplus entry
+with attributes) adds one; FORGET and BATCH_FORGET take them back, and at
+zero the node and its fd go. Node ids are never reused (a 64-bit counter),
+so the generation is always 0. The root is node 1 and is never forgotten.
+
+The table is bounded: the kernel forgets a node when it evicts the inode
+(FUSE evicts an inode as soon as no dentry or open file holds it), and once
+the table passes ``high`` nodes, ``shrink_wanted`` is set and watch.Shrinker
+asks the kernel to drop the oldest names (notify_inval_entry), which sends
+their FORGETs, until it is back under ``low``. So a walk of any size leaves
+at most ``high`` fds; `len(table)` and `table.peak` say how many
+(bench/run.py reports them).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+
+ROOT_ID = 1
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Node:
+    """One lower inode. ``mode`` is its file type bits (they never change
+    for an inode), ``fd`` an O_PATH fd of it."""
+
+    __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name")
+
+    def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
+        self.node_id, self.fd, self.key, self.mode = node_id, fd, key, mode
+        self.nlookup = 0
+        self.parent_id, self.name = 0, b""  # the last name it was looked up by
+
+    @property
+    def path(self) -> str:
+        """A path the kernel resolves straight to this inode (the magic link
+        jumps; a symlink node is not followed), for calls that take no fd."""
+        return f"/proc/self/fd/{self.fd}"
+
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+class InodeTable:
+    def __init__(self, root_fd: int) -> None:
+        st = os.fstat(root_fd)
+        root = Node(ROOT_ID, root_fd, (st.st_dev, st.st_ino), stat.S_IFMT(st.st_mode))
+        root.nlookup = 1 << 62  # never forgotten
+        self.root = root
+        self._by_id: dict[int, Node] = {ROOT_ID: root}
+        self._by_key: dict[tuple[int, int], Node] = {root.key: root}
+        self._lock = threading.Lock()
+        self._next_id = ROOT_ID + 1
+        self.peak = 1
+        self.high, self.low = 1 << 62, 1 << 62  # set by the mount from RLIMIT_NOFILE
+        self.shrink_wanted = threading.Event()
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, node_id: int) -> Node:
+        try:
+            return self._by_id[node_id]
+        except KeyError:
+            raise OSError(errno.ESTALE, f"no node {node_id}") from None
+
+    def find(self, dev: int, ino: int) -> Node | None:
+        """The node of a lower inode, if the kernel holds one (watch.py)."""
+        return self._by_key.get((dev, ino))
+
+    def nodes(self) -> list[Node]:
+        with self._lock:
+            return list(self._by_id.values())
+
+    def oldest(self, count: int, after: int = 0) -> list[tuple[int, int, bytes]]:
+        """(node id, parent id, name) of the ``count`` oldest named nodes
+        newer than node ``after``: what the shrinker asks the kernel to drop."""
+        with self._lock:
+            out = []
+            for node in self._by_id.values():
+                if node.name and node.node_id > after:
+                    out.append((node.node_id, node.parent_id, node.name))
+                    if len(out) >= count:
+                        break
+            return out
+
+    def lookup_at(self, parent: Node, name: bytes, fd_of_parent: int | None = None
+                  ) -> tuple[Node, os.stat_result]:
+        """The node of ``name`` in directory ``parent``, never following a
+        symlink, counted as one lookup."""
+        fd = os.open(name, _O_PATH, dir_fd=parent.fd if fd_of_parent is None else fd_of_parent)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self.add(fd, st, parent.node_id, name), st
+
+    def add(self, fd: int, st: os.stat_result, parent_id: int = 0, name: bytes = b"") -> Node:
+        """Count one lookup of the inode ``fd`` holds (the table takes the
+        fd: kept for a new node, closed for one it already has)."""
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            node = self._by_key.get(key)
+            if node is None:
+                node = Node(self._next_id, fd, key, stat.S_IFMT(st.st_mode))
+                self._next_id += 1
+                self._by_id[node.node_id] = node
+                self._by_key[key] = node
+                n = len(self._by_id)
+                if n > self.peak:
+                    self.peak = n
+                if n > self.high:
+                    self.shrink_wanted.set()
+                fd = -1
+            node.nlookup += 1
+            if name:
+                node.parent_id, node.name = parent_id, name
+        if fd >= 0:
+            os.close(fd)
+        return node
+
+    def forget(self, node_id: int, nlookup: int) -> bool:
+        """Take back ``nlookup`` lookups; True if that released the node."""
+        with self._lock:
+            node = self._by_id.get(node_id)
+            if node is None or node is self.root:
+                return False
+            node.nlookup -= nlookup
+            if node.nlookup > 0:
+                return False
+            del self._by_id[node_id]
+            if self._by_key.get(node.key) is node:
+                del self._by_key[node.key]
+        os.close(node.fd)
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            nodes = [n for n in self._by_id.values() if n is not self.root]
+            self._by_id = {ROOT_ID: self.root}
+            self._by_key = {self.root.key: self.root}
+        for n in nodes:
+            os.close(n.fd)

@@ -1,0 +1,131 @@
+"""The raw Linux calls Python's os module lacks, through ctypes: renameat2,
+*at calls on O_PATH fds (AT_EMPTY_PATH), per-thread filesystem ids,
+getdents64 with the lower's own offsets, fallocate, and the malloc tuning
+the data path needs. Imports nothing of ours."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+_libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+_libc.setfsuid.argtypes = [ctypes.c_uint]
+_libc.setfsgid.argtypes = [ctypes.c_uint]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.syscall.restype = ctypes.c_long
+
+CLONE_FS = 0x200
+PR_GET_SECUREBITS = 27
+PR_SET_SECUREBITS = 28
+SECBIT_NO_SETUID_FIXUP = 1 << 2
+M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD = -1
+
+
+def _check(ret: int) -> int:
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return ret
+
+
+def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) -> None:
+    _check(_libc.renameat2(old_dir, old, new_dir, new, flags))
+
+
+class Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def utimens_fd(fd: int, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
+    """Times of the inode an (O_PATH) fd holds; (sec, nsec) pairs, nsec may
+    be UTIME_NOW or UTIME_OMIT. Never follows a symlink: the fd is the
+    inode itself."""
+    times = (Timespec * 2)(Timespec(*atime), Timespec(*mtime))
+    _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH))
+
+
+def chown_fd(fd: int, uid: int, gid: int) -> None:
+    """fchownat(fd, "", AT_EMPTY_PATH): works on O_PATH fds, symlinks
+    included; -1 keeps an id."""
+    _check(_libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF,
+                          AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+
+
+def set_fsids(uid: int, gid: int) -> None:
+    """Per-thread filesystem ids: new lower entries are born with the right
+    owner (no window with a wrong one). Needs SECBIT_NO_SETUID_FIXUP so the
+    thread keeps its capabilities while its fsuid is not 0."""
+    _libc.setfsgid(gid)
+    _libc.setfsuid(uid)
+
+
+def keep_caps_across_fsuid() -> bool:
+    bits = _libc.prctl(PR_GET_SECUREBITS, 0, 0, 0, 0)
+    if bits < 0:
+        return False
+    return _libc.prctl(PR_SET_SECUREBITS, bits | SECBIT_NO_SETUID_FIXUP, 0, 0, 0) == 0
+
+
+def private_fs_struct() -> None:
+    """A umask of this thread's own (unshare CLONE_FS), so a create can use
+    the caller's."""
+    _libc.unshare(CLONE_FS)
+
+
+def limit_mmap_threshold() -> None:
+    # glibc otherwise maps and unmaps a fresh 1 MiB buffer for every request
+    # (libfuse mallocs one per read reply) ...
+    _libc.mallopt(M_MMAP_THRESHOLD, 4 << 20)
+    # ... or, from the heap, gives it back (madvise DONTNEED) at every free
+    # and faults it in again. Keeps at most this much idle per arena.
+    _libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    _check(_libc.fallocate(fd, mode, offset, length))
+
+
+# ---- getdents64: a directory streamed with the lower's own offsets ---------
+
+_SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61}.get(os.uname().machine, 61)
+_DIRENT = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; then the name
+
+
+def getdents(fd: int, buf: ctypes.Array) -> list[tuple[bytes, int, int, int]]:
+    """One getdents64 call: [(name, d_ino, d_type, d_off)], where d_off is
+    the offset of the entry after this one (what lseek takes to resume).
+    Empty at the end of the directory."""
+    n = _check(_libc.syscall(_SYS_GETDENTS64, ctypes.c_int(fd), buf, ctypes.c_size_t(len(buf))))
+    raw = buf.raw[:n] if n else b""
+    out = []
+    pos = 0
+    unpack = _DIRENT.unpack_from
+    while pos < n:
+        d_ino, d_off, reclen, d_type = unpack(raw, pos)
+        name = raw[pos + 19:pos + reclen]
+        out.append((name[:name.index(b"\0")], d_ino, d_type, d_off))
+        pos += reclen
+    return out
+
+
+def errno_name(code: int) -> str:
+    return errno.errorcode.get(code, str(code))
