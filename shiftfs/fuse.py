@@ -436,8 +436,10 @@ class Session:
             ctx = _lib.fuse_req_ctx(req).contents
             _tls.last_result = "ok"
             handler(req, *args)
-            shown = " ".join(a.decode(errors="replace") if isinstance(a, bytes) else str(a)
-                             for a in args[:2] if isinstance(a, (int, bytes)))
+            try:
+                shown = self.ops.describe_args(name, args)
+            except Exception:  # noqa: BLE001 (a log line never fails a request)
+                shown = "?"
             print(f"shiftfs: {name} {shown} pid {ctx.pid} {self._debug(ctx.uid, ctx.gid)} "
                   f"-> {_tls.last_result}", file=sys.stderr, flush=True)
         return wrapped
@@ -462,6 +464,8 @@ class Session:
             return None
 
     def _reply_entry(self, req, e: Entry) -> None:
+        if self._debug is not None and not e.node_id:
+            _tls.last_result = "ENOENT"
         ep = EntryParam()
         pack_entry(ep, e.node_id, e.st, e.uid, e.gid, e.attr_timeout, e.entry_timeout) \
             if e.st is not None else setattr(ep, "entry_timeout", e.entry_timeout)

@@ -36,12 +36,13 @@ class Node:
     """One lower inode. ``mode`` is its file type bits (they never change
     for an inode), ``fd`` an O_PATH fd of it."""
 
-    __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name")
+    __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens")
 
     def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.node_id, self.fd, self.key, self.mode = node_id, fd, key, mode
         self.nlookup = 0
         self.parent_id, self.name = 0, b""  # the last name it was looked up by
+        self.opens = 0  # lower file handles open on it
 
     @property
     def path(self) -> str:
@@ -69,6 +70,7 @@ class InodeTable:
         self.peak = 1
         self.high, self.low = 1 << 62, 1 << 62  # set by the mount from RLIMIT_NOFILE
         self.shrink_wanted = threading.Event()
+        self._placeholder = -1
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -134,6 +136,26 @@ class InodeTable:
         if fd >= 0:
             os.close(fd)
         return node
+
+    def release_if_gone(self, node: Node) -> None:
+        """A regular file whose last lower name is gone and that nobody has
+        open: give its inode back now (the space is freed, as on a local
+        filesystem), not at the FORGET that follows. The fd number stays
+        taken until then, pointing at an empty memfd, so a request still
+        in flight can never reach another file through a reused number."""
+        with self._lock:
+            if node.opens or not stat.S_ISREG(node.mode) or node.node_id not in self._by_id:
+                return
+            try:
+                if os.fstat(node.fd).st_nlink:
+                    return
+            except OSError:
+                return
+            if self._placeholder < 0:
+                self._placeholder = os.memfd_create("shiftfs-released", os.MFD_CLOEXEC)
+            os.dup2(self._placeholder, node.fd)
+            if self._by_key.get(node.key) is node:
+                del self._by_key[node.key]
 
     def forget(self, node_id: int, nlookup: int) -> bool:
         """Take back ``nlookup`` lookups; True if that released the node."""

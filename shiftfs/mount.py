@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -167,7 +168,8 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
 
     operations.init = _init
     try:
-        session = fuse.Session(operations, options.mount_options(lower), want, unwant,
+        words = options.mount_options(lower) + (["debug"] if options.debug else [])
+        session = fuse.Session(operations, words, want, unwant,
                                max_readahead=READ_AHEAD_KB * 1024,
                                debug=operations.describe_caller if options.debug else None)
     except OSError:
@@ -314,7 +316,11 @@ def _stop(proc: subprocess.Popen, mountpoint: str) -> None:
         try:
             unmount(mountpoint)
         except OSError:
-            unmount(mountpoint, lazy=True)  # busy: detach now, finish when released
+            # busy: detach now; the daemon serves the open files until they
+            # are released, then the kernel ends the connection and it exits
+            unmount(mountpoint, lazy=True)
+            threading.Thread(target=proc.wait, daemon=True).start()
+            return
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:

@@ -187,6 +187,36 @@ class Operations:
         return (f"upper {uid}:{gid} lower {'unmapped' if lu is None else lu}:"
                 f"{'unmapped' if lg is None else lg}")
 
+    _NAMED = {"lookup": (0, 1), "mknod": (0, 1), "mkdir": (0, 1), "unlink": (0, 1),
+              "rmdir": (0, 1), "create": (0, 1), "rename": (0, 1), "symlink": (1, 2),
+              "link": (1, 2), "getxattr": (0, 1), "setxattr": (0, 1), "removexattr": (0, 1)}
+
+    def describe_args(self, op: str, args: tuple) -> str:
+        """-d: what a request names, as a path below the mount where the
+        node's names are known ("?" for a part that is not)."""
+        if op in ("forget", "forget_multi"):
+            return str(args[0])
+        node_at, name_at = self._NAMED.get(op, (0, None))
+        path = self._path_of(args[node_at])
+        if name_at is None:
+            return path
+        name = args[name_at].decode(errors="replace")
+        if op.endswith("xattr"):
+            return f"{path} {name}"
+        return (path.rstrip("/") + "/" + name)
+
+    def _path_of(self, node_id: int) -> str:
+        parts = []
+        for _ in range(256):
+            if node_id == 1:
+                return "/" + "/".join(reversed(parts))
+            node = self.table._by_id.get(node_id)
+            if node is None or not node.name:
+                break
+            parts.append(node.name.decode(errors="replace"))
+            node_id = node.parent_id
+        return "?/" + "/".join(reversed(parts))
+
     # ---- helpers ----
     def _frozen(self, st: os.stat_result) -> bool:
         return self.uids.to_upper(st.st_uid) is None or self.gids.to_upper(st.st_gid) is None
@@ -306,6 +336,14 @@ class Operations:
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         policy.check_delete(st, os.fstat(parent.fd), self.uids, self.gids)
         remove(name, dir_fd=parent.fd)
+        self._released(st)
+
+    def _released(self, st: os.stat_result | None) -> None:
+        """After a name went: free a file nobody holds at once."""
+        if st is not None and st.st_nlink <= 1 and stat.S_ISREG(st.st_mode):
+            node = self.table.find(st.st_dev, st.st_ino)
+            if node is not None:
+                self.table.release_if_gone(node)
 
     def unlink(self, parent_id, name) -> None:
         self._delete(parent_id, name, os.unlink)
@@ -330,6 +368,8 @@ class Operations:
             linux.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
         else:
             os.rename(name, newname, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
+        if not flags & linux.RENAME_EXCHANGE:
+            self._released(new_st)
 
     # ---- attributes ----
     def getattr(self, node_id: int, fh: int | None):
@@ -459,6 +499,7 @@ class Operations:
         stamp = (st.st_size, st.st_mtime_ns)
         keep = self._stamps.get(node_id) == stamp
         self._stamps[node_id] = stamp
+        node.opens += 1
         return fd, keep
 
     def create(self, parent_id: int, name: bytes, mode: int, flags: int):
@@ -481,10 +522,16 @@ class Operations:
             os.close(fd)
             raise
         self._stamps[node.node_id] = (st.st_size, st.st_mtime_ns)
+        node.opens += 1
         return self._entry(node, st, False), fd
 
     def release(self, node_id: int, fh: int) -> None:
         os.close(fh)
+        node = self.table._by_id.get(node_id)
+        if node is not None:
+            node.opens -= 1
+            if not node.opens:
+                self.table.release_if_gone(node)
 
     def fsync(self, fh: int, datasync: int) -> None:
         (os.fdatasync if datasync else os.fsync)(fh)

@@ -26,9 +26,9 @@ def test_debug_logs_each_request_with_upper_and_lower_ids(lower, workdir):
         assert call_as(os.stat, str(mnt / "f"), uid=100005, gid=100007).st_uid == 100005
         call_as(os.stat, str(mnt / "g"), uid=300, gid=300)  # unmapped caller, ENOENT
     lines = log.read_text().splitlines()
-    assert any(line.startswith("shiftfs: getattr /f pid ")
+    assert any(line.startswith("shiftfs: lookup /f pid ")
                and line.endswith("upper 100005:100007 lower 5:7 -> ok") for line in lines), lines
-    assert any(line.startswith("shiftfs: getattr /g ")
+    assert any(line.startswith("shiftfs: lookup /g ")
                and line.endswith("upper 300:300 lower unmapped:unmapped -> ENOENT") for line in lines)
 
 
@@ -39,4 +39,4 @@ def test_no_request_log_without_debug(lower, workdir):
     with foreground_daemon(lower, mnt, "-u", "0:100000:65536", log=log):
         os.listdir(mnt)
         os.stat(mnt)
-    assert "getattr" not in log.read_text()
+    assert "shiftfs: lookup" not in log.read_text() and "shiftfs: getattr" not in log.read_text()

@@ -276,13 +276,27 @@ def _through_symlinks(lower, mp, outside):
     assert os.stat(mp / "d" / "..").st_ino == os.stat(lower).st_ino  # use_ino: lower root
 
 
+def _tree_of(path: Path) -> dict:
+    """Every entry below ``path`` with its type, mode and content."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            st = p.lstat()
+            out[str(p.relative_to(path))] = (st.st_mode, st.st_uid, p.read_bytes()
+                                             if p.is_file() and not p.is_symlink() else None)
+    return out
+
+
 def test_symlink_planted_through_another_mount_is_not_followed(hostile, mounter):
     """Two mounts of one lower (the sharing use case). A caller holds a
     directory open in mount B, then through mount A renames it away and puts
-    a symlink to the host in its place. Mount B's kernel still knows the
-    directory; the daemon must not follow the symlink when the caller works
-    through the old directory fd (that read host secrets as root before)."""
+    a symlink to the host in its place. Mount B's kernel still holds the
+    directory's node, and the daemon works on that inode (now d-away), as
+    a local filesystem would: nothing reaches the symlink's target (the old
+    path-based core read host secrets as root here)."""
     lower, mnt, outside = hostile
+    before = _tree_of(outside)
     mp_a = mounter(lower, uidmap=ROOT_KEPT)
     mp_b = mounter(lower, uidmap=ROOT_KEPT)
 
@@ -293,6 +307,7 @@ def test_symlink_planted_through_another_mount_is_not_followed(hostile, mounter)
         os.symlink(outside, mp_a / "d")
         for what, fn in (
                 ("read", lambda: os.read(os.open("secret", os.O_RDONLY, dir_fd=dfd), 100)),
+                ("read-inside", lambda: os.read(os.open("f", os.O_RDONLY, dir_fd=dfd), 100)),
                 ("stat", lambda: os.stat("secret", dir_fd=dfd).st_size),
                 ("mkdir", lambda: os.mkdir("planted", dir_fd=dfd)),
                 ("create", lambda: os.open("planted-file", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=dfd)),
@@ -302,17 +317,22 @@ def test_symlink_planted_through_another_mount_is_not_followed(hostile, mounter)
         return out
 
     out = call_as(attack, uid=USER, gid=USER)  # lower 1000 owns d
-    assert all(v != "ok" for v in out.values()), out
-    assert out["read"] == errno.ENOTDIR and out["mkdir"] == errno.ENOTDIR
+    assert _tree_of(outside) == before
+    assert out["read"] == errno.ENOENT and out["stat"] == errno.ENOENT, out  # no secret in d-away
+    assert out["read-inside"] == "ok", out  # the file in d-away
+    assert out["unlink"] == errno.ENOENT and out["listdir"] == errno.ENOENT, out
+    assert (lower / "d-away" / "planted").is_dir() and (lower / "d-away" / "planted-file").is_file()
 
 
 def test_symlink_swapped_in_on_the_lower_side_is_not_followed(hostile, mounter):
     """Same, with the swap made directly on the lower tree (a host user who
     owns a lower directory can do this) while a file in it is known to the
-    kernel: getattr, setattr, xattrs, open and unlink of <dir>/<name> all
-    refuse instead of reaching <outside>/<name>."""
+    kernel: chmod, chown, truncate, xattrs, open, unlink and mkdir through
+    the old directory fd act on the directory that moved (d-away), never on
+    <outside>/<name>."""
     lower, mnt, outside = hostile
     (lower / "d" / "secret").write_text("inner secret\n")
+    before = _tree_of(outside)
     mp = mounter(lower, uidmap=ROOT_KEPT)
     dfd = os.open(mp / "d", os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -322,52 +342,59 @@ def test_symlink_swapped_in_on_the_lower_side_is_not_followed(hostile, mounter):
         results = {}
         for what, fn in (
                 ("chmod", lambda: os.chmod("secret", 0o666, dir_fd=dfd)),
-                ("chown", lambda: os.chown("secret", 5, 5, dir_fd=dfd)),
-                ("truncate", lambda: os.truncate(f"/proc/self/fd/{dfd}/secret", 0)),
+                ("truncate", lambda: os.truncate(f"/proc/self/fd/{dfd}/secret", 3)),
                 ("setxattr", lambda: os.setxattr(f"/proc/self/fd/{dfd}/secret", "user.x", b"1")),
-                ("open", lambda: os.open("secret", os.O_RDWR, dir_fd=dfd)),
-                ("unlink", lambda: os.unlink("secret", dir_fd=dfd)),
+                ("open", lambda: os.close(os.open("secret", os.O_RDWR, dir_fd=dfd))),
                 ("mkdir", lambda: os.mkdir("planted", dir_fd=dfd))):
-            try:
-                fn()
-                results[what] = "ok"
-            except OSError as e:
-                results[what] = e.errno
-        assert all(v != "ok" for v in results.values()), results
+            results[what] = outcome(fn)
+        moved = lower / "d-away" / "secret"
+        assert (moved.stat().st_mode & 0o777, moved.read_text()) == (0o666, "inn"), results
+        assert os.getxattr(moved, "user.x") == b"1"
+        assert (lower / "d-away" / "planted").is_dir()
+        assert outcome(lambda: os.unlink("secret", dir_fd=dfd)) == "ok" and not moved.exists()
+        assert _tree_of(outside) == before
     finally:
         os.close(dfd)
 
 
 def test_daemon_never_follows_a_final_symlink():
-    """The operations themselves, without a kernel in front (as if the lower
-    entry became a symlink between the kernel's lookup and the request):
-    chmod and truncate on a symlink name must not reach its target."""
+    """The operations themselves, without a kernel in front: a node that is
+    a symlink is never followed (mode, size, open, xattrs act on the link
+    or refuse), and a symlink used as a directory gives ENOTDIR."""
     import tempfile
-    from shiftfs.ops import ShiftOperations
+    from types import SimpleNamespace
+
+    from shiftfs import fuse
+    from shiftfs.ops import Operations
     base = Path(tempfile.mkdtemp(prefix="shiftfs-ops-", dir="/tmp"))
     try:
         (base / "lower").mkdir()
         target = base / "target"
         target.write_text("keep me\n")
         os.chmod(target, 0o600)
+        os.setxattr(target, "user.x", b"target's")
         os.symlink(target, base / "lower" / "link")
         (base / "lower" / "dir").mkdir()
         os.symlink(base, base / "lower" / "dir" / "up")
-        ops = ShiftOperations(str(base / "lower"), build_idmap(ROOT_KEPT, []))
-        for call in (lambda: ops.chmod(b"/link", 0o777, None),
-                     lambda: ops.truncate(b"/link", 0, None),
-                     lambda: ops.truncate(b"/dir/up/target", 0, None),
-                     lambda: ops.getattr(b"/dir/up/target", None),
-                     lambda: ops.open(b"/dir/up/target", os.O_RDONLY),
-                     lambda: ops.unlink(b"/dir/up/target"),
-                     lambda: ops.getxattr(b"/dir/up/target", "user.x"),
-                     lambda: ops.setxattr(b"/link", "user.x", b"1", 0)):
+        ops = Operations(str(base / "lower"), build_idmap(ROOT_KEPT, []))
+        link = ops.lookup(1, b"link").node_id
+        up = ops.lookup(ops.lookup(1, b"dir").node_id, b"up").node_id
+        attr = SimpleNamespace(st_mode=0o100777, st_size=0)
+        for call in (lambda: ops.setattr(link, fuse.SET_ATTR_MODE, attr, None),
+                     lambda: ops.setattr(link, fuse.SET_ATTR_SIZE, attr, None),
+                     lambda: ops.lookup(up, b"target"),
+                     lambda: ops.open(link, os.O_RDWR),
+                     lambda: ops.opendir(up),
+                     lambda: ops.getxattr(link, b"user.x"),
+                     lambda: ops.setxattr(link, b"user.x", b"1", 0)):
             with pytest.raises(OSError) as info:
                 call()
             assert info.value.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTDIR,
-                                        errno.EPERM, errno.ELOOP), info.value
+                                        errno.EPERM, errno.EACCES, errno.ENODATA), info.value
+        assert os.readlink(base / "lower" / "link") == str(target)
         ops.destroy()
         assert target.read_text() == "keep me\n" and (target.stat().st_mode & 0o777) == 0o600
+        assert os.getxattr(target, "user.x") == b"target's"
     finally:
         shutil.rmtree(base)
 

@@ -1,0 +1,254 @@
+"""The v2 core: one node per lower inode, every request from a held fd.
+
+Ops-level tests drive shiftfs.ops.Operations without a kernel; mounted
+tests show what that gives a caller (hard links, unlinked open files, deep
+paths) and that the attacks of a hostile neighbour sharing the lower fail:
+a device node or FIFO swapped in under a cached name, a create on a stale
+negative entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from shiftfs.idmap import Extent, build_idmap
+from shiftfs.ops import Operations
+
+try:
+    from tests.callers import call_as
+except ImportError:
+    from callers import call_as
+
+ROOT_KEPT = [Extent(0, 0, 1), Extent(1, 100001, 65535)]
+USER = 101000  # upper id of lower 1000
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def ops_tree():
+    base = Path(tempfile.mkdtemp(prefix="shiftfs-core-", dir="/tmp"))
+    lower = base / "lower"
+    (lower / "a" / "b").mkdir(parents=True)
+    (lower / "a" / "b" / "f").write_text("inside")
+    os.link(lower / "a" / "b" / "f", lower / "a" / "hard")
+    (base / "outside").mkdir()
+    (base / "outside" / "f").write_text("outside")
+    os.symlink(base / "outside", lower / "abs")
+    os.symlink("../../outside", lower / "a" / "rel")
+    ops = Operations(str(lower), build_idmap([Extent(0, 100000, 65536)], []))
+    try:
+        yield ops
+    finally:
+        ops.destroy()
+        subprocess.run(["rm", "-rf", str(base)], check=True)
+
+
+def _walk(ops, path: bytes):
+    node = 1
+    for part in path.split(b"/"):
+        node = ops.lookup(node, part).node_id
+    return node
+
+
+def test_names_resolve_to_nodes_with_upper_ids(ops_tree):
+    node = _walk(ops_tree, b"a/b/f")
+    st, uid, _gid, _timeout = ops_tree.getattr(node, None)
+    assert st.st_size == len("inside") and uid == 100000 + os.getuid()
+
+
+@pytest.mark.parametrize("path", [b"abs/f", b"a/rel/f"])
+def test_a_symlink_used_as_a_directory_is_enotdir(ops_tree, path):
+    with pytest.raises(OSError) as exc:
+        _walk(ops_tree, path)
+    assert exc.value.errno == errno.ENOTDIR
+
+
+def test_the_last_component_is_not_followed(ops_tree):
+    st = ops_tree.getattr(_walk(ops_tree, b"abs"), None)[0]
+    assert os.path.stat.S_ISLNK(st.st_mode)
+    assert ops_tree.readlink(_walk(ops_tree, b"abs")).endswith(b"/outside")
+
+
+@pytest.mark.parametrize("name", [b".", b"..", b"x/y"])
+def test_names_that_are_not_names_are_refused(ops_tree, name):
+    with pytest.raises(OSError) as exc:
+        ops_tree.lookup(1, name)
+    assert exc.value.errno == errno.EINVAL
+
+
+def test_hard_links_are_one_node_and_forget_releases_it(ops_tree):
+    before = _open_fds()
+    a = _walk(ops_tree, b"a/b/f")
+    b = _walk(ops_tree, b"a/hard")
+    assert a == b
+    node = ops_tree.table.get(a)
+    assert node.nlookup == 2
+    nodes = len(ops_tree.table)
+    ops_tree.forget([(a, 1)])
+    assert len(ops_tree.table) == nodes  # one lookup left
+    ops_tree.forget([(a, 1)])
+    assert len(ops_tree.table) == nodes - 1
+    with pytest.raises(OSError) as exc:
+        ops_tree.getattr(a, None)
+    assert exc.value.errno == errno.ESTALE
+    # a/ and a/b/ are still held (two fds); the file's fd is gone
+    assert _open_fds() == before + 2
+
+
+# ---- mounted -------------------------------------------------------------------
+
+def test_hard_link_names_share_attributes_at_once(lower, mounter):
+    """chmod through one name shows on the other at once, with long
+    timeouts (one node, not one per name)."""
+    (lower / "a").write_text("x")
+    mnt = mounter(lower, uidmap=ROOT_KEPT, options=["-o", "timeout=60"])
+    os.stat(mnt / "a")
+    os.link(mnt / "a", mnt / "b")
+    assert os.stat(mnt / "a").st_nlink == 2
+    os.chmod(mnt / "b", 0o604)
+    assert os.stat(mnt / "a").st_mode & 0o777 == 0o604
+    os.link(mnt / "b", mnt / "c")
+    assert os.stat(mnt / "a").st_nlink == 3
+    os.chown(mnt / "c", 100008, 100009)
+    st = os.stat(mnt / "a")
+    assert (st.st_uid, st.st_gid) == (100008, 100009)
+    assert os.stat(mnt / "a").st_ino == os.stat(mnt / "c").st_ino == os.stat(lower / "a").st_ino
+
+
+def test_fstat_of_an_open_unlinked_file(lower, mounter):
+    (lower / "f").write_text("data")
+    mnt = mounter(lower)
+    fd = os.open(mnt / "f", os.O_RDWR)
+    try:
+        os.unlink(mnt / "f")
+        st = os.fstat(fd)
+        assert st.st_nlink == 0 and st.st_size == 4
+        os.pwrite(fd, b"more", 4)
+        assert os.pread(fd, 8, 0) == b"datamore"
+    finally:
+        os.close(fd)
+    assert not (lower / "f").exists()
+
+
+def test_a_path_longer_than_path_max_through_a_deep_cwd(lower, mounter):
+    """No path is built from the root: a 5,000-byte relative path from a
+    deep cwd works, as on a local filesystem."""
+    os.chown(lower, 1000, 1000)
+    mnt = mounter(lower)
+    part = "d" * 200
+
+    def deep():
+        os.chdir(mnt)
+        for _ in range(26):  # a cwd 5,200 bytes below the mount
+            os.mkdir(part)
+            os.chdir(part)
+        with open("f", "w") as f:
+            f.write("deep")
+        os.rename("f", "g")
+        return os.stat("g").st_uid, len(os.getcwd()) - len(str(mnt))
+
+    uid, depth = call_as(deep, uid=USER, gid=USER)
+    assert uid == USER and depth > 5000
+    fd = os.open(lower, os.O_RDONLY)
+    try:
+        for _ in range(26):
+            nxt = os.open(part, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        assert os.stat("g", dir_fd=fd).st_uid == 1000
+    finally:
+        os.close(fd)
+
+
+def _cache_regular_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        assert f.read() == b"original\n"
+    os.stat(path)
+
+
+def test_device_node_swapped_in_under_a_cached_name_is_never_opened(lower, mounter):
+    """Issue 12.1: container B (another mount of the same lower) renames a
+    device node over a name mount A has cached as a regular file. A's open
+    reaches the daemon, which reopens the inode A looked up (the original
+    file), never the device."""
+    (lower / "tmp").mkdir(mode=0o1777)
+    (lower / "tmp" / "target").write_text("original\n")
+    os.chmod(lower / "tmp" / "target", 0o666)
+    os.mknod(lower / "zero", 0o666 | 0o020000, os.makedev(1, 5))  # /dev/zero's numbers
+    mnt_a = mounter(lower, uidmap=ROOT_KEPT, options=["-o", "timeout=60"])
+    mnt_b = mounter(lower, uidmap=[Extent(0, 0, 1), Extent(1, 200001, 65535)])
+    _cache_regular_file(mnt_a / "tmp" / "target")
+    os.link(mnt_b / "zero", mnt_b / "tmp" / "dev")
+    os.rename(mnt_b / "tmp" / "dev", mnt_b / "tmp" / "target")
+    assert os.path.stat.S_ISCHR(os.lstat(lower / "tmp" / "target").st_mode)
+    try:
+        with open(mnt_a / "tmp" / "target", "rb") as f:
+            data = f.read(16)
+    except OSError as e:
+        data = e.errno
+    assert data in (b"original\n", errno.ENOENT, errno.ESTALE), data  # never zeros
+
+
+def test_fifo_swapped_in_under_cached_names_does_not_hang_the_mount(lower, mounter):
+    """Issue 12.2: FIFOs renamed over cached regular files; opening them
+    through the first mount never blocks a daemon worker (the daemon never
+    opens a FIFO), so the mount keeps answering."""
+    (lower / "tmp").mkdir(mode=0o1777)
+    for i in range(12):
+        (lower / "tmp" / f"t{i}").write_text("original\n")
+    mnt = mounter(lower, uidmap=ROOT_KEPT, options=["-o", "timeout=60"])
+    for i in range(12):
+        _cache_regular_file(mnt / "tmp" / f"t{i}")
+        os.mkfifo(lower / "tmp" / f"fifo{i}")
+        os.rename(lower / "tmp" / f"fifo{i}", lower / "tmp" / f"t{i}")
+    script = ("import sys\nfor i in range(12):\n"
+              "    try:\n        open(sys.argv[1] + f'/t{i}', 'rb').read()\n"
+              "    except OSError:\n        pass\n")
+    done = subprocess.run([sys.executable, "-c", script, str(mnt / "tmp")], timeout=20)
+    assert done.returncode == 0
+    assert sorted(os.listdir(mnt)) == ["tmp"]  # the mount still answers
+
+
+def test_create_on_a_stale_negative_entry_checks_permission(lower, mounter):
+    """Issue 12.3: a user's mount caches 'victim' as absent; root creates it
+    (0600) through a second mount; the user's O_CREAT open must be what an
+    open of the existing file gives (EACCES), never the daemon's rights."""
+    (lower / "tmp").mkdir(mode=0o1777)
+    mnt_a = mounter(lower, uidmap=ROOT_KEPT, options=["-o", "negative_timeout=60"])
+    mnt_b = mounter(lower, uidmap=ROOT_KEPT)
+    victim = mnt_a / "tmp" / "victim"
+    assert call_as(lambda: os.path.exists(victim), uid=USER, gid=USER) is False
+    fd = os.open(mnt_b / "tmp" / "victim", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.write(fd, b"root's\n")
+    os.close(fd)
+
+    def append():
+        try:
+            fd = os.open(victim, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+        except OSError as e:
+            return e.errno
+        os.write(fd, b"user's\n")
+        os.close(fd)
+        return "ok"
+
+    assert call_as(append, uid=USER, gid=USER) == errno.EACCES
+    assert (lower / "tmp" / "victim").read_bytes() == b"root's\n"
+
+    def create_excl():
+        try:
+            os.close(os.open(victim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except OSError as e:
+            return e.errno
+        return "ok"
+
+    assert call_as(create_excl, uid=USER, gid=USER) == errno.EEXIST
