@@ -368,22 +368,23 @@ class Session:
         if _lib.fuse_session_mount(self.se, mountpoint.encode()) != 0:
             raise OSError(errno.EIO, f"mount of {mountpoint} failed")
 
-    def serve(self, workers: int) -> None:
-        """Serve until unmounted or a SIGTERM/SIGINT/SIGHUP; then unmount."""
-        stop = []
+    def start(self, workers: int) -> None:
+        """Start the worker threads (they read requests from now on)."""
+        for i in range(max(1, workers)):
+            t = threading.Thread(target=self._worker, name=f"shiftfs-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
 
+    def wait(self, unmount=None) -> None:
+        """Serve until unmounted or a SIGTERM/SIGINT/SIGHUP; then unmount
+        (``unmount()`` for a mount libfuse did not make)."""
         def on_signal(signum, frame):
-            stop.append(signum)
             _lib.fuse_session_exit(self.se)
             self._done.set()
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         try:
-            for i in range(max(1, workers)):
-                t = threading.Thread(target=self._worker, name=f"shiftfs-worker-{i}", daemon=True)
-                t.start()
-                self._threads.append(t)
             while not self._done.wait(0.5):
                 pass
         finally:
@@ -391,6 +392,11 @@ class Session:
                 signal.signal(s, h)
             _lib.fuse_session_exit(self.se)
             _lib.fuse_session_unmount(self.se)  # wakes the workers with ENODEV
+            if unmount is not None:
+                try:
+                    unmount()
+                except OSError:
+                    pass  # already gone
             for t in self._threads:
                 t.join(5)
 

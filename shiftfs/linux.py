@@ -127,5 +127,25 @@ def getdents(fd: int, buf: ctypes.Array) -> list[tuple[bytes, int, int, int]]:
     return out
 
 
+# ---- mount(2) for a synchronous FUSE INIT ----------------------------------
+
+MS_FLAGS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "sync": 16, "dirsync": 128,
+            "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21, "strictatime": 1 << 24,
+            "lazytime": 1 << 25, "rw": 0, "suid": 0, "dev": 0, "exec": 0}
+MNT_DETACH = 2
+FUSE_DEV_IOC_SYNC_INIT = (229 << 8) | 3  # _IO(FUSE_DEV_IOC_MAGIC, 3), Linux 6.18
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    _check(_libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()))
+
+
+def umount2(target: str, flags: int) -> None:
+    _check(_libc.umount2(target.encode(), flags))
+
+
 def errno_name(code: int) -> str:
     return errno.errorcode.get(code, str(code))

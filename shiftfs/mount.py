@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -113,23 +114,65 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _daemonize() -> None:
-    """Fork once the mount is live: the parent exits 0, the child serves
-    in a session of its own with stdio on /dev/null."""
+def _daemonize():
+    """Fork before any thread starts: the parent waits until the child says
+    whether the mount is live and exits 0 or 1 with it; the child serves in
+    a session of its own. Returns the child's ``report(ok)``."""
     r, w = os.pipe()
     if os.fork():
         os.close(w)
         ok = os.read(r, 1)
-        os._exit(0 if ok else 1)
+        os._exit(0 if ok == b"1" else 1)
     os.close(r)
     os.setsid()
-    os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
-    os.write(w, b"1")
-    os.close(w)
+
+    def report(ok: bool) -> None:
+        os.write(w, b"1" if ok else b"0")
+        os.close(w)
+        if ok:
+            os.chdir("/")
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+    return report
+
+
+def _sync_init_device() -> int | None:
+    """/dev/fuse set up for a synchronous INIT (Linux 6.18+): the kernel
+    then answers INIT while it makes the superblock, so the root inode is
+    made after ACLs are on and its ACL is cached like any other. None where
+    the kernel has no such ioctl (ENOTTY) or we cannot mount ourselves."""
+    if os.geteuid() != 0:
+        return None
+    import fcntl
+    from . import linux
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.ioctl(fd, linux.FUSE_DEV_IOC_SYNC_INIT)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _kernel_mount(fd: int, lower: str, mp: str, options: MountOptions) -> None:
+    """mount(2) of a FUSE filesystem served on ``fd``, as libfuse's own
+    mount does for root."""
+    from . import linux
+    words = options.mount_options(lower)[2:]  # past fsname= and subtype=
+    flags = 0
+    data = [f"fd={fd}", f"rootmode={stat.S_IFMT(os.stat(lower).st_mode):o}",
+            f"user_id={os.geteuid()}", f"group_id={os.getegid()}"]
+    for w in words:
+        if w in linux.MS_FLAGS:
+            flags |= linux.MS_FLAGS[w]
+        else:
+            data.append(w)
+    linux.mount(lower, mp, FSTYPE, flags, ",".join(data))
 
 
 def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> int:
@@ -175,19 +218,35 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     except OSError:
         print(f"shiftfs: libfuse refused the mount options for {mountpoint}", file=sys.stderr)
         return 1
+    report = None if options.foreground else _daemonize()
+    workers = 1 if not options.threads else WORKERS
+    sync_fd = _sync_init_device()
+    unmount_own = None
     try:
-        session.mount(mp)
-    except OSError:
-        print(f"shiftfs: mount of {mountpoint} failed", file=sys.stderr)
-        session.destroy()
+        if sync_fd is not None:
+            session.mount(f"/dev/fd/{sync_fd}")
+            session.start(workers)  # they answer INIT while mount(2) waits for it
+            _kernel_mount(sync_fd, lower, mp, options)
+            set_read_ahead(mp, READ_AHEAD_KB)  # not in mountinfo yet while INIT ran
+            unmount_own = lambda: linux.umount2(mp, linux.MNT_DETACH)  # noqa: E731
+        else:
+            session.mount(mp)
+            session.start(workers)
+    except OSError as e:
+        print(f"shiftfs: mount of {mountpoint} failed: {e.strerror or e}", file=sys.stderr)
+        if report:
+            report(False)
         return 1
-    if not options.foreground:
-        _daemonize()
+    if report:
+        report(True)
+    if options.debug:
+        log.info("INIT was %s", "synchronous: the root's ACL is cached" if sync_fd is not None
+                 else "asynchronous (no FUSE_DEV_IOC_SYNC_INIT here): the root's ACL is asked per walk")
     # the table's fds stay well inside RLIMIT_NOFILE (open files need some too)
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     operations.table.high, operations.table.low = int(limit * 0.6), int(limit * 0.4)
     Shrinker(operations.table, session).start()
-    session.serve(1 if not options.threads else WORKERS)
+    session.wait(unmount_own)
     session.destroy()
     if session.init_error is not None:
         log.error("mount setup failed: %s", session.init_error)
