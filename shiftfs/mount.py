@@ -67,6 +67,7 @@ def setup_logging(foreground: bool) -> None:
     handler: logging.Handler = logging.StreamHandler(sys.stderr)
     fmt = "shiftfs: %(message)s"
     if not foreground:
+        logging.raiseExceptions = False  # no syslog listening: drop the line, never print a trace
         try:
             handler = logging.handlers.SysLogHandler(
                 os.environ.get("SHIFTFS_SYSLOG", "/dev/log"),
