@@ -137,6 +137,18 @@ class InodeTable:
             os.close(fd)
         return node
 
+    def opened(self, node: Node) -> None:
+        with self._lock:
+            node.opens += 1
+
+    def closed(self, node: Node) -> None:
+        """One lower handle of ``node`` closed; the last may free its inode."""
+        with self._lock:
+            node.opens -= 1
+            if node.opens:
+                return
+        self.release_if_gone(node)
+
     def release_if_gone(self, node: Node) -> None:
         """A regular file whose last lower name is gone and that nobody has
         open: give its inode back now (the space is freed, as on a local

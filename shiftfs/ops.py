@@ -44,8 +44,12 @@ Caveats (honest ones, as in pyfuse3's passthroughfs):
   another inode since, the daemon checks (frozen rules) and removes the one
   the name points to now.
 - POSIX locks and flock are left to the kernel (local to this mount).
-- Every node holds an fd: the daemon raises RLIMIT_NOFILE at start, and the
-  number of fds follows the kernel's inode cache.
+- Every node holds an fd: the daemon raises RLIMIT_NOFILE at start, and
+  watch.Shrinker keeps the table under 60 % of it by asking the kernel to
+  drop its oldest names. A file whose last name goes while nobody has it
+  open gives its inode back at once (inodes.release_if_gone).
+- Changes behind the mount are not pushed to the kernel (no fanotify yet):
+  they show within the lifetimes above.
 """
 
 from __future__ import annotations
@@ -499,7 +503,7 @@ class Operations:
         stamp = (st.st_size, st.st_mtime_ns)
         keep = self._stamps.get(node_id) == stamp
         self._stamps[node_id] = stamp
-        node.opens += 1
+        self.table.opened(node)
         return fd, keep
 
     def create(self, parent_id: int, name: bytes, mode: int, flags: int):
@@ -522,16 +526,14 @@ class Operations:
             os.close(fd)
             raise
         self._stamps[node.node_id] = (st.st_size, st.st_mtime_ns)
-        node.opens += 1
+        self.table.opened(node)
         return self._entry(node, st, False), fd
 
     def release(self, node_id: int, fh: int) -> None:
         os.close(fh)
         node = self.table._by_id.get(node_id)
         if node is not None:
-            node.opens -= 1
-            if not node.opens:
-                self.table.release_if_gone(node)
+            self.table.closed(node)
 
     def fsync(self, fh: int, datasync: int) -> None:
         (os.fdatasync if datasync else os.fsync)(fh)
