@@ -133,7 +133,7 @@ LAYOUT_SIZES = {
     "fuse_ctx": 16,
     "fuse_forget_data": 16,
     "fuse_args": 24,
-    "fuse_file_info": 40,
+    "fuse_file_info": 64 if _NEW_LAYOUT else 40,  # only ever through libfuse's pointer
 }
 
 _req = ctypes.c_void_p

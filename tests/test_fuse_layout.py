@@ -17,8 +17,15 @@ _PROGRAM = r"""
 #include <fuse_lowlevel.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <string.h>
 int main(void) {
-    printf("{\"version\": [%d, %d],", FUSE_MAJOR_VERSION, FUSE_MINOR_VERSION);
+    struct fuse_file_info fi;
+    unsigned int bits;
+    memset(&fi, 0, sizeof(fi));
+    fi.keep_cache = 1;
+    memcpy(&bits, (char *)&fi + 4, 4);
+    printf("{\"fi_fh\": %zu, \"fi_keep_cache_bits\": %u,", offsetof(struct fuse_file_info, fh), bits);
+    printf("\"version\": [%d, %d],", FUSE_MAJOR_VERSION, FUSE_MINOR_VERSION);
     printf("\"fuse_buf\": %zu, \"fuse_bufvec\": %zu, \"fuse_entry_param\": %zu,",
            sizeof(struct fuse_buf), sizeof(struct fuse_bufvec), sizeof(struct fuse_entry_param));
     printf("\"fuse_ctx\": %zu, \"fuse_forget_data\": %zu, \"fuse_args\": %zu,",
@@ -52,16 +59,30 @@ def test_the_header_is_the_loaded_library():
 
 
 def test_struct_sizes_match_the_c_header():
+    """Structs shiftfs allocates itself (or libfuse copies whole) have the
+    header's size."""
     c = _c_layout()
     ours = {
         "fuse_buf": fuse.FuseBuf, "fuse_bufvec": fuse.FuseBufvec,
         "fuse_entry_param": fuse.EntryParam, "fuse_ctx": fuse.Ctx,
         "fuse_forget_data": fuse.ForgetData, "fuse_args": fuse.Args,
-        "fuse_file_info": fuse.FileInfo, "fuse_conn_info": fuse.ConnInfo, "stat": fuse.c_stat,
+        "fuse_conn_info": fuse.ConnInfo, "stat": fuse.c_stat,
     }
     assert {k: ctypes.sizeof(v) for k, v in ours.items()} == {k: c[k] for k in ours}
     for name, size in fuse.LAYOUT_SIZES.items():
         assert c[name] == size, name
+
+
+def test_file_info_fields_shiftfs_uses_are_where_the_header_puts_them():
+    """fuse_file_info is only ever read and written through libfuse's own
+    pointer (3.17's header has 64 bytes, mfusepy's struct the first 40):
+    fh and the keep_cache bit must sit where C has them."""
+    c = _c_layout()
+    assert fuse.FileInfo.fh.offset == c["fi_fh"]
+    fi = fuse.FileInfo()
+    fi.keep_cache = 1
+    assert int.from_bytes(bytes(fi)[4:8], "little") == c["fi_keep_cache_bits"]
+    assert ctypes.sizeof(fuse.FileInfo) <= c["fuse_file_info"]
 
 
 def test_every_lowlevel_ops_slot_is_where_the_header_puts_it():
