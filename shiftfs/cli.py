@@ -124,9 +124,15 @@ def apply_o_options(text: str, req: Request) -> None:
             req.gid_extents += gids
         elif key in ("attr_timeout", "entry_timeout", "negative_timeout") and has_value:
             setattr(req.options, key, _timeout(key, value))
+            req.options.timeouts_given = True
         elif key == "timeout" and has_value:
             t = _timeout(key, value)
             req.options.attr_timeout = req.options.entry_timeout = req.options.negative_timeout = t
+            req.options.timeouts_given = True
+        elif key == "cache" and has_value:
+            if value not in ("auto", "watch", "timeout"):
+                raise UsageError(f"-o cache={value}: expected auto, watch or timeout")
+            req.options.cache = value
         elif key == "ro" and not has_value:
             req.options.read_only = True
         elif key in ("suid", "dev") and not has_value and req.mount_helper:

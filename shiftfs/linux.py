@@ -147,5 +147,72 @@ def umount2(target: str, flags: int) -> None:
     _check(_libc.umount2(target.encode(), flags))
 
 
+# ---- fanotify with file handles ------------------------------------------------
+
+FAN_CLOEXEC = 0x1
+FAN_REPORT_FID = 0x200
+FAN_REPORT_DIR_FID = 0x400
+FAN_REPORT_NAME = 0x800
+FAN_MARK_ADD = 0x1
+FAN_MARK_FILESYSTEM = 0x100
+FAN_MODIFY = 0x2
+FAN_ATTRIB = 0x4
+FAN_MOVED_FROM = 0x40
+FAN_MOVED_TO = 0x80
+FAN_CREATE = 0x100
+FAN_DELETE = 0x200
+FAN_DELETE_SELF = 0x400
+FAN_MOVE_SELF = 0x800
+FAN_Q_OVERFLOW = 0x4000
+FAN_ONDIR = 0x40000000
+FAN_INFO_FID, FAN_INFO_DFID_NAME, FAN_INFO_DFID = 1, 2, 3
+FAN_INFO_OLD_DFID_NAME, FAN_INFO_NEW_DFID_NAME = 10, 12
+_libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+_libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
+                                ctypes.c_char_p]
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_EVENT = struct.Struct("=IBBHQii")  # fanotify_event_metadata
+_INFO = struct.Struct("=BBH")       # fanotify_event_info_header
+
+
+def fanotify_init(flags: int) -> int:
+    return _check(_libc.fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC))
+
+
+def fanotify_mark(fd: int, flags: int, mask: int, path: str) -> None:
+    _check(_libc.fanotify_mark(fd, flags, mask, AT_FDCWD, path.encode()))
+
+
+def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
+    """``handle`` is a struct file_handle as fanotify reports it."""
+    return _check(_libc.open_by_handle_at(mount_fd, handle, flags))
+
+
+def fanotify_events(data: bytes):
+    """(mask, pid, [(info type, file handle bytes, name)]) per event."""
+    pos = 0
+    while pos + _EVENT.size <= len(data):
+        event_len, _vers, _res, meta_len, mask, fd, pid = _EVENT.unpack_from(data, pos)
+        if event_len < meta_len:
+            break
+        infos = []
+        ipos, end = pos + meta_len, pos + event_len
+        while ipos + _INFO.size <= end:
+            kind, _pad, length = _INFO.unpack_from(data, ipos)
+            if length < _INFO.size:
+                break
+            body = data[ipos + _INFO.size + 8:ipos + length]  # past the fsid
+            if len(body) >= 8:
+                hbytes = struct.unpack_from("=I", body)[0]
+                handle = body[:8 + hbytes]
+                name = body[8 + hbytes:].split(b"\0", 1)[0]
+                infos.append((kind, handle, name))
+            ipos += length
+        if fd >= 0:
+            os.close(fd)
+        yield mask, pid, infos
+        pos += event_len
+
+
 def errno_name(code: int) -> str:
     return errno.errorcode.get(code, str(code))

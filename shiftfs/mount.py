@@ -38,6 +38,8 @@ class MountOptions:
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
     negative_timeout: float = 1.0
+    timeouts_given: bool = False  # any *_timeout= on the command line
+    cache: str = "auto"  # auto | watch | timeout
     threads: bool = True
 
     def mount_options(self, lower: str) -> list[str]:
@@ -176,6 +178,34 @@ def _kernel_mount(fd: int, lower: str, mp: str, options: MountOptions) -> None:
     linux.mount(lower, mp, FSTYPE, flags, ",".join(data))
 
 
+WATCHED_LIFETIME = 3600.0  # what the kernel may cache when fanotify tells us of changes
+
+
+def _make_watch(operations, session, lower: str, options: MountOptions):
+    """-o cache=auto|watch|timeout: a Watcher (fanotify on the lower
+    filesystem) or None. With one, replies for inodes on that filesystem
+    carry long lifetimes (unless timeouts were given); without, they stay
+    short. cache=watch refuses to mount without it."""
+    from .ops import Lifetimes
+    from .watch import Watcher
+    if options.cache == "timeout":
+        return None
+    try:
+        watcher = Watcher(operations.table, session, lower)
+    except OSError as e:
+        if options.cache == "watch":
+            raise OSError(e.errno, f"-o cache=watch: no fanotify on {lower}: {e.strerror}") from None
+        log.warning("changes behind the mount show within %g s (no fanotify on %s: %s)",
+                    options.attr_timeout, lower, e.strerror or e)
+        return None
+    life = operations.life
+    operations.unwatched = Lifetimes(life.attr, life.entry, life.negative)
+    if not options.timeouts_given:
+        life.attr = life.entry = life.negative = WATCHED_LIFETIME
+    operations.watched_dev = os.stat(lower).st_dev
+    return watcher
+
+
 def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> int:
     """Mount and serve until unmounted. Without ``foreground`` the process
     forks once the mount is live, so the caller returns only then."""
@@ -219,6 +249,12 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     except OSError:
         print(f"shiftfs: libfuse refused the mount options for {mountpoint}", file=sys.stderr)
         return 1
+    try:
+        watcher = _make_watch(operations, session, lower, options)
+    except OSError as e:
+        print(f"shiftfs: {e.strerror}", file=sys.stderr)
+        session.destroy()
+        return 1
     report = None if options.foreground else _daemonize()
     workers = 1 if not options.threads else WORKERS
     sync_fd = _sync_init_device()
@@ -243,6 +279,8 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     if options.debug:
         log.info("INIT was %s", "synchronous: the root's ACL is cached" if sync_fd is not None
                  else "asynchronous (no FUSE_DEV_IOC_SYNC_INIT here): the root's ACL is asked per walk")
+    if watcher is not None:
+        watcher.start()
     # the table's fds stay well inside RLIMIT_NOFILE (open files need some too)
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     operations.table.high, operations.table.low = int(limit * 0.6), int(limit * 0.4)

@@ -25,8 +25,10 @@ How a request reaches the lower inode:
 What the kernel caches, for how long, and who invalidates it
 (``Lifetimes``):
 - entry (name -> node) and attr replies: ``entry_timeout`` and
-  ``attr_timeout`` (1 s by default); changes made through this mount are
-  known to the kernel already, changes behind it show within the timeout;
+  ``attr_timeout`` (1 s by default; an hour for inodes on the lower's own
+  filesystem while watch.Watcher runs); changes made through this mount are
+  known to the kernel already, changes behind it are invalidated by the
+  watcher or show within the timeout;
 - negative entries (no such name): ``negative_timeout``;
 - frozen inodes (an unmapped lower owner or group) get attr lifetime 0 and
   names inside a frozen directory entry lifetime 0, so the daemon sees
@@ -48,8 +50,8 @@ Caveats (honest ones, as in pyfuse3's passthroughfs):
   watch.Shrinker keeps the table under 60 % of it by asking the kernel to
   drop its oldest names. A file whose last name goes while nobody has it
   open gives its inode back at once (inodes.release_if_gone).
-- Changes behind the mount are not pushed to the kernel (no fanotify yet):
-  they show within the lifetimes above.
+- Without the watcher (rootless, -o cache=timeout) changes behind the
+  mount show within the lifetimes above.
 """
 
 from __future__ import annotations
@@ -164,6 +166,9 @@ class Operations:
         self.uids = idmap.uids
         self.gids = idmap.gids
         self.life = lifetimes or Lifetimes()
+        self.unwatched = self.life  # lifetimes where no watcher sees changes
+        self.watched_dev: int | None = None
+        self.watcher = None
         self.daemon_uid = os.geteuid()
         self.daemon_gid = os.getegid()
         self.posix_acl = False
@@ -225,17 +230,24 @@ class Operations:
     def _frozen(self, st: os.stat_result) -> bool:
         return self.uids.to_upper(st.st_uid) is None or self.gids.to_upper(st.st_gid) is None
 
+    def _life(self, st: os.stat_result) -> Lifetimes:
+        """Long lifetimes only where the watcher sees changes (the lower's
+        own filesystem, not what is mounted below it)."""
+        if self.watched_dev is None or st.st_dev == self.watched_dev:
+            return self.life
+        return self.unwatched
+
     def _attr(self, st: os.stat_result):
         uid = self.uids.to_upper(st.st_uid)
         gid = self.gids.to_upper(st.st_gid)
         frozen = uid is None or gid is None
         return (st, self._ovf_uid if uid is None else uid, self._ovf_gid if gid is None else gid,
-                0.0 if frozen else self.life.attr)
+                0.0 if frozen else self._life(st).attr)
 
     def _entry(self, node: Node, st: os.stat_result, in_frozen_dir: bool) -> Entry:
         st, uid, gid, attr_timeout = self._attr(st)
         return Entry(node.node_id, st, uid, gid, attr_timeout,
-                     0.0 if in_frozen_dir else self.life.entry)
+                     0.0 if in_frozen_dir else self._life(st).entry)
 
     def _caller_lower_ids(self) -> tuple[int, int, int]:
         """The caller's (lower uid, lower gid, umask); EOVERFLOW if either
@@ -300,7 +312,7 @@ class Operations:
         try:
             node, st = self.table.lookup_at(parent, self._name(name))
         except FileNotFoundError:
-            return Entry(0, None, 0, 0, 0.0, 0.0 if frozen_dir else self.life.negative)
+            return Entry(0, None, 0, 0, 0.0, 0.0 if frozen_dir else self._life(pst).negative)
         return self._entry(node, st, frozen_dir)
 
     def forget(self, pairs) -> None:

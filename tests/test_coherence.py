@@ -66,3 +66,56 @@ def test_removal_shows_within_the_bound(lower, two):
     _a, b = two
     os.unlink(lower / "f")
     assert seen_within(lambda: not os.path.exists(b / "f"), BOUND + 1.0)
+
+
+# ---- watched: fanotify turns changes behind the mount into invalidations ------
+
+WATCH_LIMIT = 5.0  # polled; the kernel caches for an hour in this mode
+
+
+@pytest.fixture
+def watched(lower, mounter):
+    (lower / "f").write_text("one")
+    (lower / "d").mkdir()
+    (lower / "d" / "old").write_text("o")
+    a = mounter(lower, uidmap=ROOT_KEPT, options=["-o", "cache=watch"])
+    b = mounter(lower, uidmap=ROOT_KEPT, options=["-o", "cache=watch"])
+    for mp in (a, b):  # warm: every name below is cached for an hour now
+        os.stat(mp / "f")
+        assert (mp / "f").read_text() == "one"
+        assert not os.path.exists(mp / "new")
+        assert sorted(os.listdir(mp / "d")) == ["old"]
+    return a, b
+
+
+def test_watched_direct_lower_changes_show_at_once(lower, watched):
+    a, _b = watched
+    os.chmod(lower / "f", 0o600)
+    assert seen_within(lambda: (os.stat(a / "f").st_mode & 0o777) == 0o600, WATCH_LIMIT) is not None
+    (lower / "new").write_text("n")  # a cached negative entry
+    assert seen_within(lambda: os.path.exists(a / "new"), WATCH_LIMIT) is not None
+    os.rename(lower / "d" / "old", lower / "d" / "renamed")
+    assert seen_within(lambda: sorted(os.listdir(a / "d")) == ["renamed"], WATCH_LIMIT) is not None
+    assert not os.path.exists(a / "d" / "old")
+    os.unlink(lower / "f")
+    assert seen_within(lambda: not os.path.exists(a / "f"), WATCH_LIMIT) is not None
+
+
+def test_watched_write_through_another_mount_shows_at_once(watched):
+    a, b = watched
+    with open(b / "f", "w") as f:
+        f.write("two, longer")
+    assert seen_within(lambda: (a / "f").read_text() == "two, longer", WATCH_LIMIT) is not None
+    os.chown(b / "f", 100005, 100006)
+    assert seen_within(lambda: os.stat(a / "f").st_uid == 100005, WATCH_LIMIT) is not None
+
+
+def test_cache_timeout_mode_relies_on_the_timeouts(lower, mounter):
+    """-o cache=timeout: no watcher, so with a long timeout a change behind
+    the mount stays unseen (the reason the default is to watch)."""
+    (lower / "f").write_text("one")
+    a = mounter(lower, uidmap=ROOT_KEPT, options=["-o", "cache=timeout,timeout=60"])
+    os.stat(a / "f")
+    os.chmod(lower / "f", 0o600)
+    time.sleep(1.0)
+    assert os.stat(a / "f").st_mode & 0o777 == 0o644
