@@ -71,6 +71,7 @@ CAP_FSETID = 4
 _CAP_SYS_ADMIN = 21
 UNCHANGED = 0xFFFFFFFF  # (uid_t)-1 in chown: keep this id
 _ACL_ACCESS = "system.posix_acl_access"
+_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # what an OPEN's flags may not carry to the lower: the kernel made the name
 # and checked the caller; the daemon only reopens the inode it holds
@@ -625,7 +626,14 @@ class Operations:
     def setxattr(self, node_id: int, name: bytes, value: bytes, flags: int) -> None:
         node = self.table.get(node_id)
         policy.check_modify(os.fstat(node.fd), self.uids, self.gids, "setxattr")
-        os.setxattr(node.path, name, xattrs.to_lower(name, value, self.idmap), flags)
+        lower_value = xattrs.to_lower(name, value, self.idmap)
+        if name in _ACL_NAMES:  # keep the entries the mount does not show
+            try:
+                stored = os.getxattr(node.path, name)
+            except OSError:
+                stored = None
+            lower_value = xattrs.acl_keep_unmapped(lower_value, stored, self.idmap)
+        os.setxattr(node.path, name, lower_value, flags)
 
     def removexattr(self, node_id: int, name: bytes) -> None:
         node = self.table.get(node_id)

@@ -106,9 +106,52 @@ def _acl_map(value: Buffer, idmap: IdMap, upward: bool) -> bytes:
     return bytes(out)
 
 
+def _unmapped_entry(tag: int, id_: int, idmap: IdMap) -> bool:
+    return ((tag == ACL_USER and idmap.uids.to_upper(id_) is None)
+            or (tag == ACL_GROUP and idmap.gids.to_upper(id_) is None))
+
+
 def acl_to_upper(value: Buffer, idmap: IdMap) -> bytes:
-    """An ACL as stored (lower ids) -> as seen through the mount (upper ids)."""
-    return _acl_map(value, idmap, True)
+    """An ACL as stored (lower ids) -> as seen through the mount (upper
+    ids). An entry whose lower id has no upper counterpart is left out: the
+    kernel's FUSE client enforces what it is shown, and such an entry must
+    grant nothing through the mount (a kernel idmapped mount matches no
+    caller to it). The rest of the ACL, mask included, is kept."""
+    _acl_check(value)
+    kept = bytearray(value[:_ACL_HEADER_SIZE])
+    for off in range(_ACL_HEADER_SIZE, len(value), _acl_entry.size):
+        tag, _perm, id_ = _acl_entry.unpack_from(value, off)
+        if not _unmapped_entry(tag, id_, idmap):
+            kept += value[off:off + _acl_entry.size]
+    return _acl_map(kept, idmap, True)
+
+
+def acl_keep_unmapped(new_lower: Buffer, old_lower: Buffer | None, idmap: IdMap) -> bytes:
+    """An ACL written through the mount (already in lower ids) with the
+    entries of the stored ACL that the mount does not show (unmapped ids)
+    put back, in the order the kernel wants (by tag, then id): writing an
+    ACL through the mount never drops what it could not see. A mask is
+    added if named entries need one."""
+    new_lower = bytes(new_lower)
+    if not old_lower:
+        return new_lower
+    try:
+        old = acl_entries(old_lower)
+    except OSError:
+        return new_lower
+    hidden = [e for e in old if _unmapped_entry(e[0], e[2], idmap)]
+    if not hidden:
+        return new_lower
+    entries = acl_entries(new_lower) + hidden
+    if not any(t == ACL_MASK for t, _p, _i in entries):
+        perms = 0
+        for t, p, _i in entries:
+            if t in (ACL_GROUP_OBJ, ACL_USER, ACL_GROUP):
+                perms |= p
+        entries.append((ACL_MASK, perms, 0xFFFFFFFF))
+    order = {ACL_USER_OBJ: 0, ACL_USER: 1, ACL_GROUP_OBJ: 2, ACL_GROUP: 3, ACL_MASK: 4, ACL_OTHER: 5}
+    entries.sort(key=lambda e: (order[e[0]], e[2] if e[0] in (ACL_USER, ACL_GROUP) else 0))
+    return new_lower[:_ACL_HEADER_SIZE] + b"".join(_acl_entry.pack(*e) for e in entries)
 
 
 def acl_to_lower(value: Buffer, idmap: IdMap) -> bytes:

@@ -2,11 +2,11 @@
 mounts (the README (Differences from kernel idmapped mounts)) that the differential suite cannot show by
 itself: what shiftfs does *instead*, on its own defaults."""
 
+import errno
 import os
 import shutil
 import struct
 import subprocess
-import time
 
 import pytest
 
@@ -44,25 +44,38 @@ def test_nosuid_by_default(lower, mounter):
     assert os.statvfs(mnt).f_flag & os.ST_NOSUID
 
 
-def test_acl_unmapped_entry_shows_overflow_id(lower, mounter):
-    """D1: an ACL entry naming an unmapped lower id reads as the overflow id
-    (the kernel's idmapped mount says 4294967295, which the FUSE client would
-    refuse), and the rest of the ACL reads normally."""
+def test_acl_entry_with_unmapped_id_grants_nothing_and_survives_a_write(lower, mounter):
+    """Issue 12.4 / D1: an ACL entry naming an unmapped lower id (70000, and
+    a group 70000) is not shown through the mount, so the kernel grants
+    nothing by it: a caller with the overflow ids (65534, nobody) gets
+    EACCES, as on a kernel idmapped mount. The rest of the ACL reads and
+    works normally, and an ACL written through the mount (setfacl -m of
+    another entry) keeps the unmapped entries on disk."""
     f = lower / "f"
     f.write_text("x")
     os.chown(f, 1000, 1000)
     os.setxattr(f, "system.posix_acl_access", acl(
-        (USER_OBJ, 6, 0xFFFFFFFF), (USER, 4, 70000), (USER, 6, 1001), (GROUP_OBJ, 4, 0xFFFFFFFF),
-        (MASK, 6, 0xFFFFFFFF), (OTHER, 0, 0xFFFFFFFF)))
+        (USER_OBJ, 6, 0xFFFFFFFF), (USER, 6, 1001), (USER, 6, 70000), (GROUP_OBJ, 4, 0xFFFFFFFF),
+        (GROUP, 6, 70000), (MASK, 6, 0xFFFFFFFF), (OTHER, 0, 0xFFFFFFFF)))
     mnt = mounter(lower)
     value = os.getxattr(mnt / "f", "system.posix_acl_access")
     entries = list(struct.iter_unpack("<HHI", value[4:]))
-    assert [(tag, ident) for tag, _perm, ident in entries if tag == USER] == [
-        (USER, OVERFLOW_UID), (USER, 101001)]
-    out = subprocess.run(["getfacl", "-n", str(mnt / "f")], capture_output=True, text=True)
-    assert out.returncode == 0 and f"user:{OVERFLOW_UID}:r--" in out.stdout
-    stored = os.getxattr(f, "system.posix_acl_access")  # the lower keeps its id
-    assert struct.unpack_from("<HHI", stored, 12) == (USER, 4, 70000)
+    assert [(tag, ident) for tag, _perm, ident in entries if tag in (USER, GROUP)] == [(USER, 101001)]
+
+    def append(path):
+        try:
+            with open(path, "a") as fh:
+                fh.write("y")
+            return "ok"
+        except OSError as e:
+            return e.errno
+    assert call_as(append, str(mnt / "f"), uid=OVERFLOW_UID, gid=OVERFLOW_UID) == errno.EACCES
+    assert call_as(append, str(mnt / "f"), uid=101001, gid=101001) == "ok"  # the mapped entry works
+    out = subprocess.run(["setfacl", "-m", "u:101002:r", str(mnt / "f")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    stored = list(struct.iter_unpack("<HHI", os.getxattr(f, "system.posix_acl_access")[4:]))
+    assert [(t, i) for t, _p, i in stored if t in (USER, GROUP)] == [
+        (USER, 1001), (USER, 1002), (USER, 70000), (GROUP, 70000)]
 
 
 FROZEN_TABLE = [Extent(0, 0, 2000)]  # host root mapped (it may rename); lower 5000 is not

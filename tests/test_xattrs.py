@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from shiftfs.idmap import Extent, IdMap, IdTable, build_idmap
-from shiftfs.xattrs import (CODECS, XattrError, acl_entries, acl_to_lower, acl_to_upper,
+from shiftfs.xattrs import (CODECS, XattrError, acl_entries, acl_keep_unmapped, acl_to_lower, acl_to_upper,
                             cap_fields, cap_to_lower, cap_to_upper, to_lower, to_upper)
 
 # Kernel constants, restated so a typo in the module cannot hide here.
@@ -83,11 +83,33 @@ def test_acl_header_only_passes():
     assert acl_to_lower(acl(), shifted()) == acl()
 
 
-def test_acl_unmapped_lower_id_reads_as_overflow():
+def test_acl_entries_with_unmapped_lower_ids_are_left_out():
+    """Issue 12.4: an entry the mount cannot map must grant nothing, and the
+    FUSE client enforces what it is shown, so it is not shown."""
     m = shifted(count=1000, overflow_uid=60001, overflow_gid=60002)
     value = minimal_acl((USER, 6, 5000), (USER, 4, 7), (GROUP, 4, 5000), (GROUP, 2, NO_ID))
-    assert acl_to_upper(value, m) == minimal_acl(
-        (USER, 6, 60001), (USER, 4, 100007), (GROUP, 4, 60002), (GROUP, 2, 60002))
+    assert acl_to_upper(value, m) == minimal_acl((USER, 4, 100007))
+
+
+def test_acl_written_back_keeps_the_entries_it_could_not_show():
+    m = shifted(count=1000)
+    stored = acl((USER_OBJ, 6, NO_ID), (USER, 6, 7), (USER, 4, 5000), (GROUP_OBJ, 4, NO_ID),
+                 (GROUP, 2, 6000), (MASK, 6, NO_ID), (OTHER, 0, NO_ID))
+    shown = acl_to_upper(stored, m)
+    assert shown == acl((USER_OBJ, 6, NO_ID), (USER, 6, 100007), (GROUP_OBJ, 4, NO_ID),
+                        (MASK, 6, NO_ID), (OTHER, 0, NO_ID))
+    # setfacl -m u:100008:r through the mount: what it writes, and what is stored
+    written = acl((USER_OBJ, 6, NO_ID), (USER, 6, 100007), (USER, 4, 100008), (GROUP_OBJ, 4, NO_ID),
+                  (MASK, 6, NO_ID), (OTHER, 0, NO_ID))
+    merged = acl_keep_unmapped(acl_to_lower(written, m), stored, m)
+    assert merged == acl((USER_OBJ, 6, NO_ID), (USER, 6, 7), (USER, 4, 8), (USER, 4, 5000),
+                         (GROUP_OBJ, 4, NO_ID), (GROUP, 2, 6000), (MASK, 6, NO_ID), (OTHER, 0, NO_ID))
+    # a minimal ACL written over one with hidden named entries gets a mask
+    minimal = acl((USER_OBJ, 6, NO_ID), (GROUP_OBJ, 4, NO_ID), (OTHER, 0, NO_ID))
+    assert acl_keep_unmapped(minimal, stored, m) == acl(
+        (USER_OBJ, 6, NO_ID), (USER, 4, 5000), (GROUP_OBJ, 4, NO_ID), (GROUP, 2, 6000),
+        (MASK, 6, NO_ID), (OTHER, 0, NO_ID))
+    assert acl_keep_unmapped(written, None, m) == written
 
 
 @pytest.mark.parametrize("tag", [USER, GROUP])
@@ -183,7 +205,8 @@ def test_acl_random_unmapped_ids(seed):
     expected = []
     for t, p, i in entries:
         up = ref_map(uext if t == USER else gext, i, True)
-        expected.append((t, p, (60001 if t == USER else 60002) if up is None else up))
+        if up is not None:  # entries with unmapped ids are left out
+            expected.append((t, p, up))
     assert acl_to_upper(acl(*entries), m) == acl(*expected)
     unmappable = [(t, p, i) for t, p, i in entries
                   if ref_map(uext if t == USER else gext, i, False) is None]

@@ -333,12 +333,12 @@ def upper_snapshot(mnt_base: str, rels: list[str]) -> dict:
 # value into what shiftfs shows instead. A row that only differs by one of
 # these is not a failure; it is counted under the difference's name.
 def _acl_unmapped_id(value):
-    """D1: an unmapped id in a POSIX ACL entry reads back through the kernel
-    mount as 4294967295; the FUSE client refuses an ACL holding that id, so
-    shiftfs shows the overflow id."""
+    """D1: an ACL entry whose lower id is unmapped reads back through the
+    kernel mount as 4294967295 (and matches no caller); the FUSE client
+    refuses an ACL holding that id, so shiftfs leaves the entry out of what
+    it shows (and so it grants nothing either)."""
     if isinstance(value, str) and ":4294967295:" in value:
-        return value.replace("user:4294967295:", f"user:{OVERFLOW_UID}:").replace(
-            "group:4294967295:", f"group:{OVERFLOW_GID}:")
+        return ",".join(e for e in value.split(",") if ":4294967295:" not in e)
     if isinstance(value, (list, tuple)):
         return type(value)(_acl_unmapped_id(v) for v in value)
     return value
