@@ -267,3 +267,36 @@ def test_create_on_a_stale_negative_entry_checks_permission(lower, mounter):
         return "ok"
 
     assert call_as(create_excl, uid=USER, gid=USER) == errno.EEXIST
+
+
+def test_a_directory_handle_holds_one_batch_whatever_the_directory_size(ops_tree):
+    """Issue 12.5: a listing streams from the lower directory with the
+    lower's own offsets; an open handle holds one getdents batch (32 KiB),
+    never the whole listing, and resumes exactly where the kernel says."""
+    big = Path(f"/proc/self/fd/{ops_tree.table.root.fd}") / "a" / "big"
+    os.mkdir(big)
+    names = {f"entry-{i:05d}".encode() for i in range(20000)}
+    for n in names:
+        os.close(os.open(big / n.decode(), os.O_CREAT | os.O_WRONLY, 0o644))
+    node = _walk(ops_tree, b"a/big")
+    fh = ops_tree.opendir(node)
+    try:
+        stream = ops_tree.readdir(node, fh, 0)
+        seen, biggest, resume_at = [], 0, None
+        while (item := stream.peek()) is not None:
+            biggest = max(biggest, len(stream.batch))
+            seen.append(item[0])
+            if len(seen) == 7000:
+                resume_at = item[3]
+            stream.advance()
+        assert set(seen) == names | {b".", b".."} and len(seen) == len(names) + 2
+        assert biggest < 1500  # one 32 KiB batch of ~30-byte records, not 20,002 entries
+        # the kernel comes back with the offset of the 7,000th entry: the rest follows
+        stream = ops_tree.readdir(node, fh, resume_at)
+        rest = []
+        while (item := stream.peek()) is not None:
+            rest.append(item[0])
+            stream.advance()
+        assert rest == seen[7000:]
+    finally:
+        ops_tree.releasedir(node, fh)
