@@ -130,8 +130,8 @@ def apply_o_options(text: str, req: Request) -> None:
             req.options.attr_timeout = req.options.entry_timeout = req.options.negative_timeout = t
             req.options.timeouts_given = True
         elif key == "cache" and has_value:
-            if value not in ("auto", "watch", "timeout"):
-                raise UsageError(f"-o cache={value}: expected auto, watch or timeout")
+            if value not in ("auto", "watch", "timeout", "forever"):
+                raise UsageError(f"-o cache={value}: expected auto, watch, timeout or forever")
             req.options.cache = value
         elif key == "ro" and not has_value:
             req.options.read_only = True

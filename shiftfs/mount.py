@@ -39,7 +39,7 @@ class MountOptions:
     entry_timeout: float = 1.0
     negative_timeout: float = 1.0
     timeouts_given: bool = False  # any *_timeout= on the command line
-    cache: str = "auto"  # auto | watch | timeout
+    cache: str = "auto"  # auto | watch | timeout | forever
     threads: bool = True
 
     def mount_options(self, lower: str) -> list[str]:
@@ -179,16 +179,22 @@ def _kernel_mount(fd: int, lower: str, mp: str, options: MountOptions) -> None:
 
 
 WATCHED_LIFETIME = 3600.0  # what the kernel may cache when fanotify tells us of changes
+FOREVER_LIFETIME = 86400.0  # -o cache=forever: the lower does not change behind the mount
 
 
 def _make_watch(operations, session, lower: str, options: MountOptions):
-    """-o cache=auto|watch|timeout: a Watcher (fanotify on the lower
+    """-o cache=auto|watch|timeout|forever: a Watcher (fanotify on the lower
     filesystem) or None. With one, replies for inodes on that filesystem
     carry long lifetimes (unless timeouts were given); without, they stay
     short. cache=watch refuses to mount without it."""
     from .ops import Lifetimes
     from .watch import Watcher
     if options.cache == "timeout":
+        return None
+    if options.cache == "forever":  # a lower nobody else changes (an image layer)
+        if not options.timeouts_given:
+            life = operations.life
+            life.attr = life.entry = life.negative = FOREVER_LIFETIME
         return None
     try:
         watcher = Watcher(operations.table, session, lower)

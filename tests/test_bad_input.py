@@ -172,7 +172,7 @@ CASES = [
     ("timeout-negative", ["{L}", "{M}", *STD, "-o", "attr_timeout=-1"], ["attr_timeout=-1", "negative"]),
     ("timeout-not-number", ["{L}", "{M}", *STD, "-o", "entry_timeout=soon"], ["entry_timeout=soon"]),
     ("timeout-nan", ["{L}", "{M}", *STD, "-o", "timeout=nan"], ["timeout=nan", "finite"]),
-    ("cache-unknown", ["{L}", "{M}", *STD, "-o", "cache=sometimes"], ["cache=sometimes", "auto, watch or timeout"]),
+    ("cache-unknown", ["{L}", "{M}", *STD, "-o", "cache=sometimes"], ["cache=sometimes", "auto, watch, timeout or forever"]),
     ("timeout-inf", ["{L}", "{M}", *STD, "-o", "negative_timeout=inf"], ["negative_timeout=inf"]),
 ]
 

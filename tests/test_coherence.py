@@ -119,3 +119,16 @@ def test_cache_timeout_mode_relies_on_the_timeouts(lower, mounter):
     os.chmod(lower / "f", 0o600)
     time.sleep(1.0)
     assert os.stat(a / "f").st_mode & 0o777 == 0o644
+
+
+def test_cache_forever_keeps_what_it_saw(lower, mounter):
+    """-o cache=forever: nothing watched, a day-long lifetime; meant for a
+    lower nothing else changes, so a change behind the mount stays unseen."""
+    (lower / "f").write_text("one")
+    a = mounter(lower, uidmap=ROOT_KEPT, options=["-o", "cache=forever"])
+    os.stat(a / "f")
+    assert not os.path.exists(a / "new")
+    os.chmod(lower / "f", 0o600)
+    (lower / "new").write_text("n")
+    time.sleep(1.5)  # past the 1 s default
+    assert os.stat(a / "f").st_mode & 0o777 == 0o644 and not os.path.exists(a / "new")
