@@ -660,9 +660,14 @@ class Session:
 
     # ---- directories ----
     def _ll_opendir(self, req, node_id, fi):
-        fh = self._call(req, "opendir", self.ops.opendir, node_id)
-        if fh is not None:
-            fi[0].fh = fh
+        result = self._call(req, "opendir", self.ops.opendir, node_id)
+        if result is not None:
+            fh, cache = result
+            f = fi[0]
+            f.fh = fh
+            if cache:  # FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE
+                f.cache_readdir = 1
+                f.keep_cache = 1
             if _lib.fuse_reply_open(req, fi) != 0:
                 self.ops.releasedir(node_id, fh)
 

@@ -37,6 +37,9 @@ What the kernel caches, for how long, and who invalidates it
   unchanged (keep_cache), dropped by the kernel when it sees them change
   (FUSE_CAP_AUTO_INVAL_DATA);
 - symlink targets: cached with the page cache (FUSE_CAP_CACHE_SYMLINKS);
+- directory listings: kept across opens while watched (FOPEN_CACHE_DIR,
+  dropped by the watcher's notify_inval_inode of the directory), never for
+  frozen directories;
 - POSIX ACLs: cached by the kernel with the inode, dropped when its
   attributes change through this mount.
 
@@ -558,7 +561,8 @@ class Operations:
         return os.copy_file_range(fh_in, fh_out, length, off_in, off_out)
 
     # ---- directories ----
-    def opendir(self, node_id: int) -> int:
+    def opendir(self, node_id: int) -> tuple[int, bool]:
+        """(fh, cache_listing)."""
         node = self.table.get(node_id)
         if not node.is_dir():
             raise OSError(errno.ENOTDIR, "not a directory")
@@ -572,7 +576,9 @@ class Operations:
             os.close(fd)
             raise
         self._dirs[fd] = DirStream(fd, frozen)
-        return fd
+        # the kernel may keep the listing while the watcher invalidates the
+        # directory on every change behind the mount (frozen ones: never)
+        return fd, not frozen and self.watched_dev == st.st_dev
 
     def readdir(self, node_id: int, fh: int, off: int) -> DirStream:
         stream = self._dirs[fh]

@@ -279,7 +279,7 @@ def test_a_directory_handle_holds_one_batch_whatever_the_directory_size(ops_tree
     for n in names:
         os.close(os.open(big / n.decode(), os.O_CREAT | os.O_WRONLY, 0o644))
     node = _walk(ops_tree, b"a/big")
-    fh = ops_tree.opendir(node)
+    fh, _cache = ops_tree.opendir(node)
     try:
         stream = ops_tree.readdir(node, fh, 0)
         seen, biggest, resume_at = [], 0, None
