@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: native lower tree vs bindfs vs shiftfs vs a kernel
-idmapped mount, one markdown table.
+"""Side-by-side benchmark: native lower tree vs bindfs vs fuse-overlayfs vs
+shiftfs vs a kernel idmapped mount, one markdown table.
 
     python3 bench/run.py --rounds 3 --out bench/results.md     # full (~20k files, 1 GiB)
     python3 bench/run.py --quick                               # small smoke run
 
-Needs root, /dev/fuse, fuse3, bindfs; runs under --workdir (default
+Needs root, /dev/fuse, fuse3, bindfs, fuse-overlayfs (a missing one is left
+out of the table, with a note); runs under --workdir (default
 /tmp/shiftfs-bench), builds the lower tree there once and keeps it for the
 next run (``--rebuild`` to start over). Every mount it makes is unmounted on
 the way out, also on failure or Ctrl-C.
@@ -20,7 +21,16 @@ Daemon CPU per request = the daemon's utime+stime (/proc/PID/stat, all
 threads) over a cold walk (find -ls + tar | cat), divided by the number of
 FUSE requests the kernel sent to that connection in the same interval,
 counted with the fuse:fuse_request_send tracepoint in a private tracefs
-instance filtered on the connection.
+instance filtered on the connection. The same counter, in a separate untimed
+pass after the timed rounds, gives the requests each workload sends to each
+FUSE daemon, by opcode (GETXATTR split by attribute name, told apart by the
+request length: the tracepoint carries no node id or name).
+
+fuse-overlayfs runs with lowerdir = the tree, an empty upperdir/workdir
+(recreated each run; writes land in the upperdir) and
+uidmapping=/gidmapping= the same table. Coherence: how long a change made
+directly on the lower takes to show through each mount (polled every ms, up
+to 5 s).
 """
 
 from __future__ import annotations
@@ -46,7 +56,9 @@ sys.path.insert(0, ROOT)
 OFFSET = 100000
 USER_LOWER = 1000                 # the mapped user, as stored
 USER_UPPER = USER_LOWER + OFFSET  # ... and as seen through the shifting mounts
-FSNAMES = ("native", "bindfs", "shiftfs", "kernel")
+FSNAMES = ("native", "bindfs", "fuse-overlayfs", "shiftfs", "kernel")
+FUSE_FS = ("bindfs", "fuse-overlayfs", "shiftfs")
+SHORT = {"fuse-overlayfs": "fuse-ovl"}   # column heads
 
 FULL = dict(top=20, sub=25, files=40, big_mib=1024, write_mib=512, creates=5000, tar_top=1)
 QUICK = dict(top=5, sub=10, files=40, big_mib=64, write_mib=64, creates=500, tar_top=1)
@@ -72,13 +84,16 @@ def as_user(uid: int, cmd: str) -> list[str]:
 
 # ---- the lower tree -----------------------------------------------------------
 
+# 2: files of unmapped owners are world-readable, so root can read every file
+# through an idmapped mount too (root's DAC override needs a mapped owner)
+TREE_VERSION = 2
 OWNERS = [(0, 0)] * 6 + [(1000, 1000)] * 2 + [(1001, 100), (33, 33), (100, 65534), (70000, 70000)]
 
 
 def build_tree(work: str, p: dict) -> None:
     lower = os.path.join(work, "lower")
     stamp = os.path.join(work, "stamp.json")
-    want = json.dumps(p, sort_keys=True)
+    want = json.dumps(dict(p, tree=TREE_VERSION), sort_keys=True)
     if os.path.exists(stamp) and open(stamp).read() == want:
         return
     log(f"building lower tree in {lower} ...")
@@ -100,11 +115,14 @@ def build_tree(work: str, p: dict) -> None:
             os.chown(d, uid, gid)
             for i in range(p["files"]):
                 path = os.path.join(d, f"f{i:03d}")
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, rnd.choice((0o644, 0o600, 0o755, 0o664)))
+                mode = rnd.choice((0o644, 0o600, 0o755, 0o664))
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, mode)
                 os.write(fd, payload[: rnd.randrange(0, 8192)])
                 os.close(fd)
                 uid, gid = rnd.choice(OWNERS)
                 os.chown(path, uid, gid)
+                if uid >= 65536:
+                    os.chmod(path, mode | 0o044)
                 n += 1
     # a writable place for the mapped user
     w = os.path.join(lower, "w")
@@ -165,20 +183,47 @@ def fuse_daemon(cmd: list[str], mnt: str, what: str):
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
+            log(f"{what} (pid {proc.pid}) still running 10 s after the unmount; SIGTERM")
             proc.terminate()
-            proc.wait(timeout=10)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log(f"{what} (pid {proc.pid}) ignored SIGTERM; SIGKILL")
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def mount_all(stack: contextlib.ExitStack, work: str, shiftfs_args: list[str], skip: set):
     lower = os.path.join(work, "lower")
     fss = {"native": dict(path=lower, uid=USER_LOWER, pid=None)}
     notes = []
+    coh = os.path.join(lower, "coh")            # coherence probes (not in paths.txt)
+    if os.path.exists(coh):
+        sh(["rm", "-rf", coh])
+    os.mkdir(coh, 0o755)
     if "bindfs" not in skip:
         mnt = os.path.join(work, "mnt-bindfs")
         pid = stack.enter_context(fuse_daemon(
             ["bindfs", "-f", f"--uid-offset={OFFSET}", f"--gid-offset={OFFSET}", lower, mnt],
             mnt, "bindfs"))
         fss["bindfs"] = dict(path=mnt, uid=USER_UPPER, pid=pid)
+    if "fuse-overlayfs" not in skip:
+        import shutil
+        if not shutil.which("fuse-overlayfs"):
+            notes.append("fuse-overlayfs not installed (apt-get install fuse-overlayfs); column left out")
+        else:
+            mnt = os.path.join(work, "mnt-fuse-overlayfs")
+            upper, wd = os.path.join(work, "ovl-upper"), os.path.join(work, "ovl-work")
+            for d in (upper, wd):
+                if os.path.exists(d):
+                    sh(["rm", "-rf", d])
+                os.mkdir(d, 0o755)
+            ext = f"0:{OFFSET}:65536"
+            pid = stack.enter_context(fuse_daemon(
+                ["fuse-overlayfs", "-f", "-o", f"lowerdir={lower},upperdir={upper},workdir={wd},"
+                 f"uidmapping={ext},gidmapping={ext},allow_other", mnt], mnt, "fuse-overlayfs"))
+            # writes land in the upperdir: clean up through the mount
+            fss["fuse-overlayfs"] = dict(path=mnt, uid=USER_UPPER, pid=pid, clean_via_mount=True)
     if "shiftfs" not in skip:
         mnt = os.path.join(work, "mnt-shiftfs")
         ext = f"0:{OFFSET}:65536"
@@ -197,11 +242,14 @@ def mount_all(stack: contextlib.ExitStack, work: str, shiftfs_args: list[str], s
             fss["kernel"] = dict(path=mnt, uid=USER_UPPER, pid=None)
         except Exception as e:  # noqa: BLE001 - report and go on without it
             notes.append(f"kernel idmapped mount skipped: {e}")
+    global REV_AT_MOUNT
+    REV_AT_MOUNT = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+                                  capture_output=True, text=True).stdout.strip() + " (at mount time)"
     for name, fs in fss.items():
         st = os.stat(fs["path"])
         fs["dev"] = st.st_dev
         bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
-        fs["read_ahead_kb"] = open(bdi).read().strip() if name in ("bindfs", "shiftfs") and os.path.exists(bdi) else ""
+        fs["read_ahead_kb"] = open(bdi).read().strip() if name in FUSE_FS and os.path.exists(bdi) else ""
     return fss, notes
 
 
@@ -290,8 +338,13 @@ def make_workloads(work: str, p: dict):
         cmd = f"dd if=/dev/zero of={shlex.quote(fs['path'])}/w/{name} bs=1M count={p['write_mib']} 2>/dev/null"
         return timed(as_user(fs["uid"], cmd))
 
+    def wpath(fs, name):
+        """Where a written file is removed from: the lower, or through the
+        mount for fuse-overlayfs (its writes are in the upperdir)."""
+        return os.path.join(fs["path"] if fs.get("clean_via_mount") else lower, "w", name)
+
     def dd_clean(fs):
-        os.unlink(os.path.join(lower, "w", state["dd"]))
+        os.unlink(wpath(fs, state["dd"]))
         os.sync()
 
     def creates(fs):
@@ -303,7 +356,7 @@ def make_workloads(work: str, p: dict):
 
     def rm_lower(key):
         def clean(fs):
-            sh(["rm", "-rf", os.path.join(lower, "w", state[key])])
+            sh(["rm", "-rf", wpath(fs, state[key])])
             os.sync()
         return clean
 
@@ -314,25 +367,30 @@ def make_workloads(work: str, p: dict):
         return timed(as_user(fs["uid"], f"mkdir {d} && tar xf {shlex.quote(small)} -C {d}"))
 
     nothing = lambda fs: None  # noqa: E731
+    # the goals of issue 13 ("Benchmark and goals")
     return [
-        # row, prep, run, cleanup, target (ratio, against)
-        ("find -ls cold", lambda fs: drop_caches(), find, nothing, (0.5, "bindfs")),
-        ("find -ls warm", find, find, nothing, (0.5, "bindfs")),
-        ("du -s warm", du, du, nothing, (0.5, "bindfs")),
-        ("tar cf - | cat cold", lambda fs: drop_caches(), tar, nothing, (1.0, "bindfs")),
-        ("tar cf - | cat warm", tar, tar, nothing, (1.0, "bindfs")),
-        ("stat every path warm", nothing, stat, nothing, (1.2, "native")),
-        (f"read {p['big_mib']} MiB, lower cached", big_prep, big_read, nothing, (1.0, "bindfs")),
+        # row, prep, run, cleanup, goal (ratio, against)
+        ("find -ls cold", lambda fs: drop_caches(), find, nothing, (1.5, "native")),
+        ("find -ls warm", find, find, nothing, (1.5, "native")),
+        ("du -s warm", du, du, nothing, (1.5, "native")),
+        ("tar cf - | cat cold", lambda fs: drop_caches(), tar, nothing, (0.8, "bindfs")),
+        ("tar cf - | cat warm", tar, tar, nothing, None),
+        ("stat every path warm", nothing, stat, nothing, (1.5, "native")),
+        (f"read {p['big_mib']} MiB, lower cached", big_prep, big_read, nothing, (0.5, "bindfs")),
         (f"re-read {p['big_mib']} MiB", big_read, big_read, nothing, (1.1, "native")),
-        (f"dd write {p['write_mib']} MiB (user)", nothing, dd_write, dd_clean, (0.2, "bindfs")),
-        (f"create+write {p['creates']} x 4 KiB (user)", nothing, creates, rm_lower("c"), (0.7, "bindfs")),
-        ("untar small tree (user)", nothing, untar, rm_lower("u"), None),
+        (f"dd write {p['write_mib']} MiB (user)", nothing, dd_write, dd_clean, (0.3, "bindfs")),
+        (f"create+write {p['creates']} x 4 KiB (user)", nothing, creates, rm_lower("c"), (0.8, "bindfs")),
+        ("untar small tree (user)", nothing, untar, rm_lower("u"), (0.8, "bindfs")),
     ]
 
 
 # ---- daemon CPU per request, RSS -------------------------------------------------
 
 TRACE = "/sys/kernel/tracing"
+# GETXATTR request length = fuse_in_header (40) + fuse_getxattr_in (8) + name + NUL
+XATTR_BY_LEN = {40 + 8 + len(n) + 1: n for n in (
+    "system.posix_acl_access", "system.posix_acl_default", "security.capability",
+    "security.selinux", "security.ima", "trusted.overlay.opaque")}
 
 
 class RequestCounter:
@@ -369,7 +427,11 @@ class RequestCounter:
                     continue
                 i = line.find("(FUSE_")
                 if i >= 0:
-                    counts[line[i + 1: line.index(")", i)]] += 1
+                    op = line[i + 1: line.index(")", i)]
+                    counts[op] += 1
+                    if op == "FUSE_GETXATTR":
+                        n = int(line[line.index(" len ", i) + 5:].split()[0])
+                        counts["xattr:" + XATTR_BY_LEN.get(n, f"name of {n - 49} bytes")] += 1
         lost = 0
         for cpu in os.listdir(os.path.join(self.inst, "per_cpu")):
             for line in open(os.path.join(self.inst, "per_cpu", cpu, "stats")):
@@ -389,6 +451,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def nfds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def nreq(counts) -> int:
+    return sum(v for k, v in counts.items() if k.startswith("FUSE_"))
+
+
 def rss_kib(pid: int) -> int:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -396,31 +466,162 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def settle(pid: int, timeout=5.0) -> None:
+    """Wait until the daemon's fd count stops changing (FORGETs after a
+    drop_caches are answered asynchronously)."""
+    last, t_end = nfds(pid), time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        time.sleep(0.2)
+        n = nfds(pid)
+        if n == last:
+            return
+        last = n
+
+
 def daemon_stats(fss: dict, work: str, counter: RequestCounter | None):
     rows = []
-    for name in ("bindfs", "shiftfs"):
+    for name in FUSE_FS:
         fs = fss.get(name)
         if not fs:
             continue
         pid, path = fs["pid"], shlex.quote(fs["path"])
         walk = f"find {path} -ls >/dev/null && tar cf - --numeric-owner -C {path} . | cat >/dev/null"
         drop_caches()
-        rss0 = rss_kib(pid)
+        settle(pid)
+        mem0 = (rss_kib(pid), nfds(pid))
         cpu0 = cpu_seconds(pid)
         if counter:
             counter.start(fs["dev"])
         sh(walk, stdout=subprocess.DEVNULL)
         counts = counter.stop() if counter else collections.Counter()
         cpu = cpu_seconds(pid) - cpu0
-        rss1 = rss_kib(pid)
+        mem1 = (rss_kib(pid), nfds(pid))
         for _ in range(2):
             drop_caches()
             sh(walk, stdout=subprocess.DEVNULL)
-        rss3 = rss_kib(pid)
-        n = sum(v for k, v in counts.items() if k != "LOST")
+        mem3 = (rss_kib(pid), nfds(pid))
+        drop_caches()
+        settle(pid)
+        mem4 = (rss_kib(pid), nfds(pid))
+        n = nreq(counts)
         rows.append(dict(fs=name, cpu_s=cpu, requests=n, us_per_req=(cpu / n * 1e6) if n else None,
-                         rss0=rss0, rss1=rss1, rss3=rss3, ops=counts))
+                         mem=[mem0, mem1, mem3, mem4], ops=counts))
     return rows
+
+
+def request_counts(fss: dict, workloads, counter: RequestCounter) -> dict:
+    """One untimed run of each workload on each FUSE mount, requests counted
+    by opcode, and the daemon's CPU over it."""
+    out = {}
+    for row, prep, run, clean, _goal in workloads:
+        for name in FUSE_FS:
+            fs = fss.get(name)
+            if not fs:
+                continue
+            prep(fs)
+            cpu0 = cpu_seconds(fs["pid"])
+            counter.start(fs["dev"])
+            dt = run(fs)
+            counts = counter.stop()
+            cpu = cpu_seconds(fs["pid"]) - cpu0
+            clean(fs)
+            out[(row, name)] = dict(ops=counts, cpu_s=cpu, secs=dt)
+            log(f"{row:40s} counted  {name:14s} {nreq(counts):8d} requests")
+    return out
+
+
+def acl_probe(fss: dict, counter: RequestCounter, n=1000) -> dict:
+    """Where the GETXATTRs of a warm walk come from: n lstat()s of one file
+    t00/d00/f000, by an absolute path (through the mount root), and relative
+    to a cwd of t00 and of t00/d00 inside the mount. The tracepoint names no
+    node, so the differences attribute the requests to path components."""
+    out = {}
+    here = os.getcwd()
+    for name in FUSE_FS:
+        fs = fss.get(name)
+        if not fs:
+            continue
+        res = {}
+        for label, cwd, rel in (("absolute", None, os.path.join(fs["path"], "t00", "d00", "f000")),
+                                ("from t00", os.path.join(fs["path"], "t00"), "d00/f000"),
+                                ("from t00/d00", os.path.join(fs["path"], "t00", "d00"), "f000")):
+            try:
+                if cwd:
+                    os.chdir(cwd)
+                os.lstat(rel)
+                counter.start(fs["dev"])
+                for _ in range(n):
+                    os.lstat(rel)
+                res[label] = counter.stop()
+            finally:
+                os.chdir(here)
+        out[name] = res
+        log(f"acl probe {name:14s} " + ", ".join(f"{k}: {nreq(c)} requests" for k, c in res.items()))
+    return out
+
+
+# ---- coherence: a change made directly on the lower, seen through the mount --
+
+def _poll(check, timeout=5.0):
+    t0 = time.perf_counter()
+    while True:
+        if check():
+            return time.perf_counter() - t0
+        if time.perf_counter() - t0 > timeout:
+            return None
+        time.sleep(0.001)
+
+
+def _exists(path):
+    try:
+        os.lstat(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def coherence(fss: dict, work: str) -> dict:
+    lower = os.path.join(work, "lower", "coh")
+    out = {}
+    for name in FUSE_FS + ("kernel",):
+        fs = fss.get(name)
+        if not fs:
+            continue
+        up = os.path.join(fs["path"], "coh")
+        lo = lambda n: os.path.join(lower, f"{name}-{n}")      # noqa: E731
+        mp = lambda n: os.path.join(up, f"{name}-{n}")         # noqa: E731
+        res = {}
+        # chmod
+        with open(lo("a"), "w"):
+            pass
+        os.chmod(lo("a"), 0o644)
+        _poll(lambda: _exists(mp("a")))
+        os.lstat(mp("a"))
+        os.chmod(lo("a"), 0o600)
+        res["chmod"] = _poll(lambda: (os.lstat(mp("a")).st_mode & 0o777) == 0o600)
+        # a new file, after its name was looked up (negative entry)
+        _exists(mp("new"))
+        os.listdir(up)
+        with open(lo("new"), "w"):
+            pass
+        res["new file"] = _poll(lambda: _exists(mp("new")))
+        # a removal
+        with open(lo("gone"), "w"):
+            pass
+        _poll(lambda: _exists(mp("gone")))
+        os.unlink(lo("gone"))
+        res["removal"] = _poll(lambda: not _exists(mp("gone")))
+        # a rename
+        with open(lo("from"), "w"):
+            pass
+        _poll(lambda: _exists(mp("from")))
+        _exists(mp("to"))
+        os.rename(lo("from"), lo("to"))
+        res["rename"] = _poll(lambda: _exists(mp("to")) and not _exists(mp("from")))
+        out[name] = res
+        log(f"coherence {name:14s} " + ", ".join(
+            f"{k} {'>5 s' if v is None else f'{v * 1000:.0f} ms'}" for k, v in res.items()))
+    return out
 
 
 # ---- report -------------------------------------------------------------------
@@ -446,6 +647,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB RAM, Linux {platform.release()}"
 
 
+REV_AT_MOUNT = ""   # the shiftfs revision the daemon was started from
+
+
 def versions() -> str:
     def first_line(cmd):
         try:
@@ -455,63 +659,150 @@ def versions() -> str:
             return "?"
     sys.path.insert(0, ROOT)
     from shiftfs import fuse as sfuse
-    rev = first_line(["git", "-C", ROOT, "describe", "--always", "--dirty"])
-    return (f"{first_line(['bindfs', '--version'])}; libfuse {sfuse.LIBFUSE_VERSION[0]}."
+    rev = REV_AT_MOUNT or first_line(["git", "-C", ROOT, "describe", "--always", "--dirty"])
+    ovl = first_line(["sh", "-c", "fuse-overlayfs --version 2>&1 | grep -i 'fuse-overlayfs'"])
+    return (f"{first_line(['bindfs', '--version'])}; {ovl}; libfuse {sfuse.LIBFUSE_VERSION[0]}."
             f"{sfuse.LIBFUSE_VERSION[1]} ({os.path.basename(sfuse.LIBFUSE_PATH)}); "
             f"Python {platform.python_version()}; shiftfs {rev}")
 
 
-def report(results, workloads, fss, dstats, notes, args, p, elapsed) -> str:
+def fmt_ops(counts, skip=()) -> str:
+    return ", ".join(f"{k.replace('FUSE_', '')} {v}" for k, v in counts.most_common()
+                     if k.startswith("FUSE_") and k not in skip) or "–"
+
+
+def fmt_xattr(counts) -> str:
+    n = counts.get("FUSE_GETXATTR", 0)
+    if not n:
+        return "0"
+    parts = [f"{k[6:]} {v}" for k, v in counts.most_common() if k.startswith("xattr:")]
+    return f"{n} ({', '.join(parts)})"
+
+
+def report(results, workloads, fss, dstats, rcounts, coh, aprobe, notes, args, p, elapsed) -> str:
     present = [n for n in FSNAMES if n in fss]
     nfiles = p["top"] * p["sub"] * p["files"]
+    npaths = sum(1 for _ in open(os.path.join(args.work, "paths.txt"))) + 1   # + the root
     out = [f"## shiftfs benchmark, {datetime.date.today().isoformat()}", "",
            f"- machine: {machine()}",
            f"- versions: {versions()}",
            f"- command: `{' '.join(['python3', 'bench/run.py'] + sys.argv[1:])}`",
-           f"- tree: {nfiles} small files (0–8 KiB) in {p['top'] * (p['sub'] + 1)} directories, "
+           f"- tree: {nfiles} small files (0–8 KiB) in {p['top'] * (p['sub'] + 1)} directories "
+           f"({npaths} paths with the root), "
            f"owners varied (one in twelve unmapped), one {p['big_mib']} MiB file; "
            f"{args.rounds} round(s), workloads interleaved across filesystems, medians; "
            f"run took {elapsed / 60:.1f} min",
            "- mounts: bindfs `--uid-offset=100000 --gid-offset=100000` (defaults otherwise); "
+           "fuse-overlayfs `-o lowerdir=TREE,upperdir=U,workdir=W,uidmapping=0:100000:65536,"
+           "gidmapping=0:100000:65536,allow_other` (U, W empty at start; writes land in U); "
            "shiftfs `--uidmap 0:100000:65536 --gidmap 0:100000:65536` (defaults"
            + (f", plus `{' '.join(args.shiftfs_args)}`" if args.shiftfs_args else "") + "); "
            "kernel = idmapped bind mount with the same map",
-           "- read_ahead_kb: " + ", ".join(f"{n} {fss[n]['read_ahead_kb']}" for n in ("bindfs", "shiftfs")
+           "- read_ahead_kb: " + ", ".join(f"{n} {fss[n]['read_ahead_kb']}" for n in FUSE_FS
                                          if n in fss and fss[n]['read_ahead_kb']),
            ""]
-    head = ["workload"] + present + ["shiftfs ÷ native", "shiftfs ÷ bindfs", "kernel ÷ native",
-                                     "target", "met"]
+    others = [n for n in ("native", "bindfs", "fuse-overlayfs") if n in present]
+    head = (["workload"] + [SHORT.get(n, n) for n in present]
+            + [f"shiftfs ÷ {SHORT.get(n, n)}" for n in others] + ["kernel ÷ native", "goal", "met"])
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
-    for row, _prep, _run, _clean, target in workloads:
+    verdicts = []
+    for row, _prep, _run, _clean, goal in workloads:
         med = {n: statistics.median(results[row][n]) if results[row].get(n) else None for n in present}
-        s, nat, b, k = med.get("shiftfs"), med.get("native"), med.get("bindfs"), med.get("kernel")
-        rn = s / nat if s and nat else None
-        rb = s / b if s and b else None
+        s, k, nat = med.get("shiftfs"), med.get("kernel"), med.get("native")
+        ratios = {n: (s / med[n] if s and med.get(n) else None) for n in others}
         rk = k / nat if k and nat else None
-        if target:
-            limit, against = target
-            val = rb if against == "bindfs" else rn
+        if goal:
+            limit, against = goal
+            val = ratios.get(against)
             tgt = f"≤ {limit} × {against}"
             met = "–" if val is None else ("yes" if val <= limit else "**no**")
+            if val is not None:
+                verdicts.append((row, tgt, val, val <= limit))
         else:
             tgt, met = "–", "–"
         out.append("| " + " | ".join([row] + [fmt_t(med[n]) for n in present]
-                                     + [fmt_r(rn), fmt_r(rb), fmt_r(rk), tgt, met]) + " |")
+                                     + [fmt_r(ratios[n]) for n in others] + [fmt_r(rk), tgt, met]) + " |")
     if dstats:
-        out += ["", "Daemon cost over a cold walk (`find -ls` + `tar cf - | cat` of the whole tree); "
-                "requests counted with the `fuse:fuse_request_send` tracepoint; RSS before, after "
-                "that walk, and after two more:", "",
-                "| daemon | requests | CPU | µs / request | RSS before | after 1 walk | after 3 walks | "
-                "top requests |", "|---|---|---|---|---|---|---|---|"]
+        out += ["", "Daemon cost over a cold walk (`find -ls` + `tar cf - | cat` of the whole tree, after "
+                "drop_caches); requests counted with the `fuse:fuse_request_send` tracepoint. Inode-table "
+                "figures: the daemon's RSS and open fds (/proc/PID/fd) before, after that walk, after two "
+                "more (each after drop_caches), and after a final drop_caches (the kernel FORGETs what it "
+                "evicts):", "",
+                "| daemon | requests | CPU | µs / request | RSS: before / 1 walk / 3 walks / dropped | "
+                "fds: before / 1 walk / 3 walks / dropped | requests by opcode |",
+                "|---|---|---|---|---|---|---|"]
         for d in dstats:
-            top = ", ".join(f"{k.replace('FUSE_', '')} {v}" for k, v in d["ops"].most_common(6))
             us = f"{d['us_per_req']:.1f}" if d["us_per_req"] else "–"
-            out.append(f"| {d['fs']} | {d['requests']} | {d['cpu_s']:.2f} s | {us} | "
-                       f"{d['rss0'] / 1024:.1f} MiB | {d['rss1'] / 1024:.1f} MiB | "
-                       f"{d['rss3'] / 1024:.1f} MiB | {top} |")
-        out.append("")
-        out.append("Target: ≤ 15 µs per request (shiftfs), RSS flat over a walk.")
+            rss = " / ".join(f"{m[0] / 1024:.1f}" for m in d["mem"]) + " MiB"
+            fds = " / ".join(str(m[1]) for m in d["mem"])
+            out.append(f"| {d['fs']} | {d['requests']} | {d['cpu_s']:.2f} s | {us} | {rss} | {fds} | "
+                       f"{fmt_ops(d['ops'])} |")
+        by = {d["fs"]: d for d in dstats}
+        if by.get("shiftfs", {}).get("us_per_req") and by.get("bindfs", {}).get("us_per_req"):
+            r = by["shiftfs"]["us_per_req"] / by["bindfs"]["us_per_req"]
+            out += ["", f"Goal: daemon CPU per request ≤ 1.5 × bindfs's: shiftfs ÷ bindfs = {r:.2f} "
+                    f"({'met' if r <= 1.5 else '**missed**'})."]
+            verdicts.append(("daemon CPU per request (cold walk)", "≤ 1.5 × bindfs", r, r <= 1.5))
+    def walked(row):   # the stat script stats every path twice (warm-up + timed), both counted
+        return npaths * (2 if row.startswith("stat every path") else 1)
+    if rcounts:
+        out += ["", "Requests per workload (one extra, untimed run of each workload on each FUSE mount, "
+                "after the same prep as the timed runs; `fuse:fuse_request_send` counts by opcode; "
+                "GETXATTR split by attribute name, told apart by request length; per path = requests ÷ "
+                f"the {npaths} paths of the tree, for the whole-tree warm workloads (2 × that for "
+                "`stat every path`, whose script stats every path twice, warm-up and timed, both counted); CPU = the daemon's "
+                "user+system time over the run):", "",
+                "| workload | daemon | requests | per path | GETXATTR | daemon CPU | µs / request | "
+                "requests by opcode |", "|---|---|---|---|---|---|---|---|"]
+        for row, *_ in workloads:
+            for name in FUSE_FS:
+                c = rcounts.get((row, name))
+                if not c:
+                    continue
+                n = nreq(c["ops"])
+                per = f"{n / walked(row):.3f}" if row.endswith("warm") else "–"
+                if c["ops"].get("LOST"):
+                    notes.append(f"{row} on {name}: {c['ops']['LOST']} trace events lost")
+                us = f"{c['cpu_s'] / n * 1e6:.1f}" if n else "–"
+                out.append(f"| {row} | {name} | {n} | {per} | {fmt_xattr(c['ops'])} | {c['cpu_s']:.2f} s | "
+                           f"{us} | {fmt_ops(c['ops'], skip=('FUSE_GETXATTR',))} |")
+        warm = [w[0] for w in workloads if w[0].endswith("warm")]
+        sw = [(r, nreq(rcounts[(r, "shiftfs")]["ops"]), rcounts[(r, "shiftfs")]["ops"])
+              for r in warm if (r, "shiftfs") in rcounts]
+        if sw:
+            out += ["", "Goal: warm walk requests ≤ 2 % of the paths walked, 0 GETXATTR of the root "
+                    "(shiftfs): " + "; ".join(
+                        f"{r}: {n} requests = {100 * n / walked(r):.1f} % of {walked(r)} paths walked "
+                        f"({'met' if n <= 0.02 * walked(r) else '**missed**'}), GETXATTR "
+                        f"{c.get('xattr:system.posix_acl_access', 0)} posix_acl_access"
+                        for r, n, c in sw) + "."]
+            for r, n, c in sw:
+                verdicts.append((f"{r}: requests per path", "≤ 0.02", n / walked(r), n <= 0.02 * walked(r)))
+    if aprobe:
+        out += ["", "Where warm-walk GETXATTRs come from: 1000 warm `lstat()`s of t00/d00/f000 by an "
+                "absolute path (through the mount root) and relative to a cwd inside the mount; requests "
+                "over the 1000 calls:", "",
+                "| daemon | absolute | from cwd t00 | from cwd t00/d00 |", "|---|---|---|---|"]
+        for name, res in aprobe.items():
+            out.append(f"| {name} | " + " | ".join(
+                f"{nreq(c)}: {fmt_ops(c) if nreq(c) else '–'}" + (
+                    f" ({', '.join(f'{k[6:]} {v}' for k, v in c.items() if k.startswith('xattr:'))})"
+                    if c.get("FUSE_GETXATTR") else "")
+                for c in res.values()) + " |")
+    if coh:
+        kinds = ["chmod", "new file", "removal", "rename"]
+        out += ["", "Coherence: a change made directly on the lower, polled through the mount every ms "
+                "until visible (up to 5 s; the name or file was looked up through the mount first). "
+                "fuse-overlayfs does not support changes to its lowerdir behind its back:", "",
+                "| mount | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for name, res in coh.items():
+            out.append(f"| {name} | " + " | ".join(
+                "> 5 s" if res.get(k) is None else f"{res[k] * 1000:.0f} ms" for k in kinds) + " |")
+    if verdicts:
+        out += ["", "Goals (issue 13): met " + ", ".join(f"{r} ({v:.2f})" for r, _t, v, ok in verdicts if ok)
+                + "; missed " + (", ".join(f"{r} ({v:.2f}, goal {t})" for r, t, v, ok in verdicts if not ok)
+                                 or "none") + "."]
     if notes:
         out += [""] + [f"- note: {n}" for n in notes]
     return "\n".join(out) + "\n"
@@ -527,7 +818,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the markdown table here (also printed)")
     ap.add_argument("--only", help="comma-separated substrings of workload names to run")
     ap.add_argument("--skip", default="", help="comma-separated filesystems to leave out")
-    ap.add_argument("--no-daemon-stats", action="store_true")
+    ap.add_argument("--no-daemon-stats", action="store_true",
+                    help="leave out the cold-walk daemon figures, the request counts and coherence")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the lower tree")
     ap.add_argument("--json", help="also dump raw timings here")
     ap.add_argument("shiftfs_args", nargs="*", help="extra shiftfs arguments after --, e.g. -- -o attr_timeout=5")
@@ -538,6 +830,7 @@ def main(argv=None) -> int:
     args.rounds = args.rounds or (1 if args.quick else 3)
     work = args.workdir or ("/tmp/shiftfs-bench-quick" if args.quick else "/tmp/shiftfs-bench")
     os.makedirs(work, exist_ok=True)
+    args.work = work
     if args.rebuild and os.path.exists(os.path.join(work, "stamp.json")):
         os.unlink(os.path.join(work, "stamp.json"))
     build_tree(work, p)
@@ -559,8 +852,8 @@ def main(argv=None) -> int:
                     dt = run(fs)
                     clean(fs)
                     results[row][name].append(dt)
-                    log(f"{row:40s} round {r + 1} {name:8s} {dt * 1000:9.1f} ms")
-        dstats = []
+                    log(f"{row:40s} round {r + 1} {name:14s} {dt * 1000:9.1f} ms")
+        dstats, rcounts, coh, aprobe = [], {}, {}, {}
         if not args.no_daemon_stats:
             counter = None
             try:
@@ -568,11 +861,16 @@ def main(argv=None) -> int:
             except (OSError, RuntimeError) as e:
                 notes.append(f"request counting unavailable ({e}); CPU per request not computed")
             try:
+                if counter:
+                    rcounts = request_counts(fss, workloads, counter)
+                    aprobe = acl_probe(fss, counter)
                 dstats = daemon_stats(fss, work, counter)
             finally:
                 if counter:
                     counter.close()
-    text = report(results, workloads, fss, dstats, notes, args, p, time.monotonic() - t_start)
+            coh = coherence(fss, work)
+    text = report(results, workloads, fss, dstats, rcounts, coh, aprobe, notes, args, p,
+                  time.monotonic() - t_start)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
