@@ -12,13 +12,15 @@ with attributes) adds one; FORGET and BATCH_FORGET take them back, and at
 zero the node and its fd go. Node ids are never reused (a 64-bit counter),
 so the generation is always 0. The root is node 1 and is never forgotten.
 
-The table is bounded: the kernel forgets a node when it evicts the inode
-(FUSE evicts an inode as soon as no dentry or open file holds it), and once
-the table passes ``high`` nodes, ``shrink_wanted`` is set and watch.Shrinker
-asks the kernel to drop the oldest names (notify_inval_entry), which sends
-their FORGETs, until it is back under ``low``. So a walk of any size leaves
-at most ``high`` fds; `len(table)` and `table.peak` say how many
-(bench/run.py reports them).
+The table's fds are bounded: the kernel forgets a node when it evicts the
+inode (FUSE evicts an inode as soon as no dentry or open file holds it),
+and once more than ``high`` fds are held, ``shrink_wanted`` is set and
+watch.Shrinker gives back the fds of nodes idle for 10 s (each node keeps
+its file handle, and get() reopens it with open_by_handle_at when next
+named). Where handles cannot be had (no CAP_DAC_READ_SEARCH, a filesystem
+without them) the shrinker instead asks the kernel to drop the oldest names
+(notify_inval_entry), which sends their FORGETs. `len(table)`,
+`table.peak` and `table.open_fds` say how many (bench/run.py reports them).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import errno
 import os
 import stat
 import threading
+import time
+
+from . import linux
 
 ROOT_ID = 1
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -36,13 +41,16 @@ class Node:
     """One lower inode. ``mode`` is its file type bits (they never change
     for an inode), ``fd`` an O_PATH fd of it."""
 
-    __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens")
+    __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens",
+                 "handle", "used")
 
     def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.node_id, self.fd, self.key, self.mode = node_id, fd, key, mode
         self.nlookup = 0
         self.parent_id, self.name = 0, b""  # the last name it was looked up by
         self.opens = 0  # lower file handles open on it
+        self.handle: bytes | None = None  # to reopen it once its fd was given back
+        self.used = 0.0  # monotonic time of the last request that named it
 
     @property
     def path(self) -> str:
@@ -71,15 +79,73 @@ class InodeTable:
         self.high, self.low = 1 << 62, 1 << 62  # set by the mount from RLIMIT_NOFILE
         self.shrink_wanted = threading.Event()
         self._placeholder = -1
+        self.open_fds = 1
+        # Idle nodes may give their fd back and be reopened by file handle
+        # (needs CAP_DAC_READ_SEARCH and a filesystem with handles).
+        self._mount_fd = -1
+        self.handles = False
+        try:
+            self._mount_fd = os.open(f"/proc/self/fd/{root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            h = linux.name_to_handle(root_fd)
+            if h is not None:
+                os.close(linux.open_by_handle(self._mount_fd, h, os.O_PATH | os.O_CLOEXEC))
+                self.handles = True
+        except OSError:
+            pass
 
     def __len__(self) -> int:
         return len(self._by_id)
 
     def get(self, node_id: int) -> Node:
+        """The node, with an fd (reopened by handle if it gave it back)."""
         try:
-            return self._by_id[node_id]
+            node = self._by_id[node_id]
         except KeyError:
             raise OSError(errno.ESTALE, f"no node {node_id}") from None
+        node.used = time.monotonic()
+        if node.fd < 0:
+            self._reopen(node)
+        return node
+
+    def _reopen(self, node: Node) -> None:
+        with self._lock:
+            if node.fd >= 0:
+                return
+            if node.handle is None:
+                raise OSError(errno.ESTALE, f"node {node.node_id} has no fd")
+            fd = linux.open_by_handle(self._mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != node.key:  # cannot happen; never act on another inode
+                os.close(fd)
+                raise OSError(errno.ESTALE, f"node {node.node_id} reopened as another inode")
+            node.fd = fd
+            self.open_fds += 1
+        if self.open_fds > self.high:
+            self.shrink_wanted.set()
+
+    def give_back_idle(self, count: int, idle: float = 10.0) -> int:
+        """Close the fds of up to ``count`` nodes no request has named for
+        ``idle`` seconds (and that nothing has open), oldest first; they are
+        reopened by file handle when next named. The idle time is what makes
+        this safe: a request reads node.fd right after get() stamped
+        ``used``, so no request can still be about to use a number closed
+        here (and then reused by another open). How many were given back."""
+        if not self.handles:
+            return 0
+        limit = time.monotonic() - idle
+        with self._lock:
+            idle_nodes = sorted((n for n in self._by_id.values()
+                                 if n.fd >= 0 and n.handle is not None and not n.opens
+                                 and n is not self.root and n.used < limit),
+                                key=lambda n: n.used)[:count]
+            fds = []
+            for n in idle_nodes:
+                fds.append(n.fd)
+                n.fd = -1
+            self.open_fds -= len(fds)
+        for fd in fds:
+            os.close(fd)
+        return len(fds)
 
     def find(self, dev: int, ino: int) -> Node | None:
         """The node of a lower inode, if the kernel holds one (watch.py)."""
@@ -117,19 +183,26 @@ class InodeTable:
         """Count one lookup of the inode ``fd`` holds (the table takes the
         fd: kept for a new node, closed for one it already has)."""
         key = (st.st_dev, st.st_ino)
+        handle = linux.name_to_handle(fd) if self.handles else None
         with self._lock:
             node = self._by_key.get(key)
             if node is None:
                 node = Node(self._next_id, fd, key, stat.S_IFMT(st.st_mode))
+                node.handle = handle
                 self._next_id += 1
                 self._by_id[node.node_id] = node
                 self._by_key[key] = node
                 n = len(self._by_id)
                 if n > self.peak:
                     self.peak = n
-                if n > self.high:
+                self.open_fds += 1
+                if self.open_fds > self.high:
                     self.shrink_wanted.set()
                 fd = -1
+            elif node.fd < 0:  # it had given its fd back: take this one
+                node.fd, fd = fd, -1
+                self.open_fds += 1
+            node.used = time.monotonic()
             node.nlookup += 1
             if name:
                 node.parent_id, node.name = parent_id, name
@@ -156,7 +229,8 @@ class InodeTable:
         taken until then, pointing at an empty memfd, so a request still
         in flight can never reach another file through a reused number."""
         with self._lock:
-            if node.opens or not stat.S_ISREG(node.mode) or node.node_id not in self._by_id:
+            if (node.opens or node.fd < 0 or not stat.S_ISREG(node.mode)
+                    or node.node_id not in self._by_id):
                 return
             try:
                 if os.fstat(node.fd).st_nlink:
@@ -181,7 +255,11 @@ class InodeTable:
             del self._by_id[node_id]
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
-        os.close(node.fd)
+            fd, node.fd = node.fd, -1
+            if fd >= 0:
+                self.open_fds -= 1
+        if fd >= 0:
+            os.close(fd)
         return True
 
     def close(self) -> None:
@@ -190,4 +268,8 @@ class InodeTable:
             self._by_id = {ROOT_ID: self.root}
             self._by_key = {self.root.key: self.root}
         for n in nodes:
-            os.close(n.fd)
+            if n.fd >= 0:
+                os.close(n.fd)
+        if self._mount_fd >= 0:
+            os.close(self._mount_fd)
+            self._mount_fd = -1

@@ -183,6 +183,23 @@ def fanotify_mark(fd: int, flags: int, mask: int, path: str) -> None:
     _check(_libc.fanotify_mark(fd, flags, mask, AT_FDCWD, path.encode()))
 
 
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+_MAX_HANDLE_SZ = 128
+
+
+def name_to_handle(fd: int) -> bytes | None:
+    """The file handle (struct file_handle) of the inode ``fd`` holds, or
+    None where the filesystem has none."""
+    buf = ctypes.create_string_buffer(8 + _MAX_HANDLE_SZ)
+    struct.pack_into("=I", buf, 0, _MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH) < 0:
+        return None
+    size = struct.unpack_from("=I", buf, 0)[0]
+    return buf.raw[:8 + size]
+
+
 def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
     """``handle`` is a struct file_handle as fanotify reports it."""
     return _check(_libc.open_by_handle_at(mount_fd, handle, flags))

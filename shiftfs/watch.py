@@ -52,10 +52,17 @@ class Shrinker:
 
     def shrink(self) -> None:
         table = self.table
-        excess = len(table) - table.low
+        excess = table.open_fds - table.low
         if excess <= 0:
             return
         self.rounds += 1
+        excess -= table.give_back_idle(excess)
+        if excess <= 0:
+            return
+        if table.handles:
+            # busy nodes only: try again once some have been idle long enough
+            threading.Timer(5.0, table.shrink_wanted.set).start()
+            return
         # a cursor, so names the kernel cannot drop (busy) do not stop the
         # shrinker from reaching newer ones
         batch = table.oldest(excess, self._after)
