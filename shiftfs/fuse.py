@@ -634,8 +634,8 @@ class Session:
         else:
             _lib.fuse_reply_write(req, n)
 
-    def _ll_flush(self, req, node_id, fi):
-        _lib.fuse_reply_err(req, 0)
+    # No FLUSH: libfuse answers the first with ENOSYS and the kernel sends
+    # no more (nothing is buffered here; locks are the kernel's own).
 
     def _ll_release(self, req, node_id, fi):
         self._err_op(req, "release", self.ops.release, node_id, fi[0].fh)

@@ -15,7 +15,7 @@ so the generation is always 0. The root is node 1 and is never forgotten.
 The table's fds are bounded: the kernel forgets a node when it evicts the
 inode (FUSE evicts an inode as soon as no dentry or open file holds it),
 and once more than ``high`` fds are held, ``shrink_wanted`` is set and
-watch.Shrinker gives back the fds of nodes idle for 10 s (each node keeps
+watch.Shrinker gives back the fds of nodes idle for 1 s (each node keeps
 its file handle, and get() reopens it with open_by_handle_at when next
 named). Where handles cannot be had (no CAP_DAC_READ_SEARCH, a filesystem
 without them) the shrinker instead asks the kernel to drop the oldest names
@@ -123,7 +123,7 @@ class InodeTable:
         if self.open_fds > self.high:
             self.shrink_wanted.set()
 
-    def give_back_idle(self, count: int, idle: float = 10.0) -> int:
+    def give_back_idle(self, count: int, idle: float = 1.0) -> int:
         """Close the fds of up to ``count`` nodes no request has named for
         ``idle`` seconds (and that nothing has open), oldest first; they are
         reopened by file handle when next named. The idle time is what makes

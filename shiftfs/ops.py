@@ -51,7 +51,8 @@ Caveats (honest ones, as in pyfuse3's passthroughfs):
 - POSIX locks and flock are left to the kernel (local to this mount).
 - Every node holds an fd while it is in use: the daemon raises
   RLIMIT_NOFILE at start, and watch.Shrinker keeps the fds under 60 % of it
-  (idle nodes give theirs back and are reopened by file handle). A file whose last name goes while nobody has it
+  (idle nodes give theirs back and are reopened by file handle; failing
+  that, the kernel is asked to drop its oldest names). A file whose last name goes while nobody has it
   open gives its inode back at once (inodes.release_if_gone).
 - Without the watcher (rootless, -o cache=timeout) changes behind the
   mount show within the lifetimes above.

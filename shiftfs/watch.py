@@ -11,11 +11,13 @@ for the directory. Changes the daemon itself made (through this mount,
 which the kernel knows already) carry its pid and are skipped. A queue
 overflow invalidates every node and name the daemon knows.
 
-The shrinker keeps the inode table (and so the daemon's fds) bounded: when
-the table passes its high mark it asks the kernel to drop the oldest names
-it holds (notify_inval_entry); the kernel then evicts those inodes that
-nothing else holds (no open file, no cwd, no cached child) and FORGETs
-them. A dropped name costs one LOOKUP the next time it is used.
+The shrinker keeps the daemon's fds bounded: past the table's high mark,
+nodes idle for a second give their fd back (inodes.give_back_idle; they
+are reopened by file handle when next named); if too few are idle (a fast
+walk), it asks the kernel to drop the oldest names it holds
+(notify_inval_entry), and the kernel evicts those inodes that nothing else
+holds (no open file, no cwd, no cached child) and FORGETs them. A dropped
+name costs one LOOKUP the next time it is used.
 """
 
 from __future__ import annotations
@@ -59,10 +61,7 @@ class Shrinker:
         excess -= table.give_back_idle(excess)
         if excess <= 0:
             return
-        if table.handles:
-            # busy nodes only: try again once some have been idle long enough
-            threading.Timer(5.0, table.shrink_wanted.set).start()
-            return
+        # too few idle ones (a fast walk): make the kernel forget the oldest
         # a cursor, so names the kernel cannot drop (busy) do not stop the
         # shrinker from reaching newer ones
         batch = table.oldest(excess, self._after)
