@@ -314,9 +314,6 @@ def safety_warnings(req: Request, idmap) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "scan":
-        from .scan import main as scan_main
-        return scan_main(argv[1:])
     try:
         req = parse_args(argv)
         idmap = build_idmap(req.uid_extents, req.gid_extents)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from shiftfs.cli import main
+from shiftfs.command import main
 from shiftfs.idmap import Extent, build_idmap
 from shiftfs.scan import _ids, scan
 
