@@ -85,7 +85,6 @@ SET_ATTR_CTIME = 1 << 10
 
 FUSE_BUF_IS_FD = 1 << 1
 FUSE_BUF_FD_SEEK = 1 << 2
-ROOT_ID = 1
 
 c_stat = mfusepy.c_stat
 c_statvfs = mfusepy.c_statvfs
@@ -208,7 +207,6 @@ _sig(_lib.fuse_session_unmount, None, _vp)
 _sig(_lib.fuse_session_destroy, None, _vp)
 _sig(_lib.fuse_session_exit, None, _vp)
 _sig(_lib.fuse_session_exited, ctypes.c_int, _vp)
-_sig(_lib.fuse_session_fd, ctypes.c_int, _vp)
 _sig(_lib.fuse_session_receive_buf, ctypes.c_int, _vp, ctypes.POINTER(FuseBuf))
 _sig(_lib.fuse_session_process_buf, None, _vp, ctypes.POINTER(FuseBuf))
 _sig(_lib.fuse_req_ctx, ctypes.POINTER(Ctx), _req)
@@ -235,7 +233,6 @@ _sig(_lib.fuse_buf_copy, ctypes.c_ssize_t, ctypes.POINTER(FuseBufvec), ctypes.PO
 _sig(_lib.fuse_buf_size, _size, ctypes.POINTER(FuseBufvec))
 _sig(_lib.fuse_lowlevel_notify_inval_inode, ctypes.c_int, _vp, _ino, _off, _off)
 _sig(_lib.fuse_lowlevel_notify_inval_entry, ctypes.c_int, _vp, _ino, ctypes.c_char_p, _size)
-_sig(_lib.fuse_lowlevel_notify_delete, ctypes.c_int, _vp, _ino, _ino, ctypes.c_char_p, _size)
 _sig(_lib.fuse_set_signal_handlers, ctypes.c_int, _vp)
 _sig(_lib.fuse_remove_signal_handlers, None, _vp)
 _libc.free.argtypes = [ctypes.c_void_p]
@@ -332,23 +329,22 @@ class Session:
     ``mount_options`` are the -o words libfuse and the kernel take
     (allow_other, default_permissions, fsname=, ro, nosuid, ...);
     ``conn_want``/``conn_unwant`` the capability bits asked for and refused
-    at INIT; ``debug`` a callable printing one line per request, or None.
+    at INIT; with ``debug`` one line per request goes to stderr.
     """
 
     def __init__(self, ops, mount_options: list[str], conn_want: int, conn_unwant: int,
-                 max_readahead: int = 0, debug=None) -> None:
+                 max_readahead: int = 0, debug: bool = False) -> None:
         self.ops = ops
         self.conn_want, self.conn_unwant = conn_want, conn_unwant
         self.max_readahead = max_readahead
         self.init_error: BaseException | None = None
-        self.got_init = threading.Event()
         self._debug = debug
         self._callbacks = []  # kept alive as long as the session
         self._ll_ops = LowlevelOps()
         for name, kind in _OPS:
             handler = getattr(self, "_ll_" + name, None)
             if handler is not None and kind is not ctypes.c_void_p:
-                if debug is not None and name not in ("init", "destroy"):
+                if debug and name not in ("init", "destroy"):
                     handler = self._debugged(name, handler)
                 cb = kind(handler)
                 self._callbacks.append(cb)
@@ -433,20 +429,18 @@ class Session:
     def inval_entry(self, parent_id: int, name: bytes) -> int:
         return _lib.fuse_lowlevel_notify_inval_entry(self.se, parent_id, name, len(name))
 
-    def notify_delete(self, parent_id: int, child_id: int, name: bytes) -> int:
-        return _lib.fuse_lowlevel_notify_delete(self.se, parent_id, child_id, name, len(name))
-
     # ---- the wrappers ----
     def _debugged(self, name, handler):
         def wrapped(req, *args):
-            ctx = _lib.fuse_req_ctx(req).contents
+            c = _lib.fuse_req_ctx(req).contents
+            uid, gid, pid = c.uid, c.gid, c.pid  # the reply frees the request
             _tls.last_result = "ok"
             handler(req, *args)
             try:
                 shown = self.ops.describe_args(name, args)
             except Exception:  # noqa: BLE001 (a log line never fails a request)
                 shown = "?"
-            print(f"shiftfs: {name} {shown} pid {ctx.pid} {self._debug(ctx.uid, ctx.gid)} "
+            print(f"shiftfs: {name} {shown} pid {pid} {self.ops.describe_caller(uid, gid)} "
                   f"-> {_tls.last_result}", file=sys.stderr, flush=True)
         return wrapped
 
@@ -456,7 +450,7 @@ class Session:
         else:
             log.error("%s failed", what, exc_info=e)
             code = errno.EIO
-        if self._debug is not None:
+        if self._debug:
             _tls.last_result = errno.errorcode.get(code, str(code))
         _lib.fuse_reply_err(req, code)
 
@@ -470,7 +464,7 @@ class Session:
             return None
 
     def _reply_entry(self, req, e: Entry) -> None:
-        if self._debug is not None and not e.node_id:
+        if self._debug and not e.node_id:
             _tls.last_result = "ENOENT"
         ep = EntryParam()
         pack_entry(ep, e.node_id, e.st, e.uid, e.gid, e.attr_timeout, e.entry_timeout) \
@@ -511,7 +505,6 @@ class Session:
         except BaseException as e:  # noqa: B902
             self.init_error = e
             _lib.fuse_session_exit(self.se)
-        self.got_init.set()
 
     def _ll_destroy(self, userdata) -> None:
         try:
@@ -752,10 +745,6 @@ class Session:
 
     def _ll_removexattr(self, req, node_id, name):
         self._err_op(req, "removexattr", self.ops.removexattr, node_id, name)
-
-
-def session_fd(session: Session) -> int:
-    return _lib.fuse_session_fd(session.se)
 
 
 # ---- libfuse's own log lines ----------------------------------------------------

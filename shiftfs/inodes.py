@@ -42,7 +42,7 @@ class Node:
     for an inode), ``fd`` an O_PATH fd of it."""
 
     __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens",
-                 "handle", "used")
+                 "handle", "used", "stamp")
 
     def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.node_id, self.fd, self.key, self.mode = node_id, fd, key, mode
@@ -51,6 +51,7 @@ class Node:
         self.opens = 0  # lower file handles open on it
         self.handle: bytes | None = None  # to reopen it once its fd was given back
         self.used = 0.0  # monotonic time of the last request that named it
+        self.stamp = None  # (size, mtime) at the last open: keep the page cache if unchanged
 
     @property
     def path(self) -> str:
@@ -167,16 +168,20 @@ class InodeTable:
                         break
             return out
 
-    def lookup_at(self, parent: Node, name: bytes, fd_of_parent: int | None = None
-                  ) -> tuple[Node, os.stat_result]:
-        """The node of ``name`` in directory ``parent``, never following a
-        symlink, counted as one lookup."""
-        fd = os.open(name, _O_PATH, dir_fd=parent.fd if fd_of_parent is None else fd_of_parent)
+    @staticmethod
+    def open_at(dir_fd: int, name: bytes) -> tuple[int, os.stat_result]:
+        """An O_PATH fd of ``name`` in ``dir_fd`` (never through a symlink)
+        and its stat, for add()."""
+        fd = os.open(name, _O_PATH, dir_fd=dir_fd)
         try:
-            st = os.fstat(fd)
+            return fd, os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
+
+    def lookup_at(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        """The node of ``name`` in directory ``parent``, counted as one lookup."""
+        fd, st = self.open_at(parent.fd, name)
         return self.add(fd, st, parent.node_id, name), st
 
     def add(self, fd: int, st: os.stat_result, parent_id: int = 0, name: bytes = b"") -> Node:
@@ -263,10 +268,10 @@ class InodeTable:
         return True
 
     def close(self) -> None:
+        """Every fd the table holds, the root's included."""
         with self._lock:
-            nodes = [n for n in self._by_id.values() if n is not self.root]
-            self._by_id = {ROOT_ID: self.root}
-            self._by_key = {self.root.key: self.root}
+            nodes = list(self._by_id.values())
+            self._by_id, self._by_key = {}, {}
         for n in nodes:
             if n.fd >= 0:
                 os.close(n.fd)

@@ -6,7 +6,6 @@ the data path needs. Imports nothing of ours."""
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import struct
 
@@ -17,7 +16,6 @@ AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
-RENAME_WHITEOUT = 1 << 2
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
@@ -230,6 +228,3 @@ def fanotify_events(data: bytes):
         yield mask, pid, infos
         pos += event_len
 
-
-def errno_name(code: int) -> str:
-    return errno.errorcode.get(code, str(code))

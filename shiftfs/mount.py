@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+from . import linux
 from .idmap import Extent, IdMap, build_idmap, parse_extent
 from .watch import Shrinker
 
@@ -104,7 +105,8 @@ def set_read_ahead(mountpoint: str, kb: int) -> bool:
 
 
 def _raise_nofile() -> None:
-    """Every node holds an fd: as many as the kernel caches inodes."""
+    """Room for the inode table's fds (watch.Shrinker keeps them under 60 %
+    of what this leaves) and the files callers open."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:  # as root, up to the kernel's ceiling (CAP_SYS_RESOURCE)
         with open("/proc/sys/fs/nr_open", encoding="ascii") as f:
@@ -143,13 +145,14 @@ def _daemonize():
 
 def _sync_init_device() -> int | None:
     """/dev/fuse set up for a synchronous INIT (Linux 6.18+): the kernel
-    then answers INIT while it makes the superblock, so the root inode is
-    made after ACLs are on and its ACL is cached like any other. None where
-    the kernel has no such ioctl (ENOTTY) or we cannot mount ourselves."""
+    then has INIT answered while it makes the superblock, meant to let the
+    root inode be made after ACLs are on. (Measured on 6.18: the root's ACL
+    is still asked at every walk through it; see README, Limits.) None
+    where the kernel has no such ioctl (ENOTTY) or we cannot mount
+    ourselves."""
     if os.geteuid() != 0:
         return None
     import fcntl
-    from . import linux
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
@@ -165,8 +168,8 @@ def _sync_init_device() -> int | None:
 def _kernel_mount(fd: int, lower: str, mp: str, options: MountOptions) -> None:
     """mount(2) of a FUSE filesystem served on ``fd``, as libfuse's own
     mount does for root."""
-    from . import linux
-    words = options.mount_options(lower)[2:]  # past fsname= and subtype=
+    words = [w for w in options.mount_options(lower)  # the source and fstype say these
+             if not w.startswith(("fsname=", "subtype="))]
     flags = 0
     data = [f"fd={fd}", f"rootmode={stat.S_IFMT(os.stat(lower).st_mode):o}",
             f"user_id={os.geteuid()}", f"group_id={os.getegid()}"]
@@ -215,7 +218,7 @@ def _make_watch(operations, session, lower: str, options: MountOptions):
 def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> int:
     """Mount and serve until unmounted. Without ``foreground`` the process
     forks once the mount is live, so the caller returns only then."""
-    from . import fuse, linux
+    from . import fuse
     from .ops import Lifetimes, Operations
 
     setup_logging(options.foreground)
@@ -251,7 +254,7 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
         words = options.mount_options(lower) + (["debug"] if options.debug else [])
         session = fuse.Session(operations, words, want, unwant,
                                max_readahead=READ_AHEAD_KB * 1024,
-                               debug=operations.describe_caller if options.debug else None)
+                               debug=options.debug)
     except OSError:
         print(f"shiftfs: libfuse refused the mount options for {mountpoint}", file=sys.stderr)
         return 1
@@ -283,8 +286,8 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     if report:
         report(True)
     if options.debug:
-        log.info("INIT was %s", "synchronous: the root's ACL is cached" if sync_fd is not None
-                 else "asynchronous (no FUSE_DEV_IOC_SYNC_INIT here): the root's ACL is asked per walk")
+        log.info("INIT was %s", "synchronous (FUSE_DEV_IOC_SYNC_INIT)" if sync_fd is not None
+                 else "asynchronous (no FUSE_DEV_IOC_SYNC_INIT here)")
     if watcher is not None:
         watcher.start()
     # the table's fds stay well inside RLIMIT_NOFILE (open files need some too)

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from . import fuse, linux, policy, xattrs
 from .fuse import Entry
 from .idmap import IdMap
-from .inodes import InodeTable, Node
+from .inodes import ROOT_ID, InodeTable, Node
 
 CAP_FOWNER = 3
 CAP_FSETID = 4
@@ -76,7 +76,6 @@ _CAP_SYS_ADMIN = 21
 UNCHANGED = 0xFFFFFFFF  # (uid_t)-1 in chown: keep this id
 _ACL_ACCESS = "system.posix_acl_access"
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
-_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # what an OPEN's flags may not carry to the lower: the kernel made the name
 # and checked the caller; the daemon only reopens the inode it holds
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
@@ -173,17 +172,14 @@ class Operations:
         self.life = lifetimes or Lifetimes()
         self.unwatched = self.life  # lifetimes where no watcher sees changes
         self.watched_dev: int | None = None
-        self.watcher = None
         self.daemon_uid = os.geteuid()
         self.daemon_gid = os.getegid()
-        self.posix_acl = False
         self._dirs: dict[int, DirStream] = {}
-        self._stamps: dict[int, tuple[int, int]] = {}  # node id -> (size, mtime) at last open
         self._ovf_uid, self._ovf_gid = idmap.overflow_uid, idmap.overflow_gid
 
     # ---- lifecycle ----
     def init(self, capable: int, want: int) -> None:
-        self.posix_acl = bool(want & fuse.FUSE_CAP_POSIX_ACL)
+        """INIT was answered (mount.serve hooks its read-ahead here)."""
 
     def worker_started(self) -> None:
         linux.private_fs_struct()
@@ -193,7 +189,6 @@ class Operations:
             os.close(d.fd)
         self._dirs.clear()
         self.table.close()
-        os.close(self.table.root.fd)
 
     def describe_caller(self, uid: int, gid: int) -> str:
         """-d: the caller's upper ids and the lower ids they stand for."""
@@ -222,7 +217,7 @@ class Operations:
     def _path_of(self, node_id: int) -> str:
         parts = []
         for _ in range(256):
-            if node_id == 1:
+            if node_id == ROOT_ID:
                 return "/" + "/".join(reversed(parts))
             node = self.table._by_id.get(node_id)
             if node is None or not node.name:
@@ -233,7 +228,7 @@ class Operations:
 
     # ---- helpers ----
     def _frozen(self, st: os.stat_result) -> bool:
-        return self.uids.to_upper(st.st_uid) is None or self.gids.to_upper(st.st_gid) is None
+        return policy.is_frozen(st, self.uids, self.gids)
 
     def _life(self, st: os.stat_result) -> Lifetimes:
         """Long lifetimes only where the watcher sees changes (the lower's
@@ -322,8 +317,7 @@ class Operations:
 
     def forget(self, pairs) -> None:
         for node_id, nlookup in pairs:
-            if self.table.forget(node_id, nlookup):
-                self._stamps.pop(node_id, None)
+            self.table.forget(node_id, nlookup)
 
     def mknod(self, parent_id, name, mode, rdev) -> Entry:
         parent = self.table.get(parent_id)
@@ -518,8 +512,8 @@ class Operations:
             os.close(fd)
             raise
         stamp = (st.st_size, st.st_mtime_ns)
-        keep = self._stamps.get(node_id) == stamp
-        self._stamps[node_id] = stamp
+        keep = node.stamp == stamp
+        node.stamp = stamp
         self.table.opened(node)
         return fd, keep
 
@@ -542,7 +536,7 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        self._stamps[node.node_id] = (st.st_size, st.st_mtime_ns)
+        node.stamp = (st.st_size, st.st_mtime_ns)
         self.table.opened(node)
         return self._entry(node, st, False), fd
 
@@ -595,13 +589,8 @@ class Operations:
         if stream.frozen or name in (b".", b".."):
             return None
         try:
-            fd = os.open(name, _O_PATH, dir_fd=fh)
+            fd, st = self.table.open_at(fh, name)
         except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            os.close(fd)
             return None
         if self._frozen(st):
             os.close(fd)
