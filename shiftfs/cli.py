@@ -133,6 +133,10 @@ def apply_o_options(text: str, req: Request) -> None:
             if value not in ("auto", "watch", "timeout", "forever"):
                 raise UsageError(f"-o cache={value}: expected auto, watch, timeout or forever")
             req.options.cache = value
+        elif key == "passthrough" and has_value:
+            if value not in ("auto", "off"):
+                raise UsageError(f"-o passthrough={value}: expected auto or off")
+            req.options.passthrough = value
         elif key == "ro" and not has_value:
             req.options.read_only = True
         elif key in ("suid", "dev") and not has_value and req.mount_helper:

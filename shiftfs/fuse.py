@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import platform
@@ -71,6 +72,7 @@ FUSE_CAP_HANDLE_KILLPRIV = 1 << 20
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
 FUSE_CAP_NO_OPENDIR_SUPPORT = 1 << 24
 FUSE_CAP_EXPLICIT_INVAL_DATA = 1 << 25
+FUSE_CAP_PASSTHROUGH = 1 << 29  # libfuse 3.17 (in 3.14 the bit means nothing)
 
 # FUSE_SET_ATTR_* (fuse_lowlevel.h): which fields a SETATTR carries
 SET_ATTR_MODE = 1 << 0
@@ -91,6 +93,15 @@ c_statvfs = mfusepy.c_statvfs
 FileInfo = mfusepy.fuse_file_info
 ConnInfo = mfusepy.fuse_conn_info
 _NEW_LAYOUT = LIBFUSE_VERSION >= (3, 17)  # struct fuse_buf gained mem_size
+# FUSE passthrough: libfuse 3.17 sends FUSE_PASSTHROUGH at INIT and puts
+# fuse_file_info.backing_id (int32 at byte 36, after poll_events; mfusepy's
+# struct stops before it) into the open reply with FOPEN_PASSTHROUGH.
+HAS_PASSTHROUGH = _NEW_LAYOUT
+FI_BACKING_ID_OFFSET = 36
+# the kernel's ioctls on /dev/fuse for backing files (Linux 6.9):
+# _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t)
+FUSE_DEV_IOC_BACKING_OPEN = (1 << 30) | (16 << 16) | (229 << 8) | 1
+FUSE_DEV_IOC_BACKING_CLOSE = (1 << 30) | (4 << 16) | (229 << 8) | 2
 
 
 class Ctx(ctypes.Structure):
@@ -207,6 +218,7 @@ _sig(_lib.fuse_session_unmount, None, _vp)
 _sig(_lib.fuse_session_destroy, None, _vp)
 _sig(_lib.fuse_session_exit, None, _vp)
 _sig(_lib.fuse_session_exited, ctypes.c_int, _vp)
+_sig(_lib.fuse_session_fd, ctypes.c_int, _vp)
 _sig(_lib.fuse_session_receive_buf, ctypes.c_int, _vp, ctypes.POINTER(FuseBuf))
 _sig(_lib.fuse_session_process_buf, None, _vp, ctypes.POINTER(FuseBuf))
 _sig(_lib.fuse_req_ctx, ctypes.POINTER(Ctx), _req)
@@ -429,6 +441,21 @@ class Session:
     def inval_entry(self, parent_id: int, name: bytes) -> int:
         return _lib.fuse_lowlevel_notify_inval_entry(self.se, parent_id, name, len(name))
 
+    # ---- passthrough backing files (libfuse 3.17, Linux 6.9, CAP_SYS_ADMIN) ----
+    def backing_open(self, fd: int) -> int:
+        """Register ``fd`` (an open regular file) as a backing file: its
+        id, for open replies. The kernel keeps its own reference to the file
+        and opens it anew for each passed-through open, with that open's
+        flags and the daemon's credentials. OSError if refused."""
+        # struct fuse_backing_map {int32 fd; uint32 flags; uint64 padding};
+        # with a mutable buffer fcntl.ioctl returns the call's result
+        return fcntl.ioctl(_lib.fuse_session_fd(self.se), FUSE_DEV_IOC_BACKING_OPEN,
+                           bytearray(struct.pack("iIQ", fd, 0, 0)))
+
+    def backing_close(self, backing_id: int) -> None:
+        fcntl.ioctl(_lib.fuse_session_fd(self.se), FUSE_DEV_IOC_BACKING_CLOSE,
+                    bytearray(struct.pack("I", backing_id)))
+
     # ---- the wrappers ----
     def _debugged(self, name, handler):
         def wrapped(req, *args):
@@ -580,16 +607,19 @@ class Session:
         _lib.fuse_reply_statfs(req, ctypes.byref(s))
 
     # ---- files ----
-    def _open_reply(self, fi, result) -> None:
-        fh, keep_cache = result
+    def _open_reply(self, fi, fh, keep_cache, backing_id) -> None:
         f = fi[0]
         f.fh = fh
-        f.keep_cache = 1 if keep_cache else 0
+        if backing_id:  # FOPEN_PASSTHROUGH; the kernel refuses it with KEEP_CACHE
+            f.keep_cache = 0
+            ctypes.c_int32.from_address(ctypes.addressof(f) + FI_BACKING_ID_OFFSET).value = backing_id
+        else:
+            f.keep_cache = 1 if keep_cache else 0
 
     def _ll_open(self, req, node_id, fi):
         result = self._call(req, "open", self.ops.open, node_id, fi[0].flags)
         if result is not None:
-            self._open_reply(fi, result)
+            self._open_reply(fi, *result)
             if _lib.fuse_reply_open(req, fi) != 0:  # interrupted: the caller is gone
                 self.ops.release(node_id, result[0])
 
@@ -597,8 +627,8 @@ class Session:
         result = self._call(req, "create", self.ops.create, parent, name, mode, fi[0].flags)
         if result is None:
             return
-        entry, fh = result
-        self._open_reply(fi, (fh, False))
+        entry, fh, backing_id = result
+        self._open_reply(fi, fh, False, backing_id)
         ep = EntryParam()
         pack_entry(ep, entry.node_id, entry.st, entry.uid, entry.gid, entry.attr_timeout,
                    entry.entry_timeout)

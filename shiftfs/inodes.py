@@ -42,7 +42,7 @@ class Node:
     for an inode), ``fd`` an O_PATH fd of it."""
 
     __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens",
-                 "handle", "used", "stamp")
+                 "handle", "used", "stamp", "backing")
 
     def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.node_id, self.fd, self.key, self.mode = node_id, fd, key, mode
@@ -52,6 +52,7 @@ class Node:
         self.handle: bytes | None = None  # to reopen it once its fd was given back
         self.used = 0.0  # monotonic time of the last request that named it
         self.stamp = None  # (size, mtime) at the last open: keep the page cache if unchanged
+        self.backing = 0  # passthrough backing id while its opens are passed through
 
     @property
     def path(self) -> str:
@@ -215,16 +216,30 @@ class InodeTable:
             os.close(fd)
         return node
 
-    def opened(self, node: Node) -> None:
+    def opened(self, node: Node, passthrough=None) -> int:
+        """One more lower handle open on ``node``: the passthrough backing
+        id its open reply carries (0: none). The kernel wants every open of
+        an inode served the same way, by one backing file, while any is
+        open; so only the first open chooses, by ``passthrough()`` (an id,
+        or 0), and the others follow it."""
         with self._lock:
+            if not node.opens and passthrough is not None:
+                node.backing = passthrough()
             node.opens += 1
+            return node.backing
 
-    def closed(self, node: Node) -> None:
-        """One lower handle of ``node`` closed; the last may free its inode."""
+    def closed(self, node: Node, unregister=None) -> None:
+        """One lower handle of ``node`` closed; the last may free its inode,
+        and gives its backing id back by ``unregister(id)``. Not sooner: an
+        open answered with the id looks it up after the reply, and its
+        RELEASE (which comes after that) is what keeps the count up."""
         with self._lock:
             node.opens -= 1
             if node.opens:
                 return
+            backing, node.backing = node.backing, 0
+        if backing and unregister is not None:
+            unregister(backing)
         self.release_if_gone(node)
 
     def release_if_gone(self, node: Node) -> None:

@@ -41,6 +41,7 @@ class MountOptions:
     negative_timeout: float = 1.0
     timeouts_given: bool = False  # any *_timeout= on the command line
     cache: str = "auto"  # auto | watch | timeout | forever
+    passthrough: str = "auto"  # auto (where libfuse, kernel and privilege allow) | off
     threads: bool = True
 
     def mount_options(self, lower: str) -> list[str]:
@@ -242,6 +243,9 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
               | fuse.FUSE_CAP_SPLICE_WRITE | fuse.FUSE_CAP_SPLICE_MOVE
               | fuse.FUSE_CAP_EXPORT_SUPPORT | fuse.FUSE_CAP_POSIX_LOCKS
               | fuse.FUSE_CAP_FLOCK_LOCKS)
+    passthrough = (options.passthrough != "off" and fuse.HAS_PASSTHROUGH and os.geteuid() == 0)
+    if passthrough:  # the kernel grants it at INIT if it has it (Linux 6.9+)
+        want |= fuse.FUSE_CAP_PASSTHROUGH
     init = operations.init
 
     def _init(capable: int, wanted: int) -> None:
@@ -258,6 +262,8 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     except OSError:
         print(f"shiftfs: libfuse refused the mount options for {mountpoint}", file=sys.stderr)
         return 1
+    if passthrough:
+        operations.offer_passthrough(session)
     try:
         watcher = _make_watch(operations, session, lower, options)
     except OSError as e:

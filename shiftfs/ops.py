@@ -37,6 +37,13 @@ What the kernel caches, for how long, and who invalidates it
   unchanged (keep_cache), dropped by the kernel when it sees them change
   (FUSE_CAP_AUTO_INVAL_DATA);
 - symlink targets: cached with the page cache (FUSE_CAP_CACHE_SYMLINKS);
+- file data with FUSE passthrough (libfuse 3.17, Linux 6.9+, a daemon with
+  CAP_SYS_ADMIN): the opens of a regular file go to the lower file in the
+  kernel, no READ or WRITE reaches the daemon and the FUSE page cache is not
+  used (the lower's is); not for frozen files, files with a set-uid bit, a
+  set-gid bit with group exec or a security.capability (the daemon decides
+  about those itself), nor lowers stacked on another stacking filesystem
+  (overlayfs, a second shiftfs: the kernel refuses them as backing files);
 - directory listings: kept across opens while watched (FOPEN_CACHE_DIR,
   dropped by the watcher's notify_inval_inode of the directory), never for
   frozen directories;
@@ -61,6 +68,7 @@ Caveats (honest ones, as in pyfuse3's passthroughfs):
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -78,6 +86,7 @@ _ACL_ACCESS = "system.posix_acl_access"
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 # what an OPEN's flags may not carry to the lower: the kernel made the name
 # and checked the caller; the daemon only reopens the inode it holds
+log = logging.getLogger("shiftfs")
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
 _DIRBUF = 32768
 
@@ -176,10 +185,19 @@ class Operations:
         self.daemon_gid = os.getegid()
         self._dirs: dict[int, DirStream] = {}
         self._ovf_uid, self._ovf_gid = idmap.overflow_uid, idmap.overflow_gid
+        self.backing_files = None  # a fuse.Session once passthrough is on
+        self._offered_backing = None
 
     # ---- lifecycle ----
+    def offer_passthrough(self, session) -> None:
+        """Use ``session``'s backing files if INIT grants passthrough."""
+        self._offered_backing = session
+
     def init(self, capable: int, want: int) -> None:
         """INIT was answered (mount.serve hooks its read-ahead here)."""
+        if self._offered_backing is not None and want & fuse.FUSE_CAP_PASSTHROUGH:
+            self.backing_files = self._offered_backing
+            log.info("reads and writes of regular files are passed through to the lower")
 
     def worker_started(self) -> None:
         linux.private_fs_struct()
@@ -511,11 +529,41 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        stamp = (st.st_size, st.st_mtime_ns)
-        keep = node.stamp == stamp
+        backing = self.table.opened(node, self._passthrough(fd, st))
+        stamp = None if backing else (st.st_size, st.st_mtime_ns)  # passthrough skips this cache
+        keep = stamp is not None and node.stamp == stamp
         node.stamp = stamp
-        self.table.opened(node)
-        return fd, keep
+        return fd, keep, backing
+
+    def _passthrough(self, fd: int, st: os.stat_result):
+        """What chooses, at the first open of an inode, whether its opens
+        are passed through (InodeTable.opened): not when the daemon must see
+        the writes (set-id bits a write clears, file capabilities) or every
+        access (frozen)."""
+        if self.backing_files is None:
+            return None
+
+        def choose() -> int:
+            mode = st.st_mode
+            if mode & stat.S_ISUID or mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP:
+                return 0
+            if self._frozen(st):
+                return 0
+            try:
+                os.getxattr(fd, "security.capability")
+                return 0
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    return 0
+            try:
+                return self.backing_files.backing_open(fd)
+            except OSError as e:
+                if e.errno == errno.EPERM:  # no CAP_SYS_ADMIN after all: stop asking
+                    log.warning("passthrough refused (%s); reads and writes go through the daemon",
+                                e.strerror)
+                    self.backing_files = None
+                return 0  # e.g. EINVAL: a lower on overlayfs is stacked too deep
+        return choose
 
     def create(self, parent_id: int, name: bytes, mode: int, flags: int):
         """(Entry, fh) for a new file; never opens one that exists."""
@@ -536,15 +584,22 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        node.stamp = (st.st_size, st.st_mtime_ns)
-        self.table.opened(node)
-        return self._entry(node, st, False), fd
+        backing = self.table.opened(node, self._passthrough(fd, st))
+        node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
+        return self._entry(node, st, False), fd, backing
 
     def release(self, node_id: int, fh: int) -> None:
         os.close(fh)
         node = self.table._by_id.get(node_id)
         if node is not None:
-            self.table.closed(node)
+            self.table.closed(node, self._backing_close)
+
+    def _backing_close(self, backing_id: int) -> None:
+        session = self.backing_files or self._offered_backing
+        try:
+            session.backing_close(backing_id)
+        except OSError as e:
+            log.warning("passthrough backing file %d not given back: %s", backing_id, e.strerror)
 
     def fsync(self, fh: int, datasync: int) -> None:
         (os.fdatasync if datasync else os.fsync)(fh)
