@@ -32,6 +32,10 @@ int main(void) {
            sizeof(struct fuse_ctx), sizeof(struct fuse_forget_data), sizeof(struct fuse_args));
     printf("\"fuse_file_info\": %zu, \"fuse_conn_info\": %zu, \"stat\": %zu,",
            sizeof(struct fuse_file_info), sizeof(struct fuse_conn_info), sizeof(struct stat));
+#if FUSE_MAJOR_VERSION * 100 + FUSE_MINOR_VERSION >= 317
+    printf("\"fi_backing_id\": %zu, \"cap_passthrough\": %llu,",
+           offsetof(struct fuse_file_info, backing_id), (unsigned long long)FUSE_CAP_PASSTHROUGH);
+#endif
     printf("\"ops\": {");
     OFFSETS
     printf("\"_end\": 0}}");
@@ -83,6 +87,20 @@ def test_file_info_fields_shiftfs_uses_are_where_the_header_puts_them():
     fi.keep_cache = 1
     assert int.from_bytes(bytes(fi)[4:8], "little") == c["fi_keep_cache_bits"]
     assert ctypes.sizeof(fuse.FileInfo) <= c["fuse_file_info"]
+
+
+def test_passthrough_fields_are_where_the_header_puts_them():
+    """libfuse 3.17: fuse_file_info.backing_id, written by offset (mfusepy's
+    struct stops before it), and the capability bit; 3.14 has neither and
+    shiftfs does not ask for passthrough there."""
+    c = _c_layout()
+    if fuse.LIBFUSE_VERSION >= (3, 17):
+        assert fuse.HAS_PASSTHROUGH
+        assert c["fi_backing_id"] == fuse.FI_BACKING_ID_OFFSET
+        assert c["fi_backing_id"] + 4 <= c["fuse_file_info"]
+        assert c["cap_passthrough"] == fuse.FUSE_CAP_PASSTHROUGH
+    else:
+        assert not fuse.HAS_PASSTHROUGH and "fi_backing_id" not in c
 
 
 def test_every_lowlevel_ops_slot_is_where_the_header_puts_it():
