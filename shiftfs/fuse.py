@@ -370,6 +370,7 @@ class Session:
             raise OSError(errno.EINVAL, "libfuse refused the mount options")
         self._threads: list[threading.Thread] = []
         self._done = threading.Event()
+        self._old_signals: dict | None = None
 
     # ---- lifecycle ----
     def mount(self, mountpoint: str) -> None:
@@ -383,15 +384,26 @@ class Session:
             t.start()
             self._threads.append(t)
 
-    def wait(self, unmount=None) -> None:
-        """Serve until unmounted or a SIGTERM/SIGINT/SIGHUP; then unmount
-        (``unmount()`` for a mount libfuse did not make)."""
+    def catch_signals(self) -> None:
+        """From now on SIGTERM/SIGINT/SIGHUP end the session (wait() then
+        unmounts): called before the mount goes live, so that a signal sent
+        as soon as it is never finds the default action (death, mount left)."""
+        if self._old_signals is not None:
+            return
+
         def on_signal(signum, frame):
             _lib.fuse_session_exit(self.se)
             self._done.set()
 
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        self._old_signals = {s: signal.signal(s, on_signal)
+                             for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def wait(self, unmount=None) -> None:
+        """Serve until unmounted or a SIGTERM/SIGINT/SIGHUP; then unmount
+        (``unmount()`` for a mount libfuse did not make)."""
+        self.catch_signals()
+        old, self._old_signals = self._old_signals, None
         try:
             while not self._done.wait(0.5):
                 pass

@@ -251,7 +251,8 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     def _init(capable: int, wanted: int) -> None:
         init(capable, wanted)
         set_read_ahead(mp, READ_AHEAD_KB)
-        log.info("serving %s at %s", lower, mountpoint)
+        log.info("serving %s at %s%s", lower, mountpoint,
+                 " (file data passed through)" if operations.backing_files is not None else "")
 
     operations.init = _init
     try:
@@ -273,6 +274,7 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     report = None if options.foreground else _daemonize()
     workers = 1 if not options.threads else WORKERS
     sync_fd = _sync_init_device()
+    session.catch_signals()
     unmount_own = None
     try:
         if sync_fd is not None:

@@ -197,7 +197,6 @@ class Operations:
         """INIT was answered (mount.serve hooks its read-ahead here)."""
         if self._offered_backing is not None and want & fuse.FUSE_CAP_PASSTHROUGH:
             self.backing_files = self._offered_backing
-            log.info("reads and writes of regular files are passed through to the lower")
 
     def worker_started(self) -> None:
         linux.private_fs_struct()
