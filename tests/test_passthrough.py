@@ -309,3 +309,15 @@ def test_passthrough_option_values(lower, mounter, workdir):
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == ["shiftfs: -o passthrough=yes: expected auto or off"]
+
+
+@needs_passthrough
+def test_a_passed_through_binary_runs_and_its_reads_skip_the_daemon(lower, mounter, counter):
+    """exec maps the file: with passthrough the mapping is the lower file's."""
+    import shutil
+    shutil.copy2("/bin/echo", lower / "echo")
+    mnt = mounter(lower, ROOT_KEPT)
+    with counting(counter, mnt) as counts:
+        out = subprocess.run([str(mnt / "echo"), "ran"], capture_output=True, text=True, check=True)
+    assert out.stdout == "ran\n"
+    assert counts.get("FUSE_OPEN", 0) >= 1 and counts.get("FUSE_READ", 0) == 0, counts
