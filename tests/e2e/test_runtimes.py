@@ -20,14 +20,18 @@ same lower: ``b:0:100000:65536`` (container A) and ``b:0:200000:65536``
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import textwrap
 
 import pytest
+
+from shiftfs.idmap import Extent
 
 from .conftest import table
 from .debian import KNOWN, RESOLV_CONF, USER, copy_image
@@ -412,3 +416,58 @@ def test_podman_defaults_write_into_the_image(podman, image, mounts):
     assert r.proc.returncode != 0
     assert "creating /etc/mtab symlink: value too large" in r.err
     assert not os.path.lexists(os.path.join(image, "etc/mtab"))
+
+
+# ---- host root, when the table does not map upper 0 (issue 11, item 2) ---------------
+
+HOST_ROOT_LOWER = 65536  # a lower id no file of the image has (shiftfs scan lists them)
+
+
+def test_host_root_through_the_mount(work, image, mounts):
+    """By default host root (upper 0, not in the table) cannot create
+    anything through the mount: EOVERFLOW, as on a kernel idmapped mount,
+    and nothing reaches the image. The table itself can give host root a
+    lower id of its own (``b:65536:0:1``): its files then land as 65536 on
+    disk, and a container, whose user namespace does not map host root,
+    sees them as nobody and can neither take them over nor change them."""
+    plain = mounts.shiftfs(image, table(A), name="plain")
+    for make in (lambda p: open(p, "x").close(), os.mkdir, lambda p: os.symlink("x", p),
+                 lambda p: os.mknod(p, 0o600 | stat.S_IFIFO)):
+        target = os.path.join(plain, "srv", "by-host-root")
+        with pytest.raises(OSError) as e:
+            make(target)
+        assert e.value.errno == errno.EOVERFLOW
+        assert not os.path.lexists(os.path.join(image, "srv", "by-host-root"))
+    with pytest.raises(OSError) as e:  # nor give anything to itself
+        os.chown(os.path.join(plain, "etc/hostname"), 0, 0)
+    assert e.value.errno == errno.EOVERFLOW
+    assert owners(os.path.join(image, "etc/hostname")) == (0, 0)
+
+    mnt = mounts.shiftfs(image, [Extent(0, A, RANGE), Extent(HOST_ROOT_LOWER, 0, 1)], name="r")
+    with open(os.path.join(mnt, "srv/by-host-root"), "x") as f:
+        f.write("host root's\n")
+    os.mkdir(os.path.join(mnt, "srv/host-dir"), 0o755)
+    for rel in ("srv/by-host-root", "srv/host-dir"):
+        assert owners(os.path.join(image, rel)) == (HOST_ROOT_LOWER, HOST_ROOT_LOWER)
+        assert owners(os.path.join(mnt, rel)) == (0, 0)
+    # the container's own ids are as with the plain table
+    assert owners(os.path.join(mnt, "home/user")) == (A + USER, A + USER)
+
+    script = r"""
+echo "OWNER $(stat -c %u:%g /srv/by-host-root) $(stat -c %u:%g /srv/host-dir)"
+try() { if "$@" 2>/dev/null; then echo yes; else echo no; fi; }
+echo "CHOWN $(try chown 0:0 /srv/by-host-root)"
+echo "CHMOD $(try chmod 666 /srv/by-host-root)"
+echo "WRITE $(try sh -c 'echo x >> /srv/by-host-root')"
+echo "CREATE $(try touch /srv/host-dir/x)"
+echo "READ $(cat /srv/by-host-root)"
+"""
+    r = run(Nspawn(work), mnt, A, f"shiftfs-nspawn-hostroot-{os.getpid()}", script).check()
+    assert values("OWNER ", r.out) == ["65534:65534 65534:65534"]
+    for what in ("CHOWN", "CHMOD", "WRITE", "CREATE"):
+        assert values(what + " ", r.out) == ["no"], what
+    assert values("READ ", r.out) == ["host root's"]
+    assert owners(os.path.join(image, "srv/by-host-root")) == (HOST_ROOT_LOWER, HOST_ROOT_LOWER)
+    assert not os.path.lexists(os.path.join(image, "srv/host-dir/x"))
+    with open(os.path.join(image, "srv/by-host-root")) as f:
+        assert f.read() == "host root's\n"
