@@ -223,14 +223,30 @@ def runtime(request, e2e_dir):
         rt.close()
 
 
-@pytest.fixture
-def image(e2e_dir):
-    """A private copy of the Debian image, checked to hold the ids the tests expect."""
-    lower = copy_image(os.path.join(e2e_dir, "debian"))
+def _checked_copy(dest: str) -> str:
+    lower = copy_image(dest)
     for rel, (uid, gid, mode) in KNOWN.items():
         st = os.lstat(os.path.join(lower, rel))
         assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (uid, gid, mode), rel
     return lower
+
+
+@pytest.fixture
+def image(e2e_dir):
+    """A private copy of the Debian image, checked to hold the ids the tests expect."""
+    return _checked_copy(os.path.join(e2e_dir, "debian"))
+
+
+@pytest.fixture(scope="module")
+def shared_image():
+    """One copy for the read-only sessions (each compares the manifest it
+    takes before with the one after, so a session that wrote fails by itself)."""
+    base = tempfile.mkdtemp(prefix="shiftfs-e2e-ro-", dir="/tmp")
+    os.chmod(base, 0o755)
+    try:
+        yield _checked_copy(os.path.join(base, "debian"))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def unique(runtime: Runtime, tag: str) -> str:
@@ -255,7 +271,8 @@ def read_only_script() -> str:
     return READ_ONLY.format(known=" ".join("/" + p for p in KNOWN))
 
 
-def test_read_only_session_leaves_the_image_unchanged(runtime, image, mounts):
+def test_read_only_session_leaves_the_image_unchanged(runtime, shared_image, mounts):
+    image = shared_image
     before = manifest(image, with_times=True)
     mnt = mounts.shiftfs(image, table(A), name="a")
     r = run(runtime, mnt, A, unique(runtime, "ro"), read_only_script()).check()
