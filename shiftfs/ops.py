@@ -425,6 +425,9 @@ class Operations:
         if to_set & fuse.SET_ATTR_MODE:
             policy.check_modify(st, self.uids, self.gids, "chmod")
             mode = stat.S_IMODE(attr.st_mode)
+            if mode & stat.S_ISGID and not self._may_keep_sgid(
+                    st, attr.st_gid if to_set & fuse.SET_ATTR_GID else None):
+                mode &= ~stat.S_ISGID
             if fh is not None:
                 os.fchmod(fh, mode)
             elif stat.S_ISLNK(node.mode):
@@ -485,6 +488,19 @@ class Operations:
         owner = self.idmap.uid_to_upper(st.st_uid)
         return uid == owner or self._caller_capable(
             CAP_FOWNER, pid, owner, self.idmap.gid_to_upper(st.st_gid))
+
+    def _may_keep_sgid(self, st: os.stat_result, new_upper_gid: int | None) -> bool:
+        """setattr_copy's rule, which the upper kernel's FUSE client does not
+        apply and the daemon (CAP_FSETID) would not meet: a mode keeps
+        S_ISGID only for a caller in the file's group or with CAP_FSETID
+        over it. It is what clears the bit when a write by someone outside
+        the group kills set-uid (the kernel sends the mode with S_ISGID
+        still in it)."""
+        uid, gid, pid, _umask = fuse.caller()
+        upper_gid = self.idmap.gid_to_upper(st.st_gid) if new_upper_gid is None else new_upper_gid
+        if gid == upper_gid or upper_gid in fuse.caller_groups():
+            return True
+        return self._caller_capable(CAP_FSETID, pid, self.idmap.uid_to_upper(st.st_uid), upper_gid)
 
     def _chown_drops_sgid(self, st: os.stat_result) -> bool:
         """The kernel's rule for S_ISGID without group exec on chown, which

@@ -321,3 +321,56 @@ def test_a_passed_through_binary_runs_and_its_reads_skip_the_daemon(lower, mount
         out = subprocess.run([str(mnt / "echo"), "ran"], capture_output=True, text=True, check=True)
     assert out.stdout == "ran\n"
     assert counts.get("FUSE_OPEN", 0) >= 1 and counts.get("FUSE_READ", 0) == 0, counts
+
+
+# ---- set-id clearing on a passed-through file, against the kernel ---------------
+
+OTHER = 100000 + 1001  # upper id of lower 1001: neither owner nor group
+
+
+def _setid_after_write(root_dir, mode, uid, gid):
+    """A plain file opened (so passed through on shiftfs), made ``mode``
+    while open, then written by ``uid:gid``: the mode bits that remain."""
+    path = root_dir / "f"
+    holder = open(path, "rb")
+    try:
+        os.chmod(path, mode)
+
+        def write():
+            with open(path, "r+b", buffering=0) as f:
+                f.write(b"w")
+        if uid == 0:
+            write()
+        else:
+            call_as(write, uid=uid, gid=gid)
+    finally:
+        holder.close()
+    return os.stat(path).st_mode & 0o7777
+
+
+@pytest.mark.parametrize("mode", [0o4777, 0o2777, 0o2767, 0o6777, 0o6767])
+@pytest.mark.parametrize("who", ["owner", "other", "root"])
+@pytest.mark.parametrize("passthrough", [pytest.param("auto", marks=needs_passthrough), "off"])
+def test_set_id_clearing_on_an_open_file_agrees_with_the_kernel(workdir, mounter, mode, who,
+                                                                passthrough):
+    """The same with and without passthrough (and on libfuse 3.14)."""
+    from oracle.kernel_idmap import idmapped_mount
+    uid = {"owner": USER, "other": OTHER, "root": 0}[who]
+    results = {}
+    for kind in ("shiftfs", "kernel"):
+        low = workdir / f"lower-{kind}"
+        low.mkdir()
+        os.chmod(low, 0o755)
+        (low / "f").write_bytes(b"0" * 4096)
+        os.chmod(low / "f", 0o666)
+        os.chown(low / "f", 1000, 1000)
+        if kind == "shiftfs":
+            mnt = mounter(low, ROOT_KEPT, options=["-o", f"passthrough={passthrough}"])
+            results[kind] = _setid_after_write(mnt, mode, uid, uid)
+        else:
+            mnt = workdir / "mnt-kernel"
+            mnt.mkdir()
+            ext = [(e.lower, e.upper, e.count) for e in ROOT_KEPT]
+            with idmapped_mount(str(low), str(mnt), ext, ext):
+                results[kind] = _setid_after_write(mnt, mode, uid, uid)
+    assert results["shiftfs"] == results["kernel"], results
