@@ -144,8 +144,18 @@ class Watcher:
         dirent = mask & _DIRENT
         for kind, handle, name in infos:
             if kind in _DIR_INFOS:
-                if not (dirent and name):
-                    continue  # the object's own record says what changed
+                if not dirent:
+                    # a directory's own change comes as its fid with the name
+                    # "." (FAN_REPORT_NAME); a child's, with the child's name
+                    # and a record of its own, which says what changed
+                    if name in (b".", b""):
+                        node = self._node_of(handle)
+                        if node is not None:
+                            session.inval_inode(node.node_id)
+                            self.invalidations += 1
+                    continue
+                if not name:
+                    continue
                 node = self._node_of(handle)
                 if node is not None:
                     session.inval_entry(node.node_id, name)

@@ -101,6 +101,25 @@ def test_watched_direct_lower_changes_show_at_once(lower, watched):
     assert seen_within(lambda: not os.path.exists(a / "f"), WATCH_LIMIT) is not None
 
 
+def test_watched_directory_attribute_changes_show_at_once(lower, watched):
+    """A directory's own change (chmod, chown) comes from fanotify as the
+    directory with the name "."; the root's too."""
+    a, b = watched
+    for mp in (a, b):
+        os.stat(mp / "d")
+        os.stat(mp)
+    os.chmod(lower / "d", 0o700)
+    assert seen_within(lambda: (os.stat(a / "d").st_mode & 0o777) == 0o700, WATCH_LIMIT) is not None
+    os.chown(b / "d", 100007, 100008)  # through the other mount
+    assert seen_within(lambda: os.stat(a / "d").st_uid == 100007, WATCH_LIMIT) is not None
+    before = os.stat(lower).st_mode
+    os.chmod(lower, 0o711)
+    try:
+        assert seen_within(lambda: (os.stat(a).st_mode & 0o777) == 0o711, WATCH_LIMIT) is not None
+    finally:
+        os.chmod(lower, before)
+
+
 def test_watched_write_through_another_mount_shows_at_once(watched):
     a, b = watched
     with open(b / "f", "w") as f:
