@@ -73,6 +73,19 @@ FUSE_CAP_CACHE_SYMLINKS = 1 << 23
 FUSE_CAP_NO_OPENDIR_SUPPORT = 1 << 24
 FUSE_CAP_EXPLICIT_INVAL_DATA = 1 << 25
 FUSE_CAP_PASSTHROUGH = 1 << 29  # libfuse 3.17 (in 3.14 the bit means nothing)
+# libfuse 3.17 only; 3.14 has no such bit (and 1 << 21 means nothing there)
+FUSE_CAP_HANDLE_KILLPRIV_V2 = 1 << 21
+
+# The kernel's side of FUSE_HANDLE_KILLPRIV_V2 (include/uapi/linux/fuse.h):
+# the INIT flag, and the bits that then ask the daemon to clear set-uid and
+# set-gid: in fuse_write_in.write_flags, fuse_setattr_in.valid and
+# fuse_open_in.open_flags. libfuse 3.14 and 3.17 pass none of them to the
+# handlers, so the request loop reads them from the raw request (kill_suidgid()).
+FUSE_INIT_HANDLE_KILLPRIV_V2 = 1 << 28
+FUSE_WRITE_KILL_SUIDGID = 1 << 2
+FATTR_KILL_SUIDGID = 1 << 11
+FUSE_OPEN_KILL_SUIDGID = 1 << 0
+_OP_SETATTR, _OP_OPEN, _OP_WRITE, _OP_INIT = 4, 14, 16, 26
 
 # FUSE_SET_ATTR_* (fuse_lowlevel.h): which fields a SETATTR carries
 SET_ATTR_MODE = 1 << 0
@@ -84,6 +97,8 @@ SET_ATTR_MTIME = 1 << 5
 SET_ATTR_ATIME_NOW = 1 << 7
 SET_ATTR_MTIME_NOW = 1 << 8
 SET_ATTR_CTIME = 1 << 10
+# not libfuse's: FATTR_KILL_SUIDGID from the raw request, or-ed in by _ll_setattr
+SET_ATTR_KILL_SUIDGID = 1 << 11
 
 FUSE_BUF_IS_FD = 1 << 1
 FUSE_BUF_FD_SEEK = 1 << 2
@@ -203,6 +218,18 @@ _OPS = [
 ]
 
 
+# struct fuse_custom_io: 3.17 added clone_fd, and versioned the call
+# (fuse_session_custom_io_317 takes the struct's size); only 3.14 uses it here
+_WRITEV = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                           ctypes.c_void_p)
+
+
+class CustomIo(ctypes.Structure):
+    _fields_ = [("writev", ctypes.c_void_p), ("read", ctypes.c_void_p),
+                ("splice_receive", ctypes.c_void_p), ("splice_send", ctypes.c_void_p)] + (
+                    [("clone_fd", ctypes.c_void_p)] if LIBFUSE_VERSION >= (3, 17) else [])
+
+
 class LowlevelOps(ctypes.Structure):
     _fields_ = [(name, kind) for name, kind in _OPS]
 
@@ -214,6 +241,8 @@ def _sig(fn, restype, *argtypes):
 _vp = ctypes.c_void_p
 _sig(_lib.fuse_session_new, _vp, ctypes.POINTER(Args), ctypes.POINTER(LowlevelOps), _size, _vp)
 _sig(_lib.fuse_session_mount, ctypes.c_int, _vp, ctypes.c_char_p)
+if LIBFUSE_VERSION < (3, 17):
+    _sig(_lib.fuse_session_custom_io, ctypes.c_int, _vp, ctypes.POINTER(CustomIo), ctypes.c_int)
 _sig(_lib.fuse_session_unmount, None, _vp)
 _sig(_lib.fuse_session_destroy, None, _vp)
 _sig(_lib.fuse_session_exit, None, _vp)
@@ -248,6 +277,17 @@ _sig(_lib.fuse_lowlevel_notify_inval_entry, ctypes.c_int, _vp, _ino, ctypes.c_ch
 _sig(_lib.fuse_set_signal_handlers, ctypes.c_int, _vp)
 _sig(_lib.fuse_remove_signal_handlers, None, _vp)
 _libc.free.argtypes = [ctypes.c_void_p]
+# libc's own read and writev for fuse_custom_io (the extra userdata argument
+# is ignored by the calling convention); without use_errno, so that errno
+# stays what writev set for libfuse to read
+_plain_libc = ctypes.CDLL(None)
+_sig(_plain_libc.writev, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+_LIBC_READ = ctypes.cast(_plain_libc.read, ctypes.c_void_p).value
+_LIBC_WRITEV = ctypes.cast(_plain_libc.writev, ctypes.c_void_p).value
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
 # ---- struct stat ------------------------------------------------------------------
@@ -297,7 +337,11 @@ def unpack_times(attr: c_stat) -> tuple[tuple[int, int], tuple[int, int]]:
 
 # ---- the request being served ------------------------------------------------------
 
-_tls = threading.local()
+class _Local(threading.local):
+    kill = 0  # the kill bit of the WRITE or SETATTR being served (see Session._worker)
+
+
+_tls = _Local()
 
 
 def caller() -> tuple[int, int, int, int]:
@@ -345,13 +389,21 @@ class Session:
     """
 
     def __init__(self, ops, mount_options: list[str], conn_want: int, conn_unwant: int,
-                 max_readahead: int = 0, debug: bool = False) -> None:
+                 max_readahead: int = 0, debug: bool = False, killpriv_v2: bool = False) -> None:
         self.ops = ops
+        if killpriv_v2 and LIBFUSE_VERSION >= (3, 17):
+            conn_want |= FUSE_CAP_HANDLE_KILLPRIV_V2
         self.conn_want, self.conn_unwant = conn_want, conn_unwant
+        # asked for; on 3.14 granted by patching the INIT reply (use_fd)
+        self._want_v2 = killpriv_v2
+        self.killpriv_v2 = False  # negotiated (known once INIT is answered)
+        self._init_unique = None
+        self._io = None
         self.max_readahead = max_readahead
         self.init_error: BaseException | None = None
         self._debug = debug
         self._callbacks = []  # kept alive as long as the session
+        self._writev_cb = _WRITEV(self._writev)
         self._ll_ops = LowlevelOps()
         for name, kind in _OPS:
             handler = getattr(self, "_ll_" + name, None)
@@ -376,6 +428,60 @@ class Session:
     def mount(self, mountpoint: str) -> None:
         if _lib.fuse_session_mount(self.se, mountpoint.encode()) != 0:
             raise OSError(errno.EIO, f"mount of {mountpoint} failed")
+
+    def use_fd(self, fd: int) -> None:
+        """Serve the /dev/fuse ``fd`` we opened (and mount ourselves).
+
+        libfuse 3.14 knows no FUSE_HANDLE_KILLPRIV_V2, so when it is asked
+        for, the session's replies go through our writev (libfuse's custom
+        io) until INIT is answered: it sets the flag in the INIT reply when
+        the kernel offered it, then hands writev back to libc's (the INIT
+        reply is the only one it touches). libfuse 3.17 negotiates the flag
+        itself (conn->want), and takes the fd as /dev/fd/N."""
+        if not (self._want_v2 and LIBFUSE_VERSION < (3, 17)):
+            self.mount(f"/dev/fd/{fd}")
+            return
+        io = CustomIo()
+        io.writev = ctypes.cast(self._writev_cb, ctypes.c_void_p).value
+        io.read = _LIBC_READ
+        if _lib.fuse_session_custom_io(self.se, ctypes.byref(io), fd) != 0:
+            raise OSError(errno.EIO, "libfuse refused the /dev/fuse fd")
+        self._io = io
+
+    def _note_init(self, words) -> None:
+        """The INIT request (in the worker loop): remember it, so that our
+        writev knows its reply, and whether the kernel offers v2."""
+        self._init_unique = (words[2] | words[3] << 32, bool(words[13] & FUSE_INIT_HANDLE_KILLPRIV_V2))
+
+    def _writev(self, fd, iov, count, userdata) -> int:
+        try:
+            note = self._init_unique
+            if note is not None and count >= 2:
+                vec = (_Iovec * count).from_address(iov)
+                unique = ctypes.c_uint64.from_address(vec[0].base + 8).value
+                if unique == note[0] and vec[1].len >= 16:
+                    self._init_unique = None
+                    if note[1] and ctypes.c_int32.from_address(vec[0].base + 4).value == 0:
+                        flags = ctypes.c_uint32.from_address(vec[1].base + 12)
+                        flags.value |= FUSE_INIT_HANDLE_KILLPRIV_V2
+                        self.killpriv_v2 = True
+                    self._restore_writev()
+        except BaseException:  # noqa: B902 (the reply goes out all the same)
+            log.exception("INIT reply not inspected")
+        return _plain_libc.writev(fd, iov, count)
+
+    def _restore_writev(self) -> None:
+        """libfuse copied our fuse_custom_io into se->io (struct
+        fuse_session: char *mountpoint; int exited or padding; int fd; then
+        the io pointer, at byte 16 in 3.14 and 3.17); from now on its writev
+        is libc's own, so no reply passes through Python. Touched only if it
+        holds exactly what we gave."""
+        io_ptr = ctypes.c_void_p.from_address(self.se + 16).value
+        if not io_ptr:
+            return
+        theirs = CustomIo.from_address(io_ptr)
+        if theirs.read == _LIBC_READ and theirs.writev == self._io.writev:
+            theirs.writev = _LIBC_WRITEV
 
     def start(self, workers: int) -> None:
         """Start the worker threads (they read requests from now on)."""
@@ -433,6 +539,8 @@ class Session:
         receive, process, exited = (_lib.fuse_session_receive_buf, _lib.fuse_session_process_buf,
                                     _lib.fuse_session_exited)
         ref = ctypes.byref(buf)
+        words, base = None, 0
+        tls = _tls
         try:
             while not exited(se):
                 res = receive(se, ref)
@@ -440,6 +548,19 @@ class Session:
                     continue
                 if res <= 0:
                     break
+                # the kill bits libfuse does not pass on (FUSE_HANDLE_KILLPRIV_V2),
+                # read from the request itself: fuse_in_header is 40 bytes
+                if buf.mem != base and not buf.flags & FUSE_BUF_IS_FD:
+                    base = buf.mem
+                    words = (ctypes.c_uint32 * 16).from_address(base)
+                if words is not None and res >= 64:
+                    op = words[1]
+                    if op == _OP_WRITE:  # fuse_write_in.write_flags
+                        tls.kill = words[15] & FUSE_WRITE_KILL_SUIDGID
+                    elif op == _OP_SETATTR:  # fuse_setattr_in.valid
+                        tls.kill = words[10] & FATTR_KILL_SUIDGID
+                    elif op == _OP_INIT:
+                        self._note_init(words)
                 process(se, ref)
         finally:
             if buf.mem:
@@ -540,6 +661,8 @@ class Session:
             if self.max_readahead:
                 n.max_readahead = self.max_readahead
             n.time_gran = 1
+            if LIBFUSE_VERSION >= (3, 17):
+                self.killpriv_v2 = bool(n.want & FUSE_CAP_HANDLE_KILLPRIV_V2)
             self.ops.init(n.capable, n.want)
         except BaseException as e:  # noqa: B902
             self.init_error = e
@@ -598,6 +721,8 @@ class Session:
 
     def _ll_setattr(self, req, node_id, attr, to_set, fi):
         a = attr.contents
+        if _tls.kill:
+            to_set |= SET_ATTR_KILL_SUIDGID
         result = self._call(req, "setattr", self.ops.setattr, node_id, to_set, a,
                             fi[0].fh if fi else None)
         if result is not None:
@@ -658,6 +783,11 @@ class Session:
         _lib.fuse_reply_data(req, ctypes.byref(bv), 0)
 
     def _ll_write_buf(self, req, node_id, src, off, fi):
+        # FUSE_WRITE_KILL_SUIDGID: set-id bits go before the data, as
+        # file_remove_privs does; only writes by callers without CAP_FSETID
+        if _tls.kill and self._call(req, "write", self.ops.write_kills_suidgid, node_id,
+                                    fi[0].fh) is None:
+            return
         dst = FuseBufvec()
         dst.count = 1
         b = dst.buf[0]

@@ -166,6 +166,23 @@ def _sync_init_device() -> int | None:
     return fd
 
 
+def handles_killpriv_v2() -> bool:
+    """Whether a mount made now by this process clears set-id bits itself
+    (FUSE_HANDLE_KILLPRIV_V2, offered by Linux 5.11+): as root, with
+    libfuse 3.17 (which negotiates it), or with 3.14 where we serve our own
+    /dev/fuse fd (synchronous INIT) and patch the INIT reply."""
+    from . import fuse
+    if os.geteuid() != 0:
+        return False
+    if fuse.LIBFUSE_VERSION >= (3, 17):
+        return True
+    fd = _sync_init_device()
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
 def _kernel_mount(fd: int, lower: str, mp: str, options: MountOptions) -> None:
     """mount(2) of a FUSE filesystem served on ``fd``, as libfuse's own
     mount does for root."""
@@ -257,9 +274,12 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     operations.init = _init
     try:
         words = options.mount_options(lower) + (["debug"] if options.debug else [])
+        # FUSE_HANDLE_KILLPRIV_V2 (as root): the daemon clears set-id bits
+        # on the kernel's word, so the kernel stops asking for
+        # security.capability before every write (ops.Operations.setattr)
         session = fuse.Session(operations, words, want, unwant,
                                max_readahead=READ_AHEAD_KB * 1024,
-                               debug=options.debug)
+                               debug=options.debug, killpriv_v2=os.geteuid() == 0)
     except OSError:
         print(f"shiftfs: libfuse refused the mount options for {mountpoint}", file=sys.stderr)
         return 1
@@ -278,7 +298,7 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     unmount_own = None
     try:
         if sync_fd is not None:
-            session.mount(f"/dev/fd/{sync_fd}")
+            session.use_fd(sync_fd)
             session.start(workers)  # they answer INIT while mount(2) waits for it
             _kernel_mount(sync_fd, lower, mp, options)
             set_read_ahead(mp, READ_AHEAD_KB)  # not in mountinfo yet while INIT ran
@@ -296,6 +316,8 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     if options.debug:
         log.info("INIT was %s", "synchronous (FUSE_DEV_IOC_SYNC_INIT)" if sync_fd is not None
                  else "asynchronous (no FUSE_DEV_IOC_SYNC_INIT here)")
+        log.info("set-id bits on write and truncate cleared by %s",
+                 "the daemon (FUSE_HANDLE_KILLPRIV_V2)" if session.killpriv_v2 else "the kernel")
     if watcher is not None:
         watcher.start()
     # the table's fds stay well inside RLIMIT_NOFILE (open files need some too)

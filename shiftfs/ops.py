@@ -441,6 +441,8 @@ class Operations:
             st = os.fstat(fd)
         if to_set & fuse.SET_ATTR_SIZE:
             policy.check_modify(st, self.uids, self.gids, "write")
+            if to_set & fuse.SET_ATTR_KILL_SUIDGID:  # a truncate by a caller without CAP_FSETID
+                self._kill_suidgid(node, fh, st)
             if fh is not None:
                 os.ftruncate(fh, attr.st_size)
             elif not node.is_reg():
@@ -459,25 +461,64 @@ class Operations:
             linux.utimens_fd(fd, atime, mtime)
         if not to_set & (fuse.SET_ATTR_MODE | fuse.SET_ATTR_UID | fuse.SET_ATTR_GID
                          | fuse.SET_ATTR_SIZE) and not times:
-            # chown(-1, -1) and the like: notify_change refuses a frozen
-            # inode, and otherwise only ctime moves
-            self._chown(node, st, UNCHANGED, UNCHANGED)
+            # Nothing to set: chown(-1, -1), where notify_change refuses a
+            # frozen inode and otherwise only ctime moves (and the lower's
+            # chown clears set-uid, as any chown does) -- or the privileges a
+            # write or truncate drops (file_remove_privs: only ATTR_KILL_*
+            # was left), where a chown of the lower would clear set-uid for
+            # a caller with CAP_FSETID too; there only set-gid without group
+            # exec is the daemon's to clear (the kernel sends set-uid and
+            # group-exec set-gid as a mode, or, with FUSE_HANDLE_KILLPRIV_V2,
+            # as the write's kill bit)
+            self._chown(node, st, UNCHANGED, UNCHANGED, in_chown=_caller_in_chown())
         return self._attr(os.fstat(fd))
 
-    def _chown(self, node: Node, st: os.stat_result, uid: int, gid: int) -> None:
+    def write_kills_suidgid(self, node_id: int, fh: int) -> bool:
+        """FUSE_WRITE_KILL_SUIDGID: the kernel asks, for a write by a caller
+        without CAP_FSETID (any file), what file_remove_privs would clear."""
+        self._kill_suidgid(self.table.get(node_id), fh, os.fstat(fh))
+        return True
+
+    def _kill_suidgid(self, node: Node, fh: int | None, st: os.stat_result) -> None:
+        """setattr_should_drop_suidgid for a caller without CAP_FSETID
+        (the kernel checked that, and sent the kill bit)."""
+        mode = st.st_mode
+        if not stat.S_ISREG(mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
+            return
+        keep_sgid = bool(mode & stat.S_ISGID) and not mode & stat.S_IXGRP and \
+            self._may_keep_sgid(st, None)
+        new = policy.killed_suidgid_mode(mode, keep_sgid)
+        if new != stat.S_IMODE(mode):
+            if fh is not None:
+                os.fchmod(fh, new)
+            else:
+                os.chmod(node.path, new)
+
+    def _chown(self, node: Node, st: os.stat_result, uid: int, gid: int,
+               in_chown: bool = True) -> None:
         lower_uid = -1 if uid == UNCHANGED else self.uids.to_lower(uid)
         lower_gid = -1 if gid == UNCHANGED else self.gids.to_lower(gid)
         if lower_uid is None or lower_gid is None:
             raise OSError(errno.EOVERFLOW, "id has no lower counterpart")
         policy.check_chown(st, self.uids, self.gids, fuse.caller()[0], lower_uid, lower_gid)
+        mode = st.st_mode
+        if (in_chown and not stat.S_ISDIR(mode) and (mode & stat.S_ISUID or mode & (
+                stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP)
+                and (self._frozen(st) or not self._caller_owns(st))):
+            # the set-uid (or group-exec set-gid) bit a chown clears is a
+            # mode change, which notify_change lets only the owner (or
+            # CAP_FOWNER over a mapped inode) make; with
+            # FUSE_HANDLE_KILLPRIV_V2 the kernel leaves that check to us
+            raise OSError(errno.EPERM, "chown: set-id bits need clearing by the owner")
         drop_sgid = bool(st.st_mode & stat.S_ISGID) and self._chown_drops_sgid(st)
-        if (drop_sgid and lower_uid == -1 and lower_gid == -1 and _caller_in_chown()
+        if (drop_sgid and lower_uid == -1 and lower_gid == -1 and in_chown
                 and not self._caller_owns(st)):
             # clearing the bit is a mode change, which only the owner may
             # make (a write's clearing comes as the same empty SETATTR, and
             # is forced)
             raise OSError(errno.EPERM, "chown: set-gid bit needs clearing by the owner")
-        linux.chown_fd(node.fd, lower_uid, lower_gid)
+        if in_chown:
+            linux.chown_fd(node.fd, lower_uid, lower_gid)
         if drop_sgid:
             os.chmod(node.path, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
 

@@ -197,6 +197,17 @@ def chown_drops_sgid(st: os.stat_result, caller_in_group: bool, caller_capable: 
             and not caller_in_group and not caller_capable)
 
 
+def killed_suidgid_mode(mode: int, keep_sgid_without_xgrp: bool) -> int:
+    """The permission bits left after a write or truncate by a caller
+    without CAP_FSETID (setattr_should_drop_suidgid): set-uid goes; set-gid
+    goes with group exec, and without it unless the caller is in the
+    file's group or holds CAP_FSETID over it (``keep_sgid_without_xgrp``)."""
+    new = stat.S_IMODE(mode) & ~stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not keep_sgid_without_xgrp):
+        new &= ~stat.S_ISGID
+    return new
+
+
 def parse_cap_eff(status_text: str) -> int:
     """The CapEff mask from /proc/PID/status text (0 if absent)."""
     for line in status_text.splitlines():

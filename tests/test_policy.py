@@ -213,3 +213,12 @@ def test_open_want(flags, want):
 ])
 def test_xattr_read_needs_permission(name, checks):
     assert policy.xattr_read_needs_permission(name) is checks
+
+
+@pytest.mark.parametrize("mode,keep,left", [
+    (0o4755, False, 0o755), (0o6777, True, 0o777), (0o6777, False, 0o777),
+    (0o2745, True, 0o2745), (0o2745, False, 0o745), (0o2755, True, 0o755), (0o644, False, 0o644),
+])
+def test_killed_suidgid_mode(mode, keep, left):
+    """setattr_should_drop_suidgid for a caller without CAP_FSETID."""
+    assert policy.killed_suidgid_mode(mode, keep) == left
