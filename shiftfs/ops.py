@@ -466,12 +466,26 @@ class Operations:
             # chown clears set-uid, as any chown does) -- or the privileges a
             # write or truncate drops (file_remove_privs: only ATTR_KILL_*
             # was left), where a chown of the lower would clear set-uid for
-            # a caller with CAP_FSETID too; there only set-gid without group
-            # exec is the daemon's to clear (the kernel sends set-uid and
-            # group-exec set-gid as a mode, or, with FUSE_HANDLE_KILLPRIV_V2,
-            # as the write's kill bit)
-            self._chown(node, st, UNCHANGED, UNCHANGED, in_chown=_caller_in_chown())
+            # a caller with CAP_FSETID too
+            if _caller_in_chown():
+                self._chown(node, st, UNCHANGED, UNCHANGED)
+            else:
+                self._remove_privs(node, st)
         return self._attr(os.fstat(fd))
+
+    def _remove_privs(self, node: Node, st: os.stat_result) -> None:
+        """The empty SETATTR of file_remove_privs (a write, truncate or
+        passed-through write that finds set-id bits or a capability): the
+        capability went by its own REMOVEXATTR; the bits go as
+        setattr_should_drop_suidgid says, unless the caller holds
+        CAP_FSETID (in the initial namespace: the kernel's capable()). The
+        kernel sends set-uid and group-exec set-gid as a mode instead where
+        FUSE_HANDLE_KILLPRIV_V2 is off; then only set-gid without group exec
+        is left to clear here."""
+        policy.check_chown(st, self.uids, self.gids, fuse.caller()[0])
+        pid = fuse.caller()[2]
+        if not (_in_daemon_userns(pid) and _caller_cap_eff(pid) >> CAP_FSETID & 1):
+            self._kill_suidgid(node, None, st)
 
     def write_kills_suidgid(self, node_id: int, fh: int) -> bool:
         """FUSE_WRITE_KILL_SUIDGID: the kernel asks, for a write by a caller
@@ -494,15 +508,14 @@ class Operations:
             else:
                 os.chmod(node.path, new)
 
-    def _chown(self, node: Node, st: os.stat_result, uid: int, gid: int,
-               in_chown: bool = True) -> None:
+    def _chown(self, node: Node, st: os.stat_result, uid: int, gid: int) -> None:
         lower_uid = -1 if uid == UNCHANGED else self.uids.to_lower(uid)
         lower_gid = -1 if gid == UNCHANGED else self.gids.to_lower(gid)
         if lower_uid is None or lower_gid is None:
             raise OSError(errno.EOVERFLOW, "id has no lower counterpart")
         policy.check_chown(st, self.uids, self.gids, fuse.caller()[0], lower_uid, lower_gid)
         mode = st.st_mode
-        if (in_chown and not stat.S_ISDIR(mode) and (mode & stat.S_ISUID or mode & (
+        if (not stat.S_ISDIR(mode) and (mode & stat.S_ISUID or mode & (
                 stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP)
                 and (self._frozen(st) or not self._caller_owns(st))):
             # the set-uid (or group-exec set-gid) bit a chown clears is a
@@ -511,14 +524,13 @@ class Operations:
             # FUSE_HANDLE_KILLPRIV_V2 the kernel leaves that check to us
             raise OSError(errno.EPERM, "chown: set-id bits need clearing by the owner")
         drop_sgid = bool(st.st_mode & stat.S_ISGID) and self._chown_drops_sgid(st)
-        if (drop_sgid and lower_uid == -1 and lower_gid == -1 and in_chown
+        if (drop_sgid and lower_uid == -1 and lower_gid == -1
                 and not self._caller_owns(st)):
             # clearing the bit is a mode change, which only the owner may
             # make (a write's clearing comes as the same empty SETATTR, and
             # is forced)
             raise OSError(errno.EPERM, "chown: set-gid bit needs clearing by the owner")
-        if in_chown:
-            linux.chown_fd(node.fd, lower_uid, lower_gid)
+        linux.chown_fd(node.fd, lower_uid, lower_gid)
         if drop_sgid:
             os.chmod(node.path, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
 
