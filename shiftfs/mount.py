@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from . import linux
-from .idmap import Extent, IdMap, build_idmap, parse_extent
+from .idmap import Extent, IdMap, build_idmap, parse_extents
 from .watch import Shrinker
 
 FSTYPE = "fuse.shiftfs"
@@ -361,14 +361,20 @@ class MountError(OSError):
     """The shiftfs child could not mount; the message carries its stderr."""
 
 
-def _extents(items: Sequence[Extent | str]) -> list[Extent]:
-    return [e if isinstance(e, Extent) else parse_extent(e) for e in items]
+def _extents(items: str | Extent | Sequence[Extent | str]) -> list[Extent]:
+    # a string is one or more extents, as on the command line, never a
+    # sequence of characters
+    if isinstance(items, str):
+        return parse_extents(items)
+    if isinstance(items, Extent):
+        return [items]
+    return [e for item in items for e in _extents(item)]
 
 
 @contextlib.contextmanager
 def mount(lower: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
           idmap: IdMap | None = None, *,
-          uidmap: Sequence[Extent | str] = (), gidmap: Sequence[Extent | str] = (),
+          uidmap: str | Sequence[Extent | str] = (), gidmap: str | Sequence[Extent | str] = (),
           options: Sequence[str] = (), timeout: float = 20.0) -> Iterator[str]:
     """Mount ``lower`` shifted at ``mountpoint`` for the duration of a ``with``
     block: run ``shiftfs -f`` in a child process, wait until the mount is
@@ -376,9 +382,11 @@ def mount(lower: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
     child, also when the body raises.
 
     The table is an :class:`~shiftfs.idmap.IdMap` (``build_idmap(...)``, the
-    object the command line builds) or ``uidmap``/``gidmap`` extent lists
-    (:class:`~shiftfs.idmap.Extent` or ``"LOWER:UPPER:COUNT"`` strings; a
-    missing side copies the other). ``options`` are further command-line
+    object the command line builds) or ``uidmap``/``gidmap``: a string of
+    one or more ``LOWER:UPPER:COUNT`` extents as on the command line
+    (``"0:100000:65536"``, ``"0:100000:1000 1000:1000:1"``), or a sequence
+    of such strings or :class:`~shiftfs.idmap.Extent`; a missing side copies
+    the other. ``options`` are further command-line
     words, e.g. ``["-o", "ro"]`` or ``["--userns", "1234"]``.
 
     Raises :class:`~shiftfs.idmap.TableError` (a ValueError) for a bad table
