@@ -10,7 +10,9 @@ Lookup counts follow the kernel's: every reply that hands a node to the
 kernel (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK, each readdirplus entry
 with attributes) adds one; FORGET and BATCH_FORGET take them back, and at
 zero the node and its fd go. Node ids are never reused (a 64-bit counter),
-so the generation is always 0. The root is node 1 and is never forgotten.
+so the generation is always 0. The lower's root is never forgotten; it is
+node 1 (the FUSE root) or, when the mount shows a directory of the FUSE
+filesystem (mount.py, "mount root"), node 2 below the FUSE root.
 
 The table's fds are bounded: the kernel forgets a node when it evicts the
 inode (FUSE evicts an inode as soon as no dentry or open file holds it),
@@ -33,7 +35,7 @@ import time
 
 from . import linux
 
-ROOT_ID = 1
+ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -68,15 +70,15 @@ class Node:
 
 
 class InodeTable:
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, root_id: int = ROOT_ID) -> None:
         st = os.fstat(root_fd)
-        root = Node(ROOT_ID, root_fd, (st.st_dev, st.st_ino), stat.S_IFMT(st.st_mode))
+        root = Node(root_id, root_fd, (st.st_dev, st.st_ino), stat.S_IFMT(st.st_mode))
         root.nlookup = 1 << 62  # never forgotten
         self.root = root
-        self._by_id: dict[int, Node] = {ROOT_ID: root}
+        self._by_id: dict[int, Node] = {root_id: root}
         self._by_key: dict[tuple[int, int], Node] = {root.key: root}
         self._lock = threading.Lock()
-        self._next_id = ROOT_ID + 1
+        self._next_id = root_id + 1
         self.peak = 1
         self.high, self.low = 1 << 62, 1 << 62  # set by the mount from RLIMIT_NOFILE
         self.shrink_wanted = threading.Event()

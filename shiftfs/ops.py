@@ -48,7 +48,8 @@ What the kernel caches, for how long, and who invalidates it
   dropped by the watcher's notify_inval_inode of the directory), never for
   frozen directories;
 - POSIX ACLs: cached by the kernel with the inode, dropped when its
-  attributes change through this mount.
+  attributes change through this mount; the mount root's too, since a root
+  daemon mounts the lower's root below the FUSE root (``ROOT_NAME``).
 
 Caveats (honest ones, as in pyfuse3's passthroughfs):
 - UNLINK, RMDIR and RENAME name their victims; the kernel checked the
@@ -171,10 +172,21 @@ class DirStream:
         self.index += 1
 
 
+# With ``root_below``, the FUSE root (node 1) is not the lower's root but a
+# directory holding it under this one name, and the mount shows that
+# directory (mount.py). The kernel makes the FUSE root's inode before INIT
+# has turned POSIX ACLs on, so that inode never caches its ACL and every
+# path walk through it would send GETXATTR system.posix_acl_access; the
+# lower's root, looked up after INIT, caches it like any other inode.
+ROOT_NAME = b"root"
+
+
 class Operations:
-    def __init__(self, lower: str, idmap: IdMap, lifetimes: Lifetimes | None = None) -> None:
+    def __init__(self, lower: str, idmap: IdMap, lifetimes: Lifetimes | None = None,
+                 root_below: bool = False) -> None:
         root_fd = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.table = InodeTable(root_fd)
+        self.table = InodeTable(root_fd, ROOT_ID + 1 if root_below else ROOT_ID)
+        self.root_below = root_below
         self.idmap = idmap
         self.uids = idmap.uids
         self.gids = idmap.gids
@@ -234,7 +246,7 @@ class Operations:
     def _path_of(self, node_id: int) -> str:
         parts = []
         for _ in range(256):
-            if node_id == ROOT_ID:
+            if node_id == self.table.root.node_id:
                 return "/" + "/".join(reversed(parts))
             node = self.table._by_id.get(node_id)
             if node is None or not node.name:
@@ -321,6 +333,11 @@ class Operations:
 
     # ---- names ----
     def lookup(self, parent_id: int, name: bytes) -> Entry:
+        if parent_id == ROOT_ID and self.root_below:  # only the mount's own setup asks
+            if name != ROOT_NAME:
+                return Entry(0, None, 0, 0, 0.0, 0.0)
+            root = self.table.root
+            return self._entry(root, os.fstat(root.fd), False)
         parent = self.table.get(parent_id)
         pst = os.fstat(parent.fd)
         frozen_dir = self._frozen(pst)
@@ -407,6 +424,8 @@ class Operations:
     def getattr(self, node_id: int, fh: int | None):
         if fh is not None:
             return self._attr(os.fstat(fh))
+        if node_id == ROOT_ID and self.root_below:  # the daemon's own, never cached
+            return os.fstat(self.table.root.fd), self.daemon_uid, self.daemon_gid, 0.0
         return self._attr(os.fstat(self.table.get(node_id).fd))
 
     def readlink(self, node_id: int) -> bytes:
@@ -673,6 +692,8 @@ class Operations:
 
     # ---- extended attributes ----
     def getxattr(self, node_id: int, name: bytes) -> bytes:
+        if node_id == ROOT_ID and self.root_below:
+            raise OSError(errno.ENODATA, "the FUSE root has no xattrs")
         node = self.table.get(node_id)
         if name.startswith(b"user."):  # the only names whose read asks permission
             st = os.fstat(node.fd)
