@@ -17,9 +17,9 @@ filesystem (mount.py, "mount root"), node 2 below the FUSE root.
 The table's fds are bounded: the kernel forgets a node when it evicts the
 inode (FUSE evicts an inode as soon as no dentry or open file holds it),
 and once more than ``high`` fds are held, ``shrink_wanted`` is set and
-watch.Shrinker gives back the fds of nodes idle for 1 s (each node keeps
-its file handle, and get() reopens it with open_by_handle_at when next
-named). Where handles cannot be had (no CAP_DAC_READ_SEARCH, a filesystem
+watch.Shrinker gives back the fds of nodes no running request names (each
+node keeps its file handle, and get() reopens it with open_by_handle_at
+when next named; a request holds every node it got until it ends). Where handles cannot be had (no CAP_DAC_READ_SEARCH, a filesystem
 without them) the shrinker instead asks the kernel to drop the oldest names
 (notify_inval_entry), which sends their FORGETs. `len(table)`,
 `table.peak` and `table.open_fds` say how many (bench/run.py reports them).
@@ -43,7 +43,7 @@ class Node:
     """One lower inode. ``mode`` is its file type bits (they never change
     for an inode), ``fd`` an O_PATH fd of it."""
 
-    __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens",
+    __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens", "busy",
                  "handle", "used", "stamp", "backing")
 
     def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
@@ -51,6 +51,7 @@ class Node:
         self.nlookup = 0
         self.parent_id, self.name = 0, b""  # the last name it was looked up by
         self.opens = 0  # lower file handles open on it
+        self.busy = 0  # running requests that named it: its fd stays while > 0
         self.handle: bytes | None = None  # to reopen it once its fd was given back
         self.used = 0.0  # monotonic time of the last request that named it
         self.stamp = None  # (size, mtime) at the last open: keep the page cache if unchanged
@@ -78,6 +79,7 @@ class InodeTable:
         self._by_id: dict[int, Node] = {root_id: root}
         self._by_key: dict[tuple[int, int], Node] = {root.key: root}
         self._lock = threading.Lock()
+        self._held = threading.local()  # the nodes this thread's request has named
         self._next_id = root_id + 1
         self.peak = 1
         self.high, self.low = 1 << 62, 1 << 62  # set by the mount from RLIMIT_NOFILE
@@ -101,15 +103,34 @@ class InodeTable:
         return len(self._by_id)
 
     def get(self, node_id: int) -> Node:
-        """The node, with an fd (reopened by handle if it gave it back)."""
-        try:
-            node = self._by_id[node_id]
-        except KeyError:
-            raise OSError(errno.ESTALE, f"no node {node_id}") from None
-        node.used = time.monotonic()
+        """The node, with an fd (reopened by handle if it gave it back) that
+        stays open until the request ends (``request_done``)."""
+        with self._lock:
+            node = self._by_id.get(node_id)
+            if node is None:
+                raise OSError(errno.ESTALE, f"no node {node_id}")
+            self._hold(node)
         if node.fd < 0:
             self._reopen(node)
         return node
+
+    def _hold(self, node: Node) -> None:
+        # under the lock: from here give_back() leaves this node's fd alone
+        node.busy += 1
+        node.used = time.monotonic()
+        try:
+            self._held.nodes.append(node)
+        except AttributeError:
+            self._held.nodes = [node]
+
+    def request_done(self) -> None:
+        """The running request (this thread's) names its nodes no more."""
+        nodes = getattr(self._held, "nodes", None)
+        if nodes:
+            with self._lock:
+                for node in nodes:
+                    node.busy -= 1
+            nodes.clear()
 
     def _reopen(self, node: Node) -> None:
         with self._lock:
@@ -127,20 +148,19 @@ class InodeTable:
         if self.open_fds > self.high:
             self.shrink_wanted.set()
 
-    def give_back_idle(self, count: int, idle: float = 1.0) -> int:
-        """Close the fds of up to ``count`` nodes no request has named for
-        ``idle`` seconds (and that nothing has open), oldest first; they are
-        reopened by file handle when next named. The idle time is what makes
-        this safe: a request reads node.fd right after get() stamped
-        ``used``, so no request can still be about to use a number closed
-        here (and then reused by another open). How many were given back."""
+    def give_back(self, count: int) -> int:
+        """Close the fds of up to ``count`` nodes that no running request
+        names and nothing has open, least recently named first; they are
+        reopened by file handle when next named. Safe at any time: a request
+        holds (``busy``) every node it got from get() or add() until it
+        ends, and only nodes held by none are closed, under the same lock.
+        How many were given back."""
         if not self.handles:
             return 0
-        limit = time.monotonic() - idle
         with self._lock:
             idle_nodes = sorted((n for n in self._by_id.values()
                                  if n.fd >= 0 and n.handle is not None and not n.opens
-                                 and n is not self.root and n.used < limit),
+                                 and not n.busy and n is not self.root),
                                 key=lambda n: n.used)[:count]
             fds = []
             for n in idle_nodes:
@@ -210,7 +230,7 @@ class InodeTable:
             elif node.fd < 0:  # it had given its fd back: take this one
                 node.fd, fd = fd, -1
                 self.open_fds += 1
-            node.used = time.monotonic()
+            self._hold(node)
             node.nlookup += 1
             if name:
                 node.parent_id, node.name = parent_id, name

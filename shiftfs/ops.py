@@ -59,8 +59,8 @@ Caveats (honest ones, as in pyfuse3's passthroughfs):
 - POSIX locks and flock are left to the kernel (local to this mount).
 - Every node holds an fd while it is in use: the daemon raises
   RLIMIT_NOFILE at start, and watch.Shrinker keeps the fds under 60 % of it
-  (idle nodes give theirs back and are reopened by file handle; failing
-  that, the kernel is asked to drop its oldest names). A file whose last name goes while nobody has it
+  (nodes no running request names give theirs back and are reopened by
+  file handle; failing that, the kernel is asked to drop its oldest names). A file whose last name goes while nobody has it
   open gives its inode back at once (inodes.release_if_gone).
 - Without the watcher (rootless, -o cache=timeout) changes behind the
   mount show within the lifetimes above.
@@ -209,6 +209,11 @@ class Operations:
         """INIT was answered (mount.serve hooks its read-ahead here)."""
         if self._offered_backing is not None and want & fuse.FUSE_CAP_PASSTHROUGH:
             self.backing_files = self._offered_backing
+
+    def request_done(self) -> None:
+        """fuse.py, as each request ends: the nodes it named may give their
+        fds back."""
+        self.table.request_done()
 
     def worker_started(self) -> None:
         linux.private_fs_struct()
