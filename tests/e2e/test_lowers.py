@@ -273,21 +273,26 @@ def test_ids_and_changes_through_shiftfs(lower, mounts):
 
 
 def test_chown_of_a_symlink_never_reaches_its_target(lower, mounts):
-    """lchown through the mount changes the symlink's own owner, where the
-    lower can; sshfs cannot (sftp SETSTAT follows symlinks, so it would
-    chown whatever the link points to, on the server): refused there with
+    """lchown and lutimes through the mount change the symlink itself, where
+    the lower can; sshfs cannot (sftp SETSTAT follows symlinks, so it would
+    change whatever the link points to, on the server): refused there with
     EOPNOTSUPP, and the target is untouched either way."""
     mnt = mounts.shiftfs(lower.path, table(UP))
     os.symlink("by-root", f"{lower.store}/link")
+    target_mtime = os.stat(f"{lower.store}/by-root").st_mtime_ns
     got = call_as_userns_root(lambda: os.chown(f"{mnt}/link", USER, USER, follow_symlinks=False),
                               **ROOT)
-    assert ids(f"{lower.store}/by-root") == (0, 0)
+    times = call_as_userns_root(lambda: os.utime(f"{mnt}/link", (1, 1), follow_symlinks=False),
+                                **ROOT)
+    target = os.stat(f"{lower.store}/by-root")
+    assert (target.st_uid, target.st_gid, target.st_mtime_ns) == (0, 0, target_mtime)
     if lower.kind == "sshfs":
-        assert got == Errno(errno.EOPNOTSUPP)
+        assert (got, times) == (Errno(errno.EOPNOTSUPP), Errno(errno.EOPNOTSUPP))
         assert ids(f"{lower.store}/link") == (0, 0)
     else:
-        assert got is None
-        assert ids(f"{lower.store}/link") == (USER, USER)
+        assert (got, times) == (None, None)
+        link = os.lstat(f"{lower.store}/link")
+        assert (link.st_uid, link.st_gid, link.st_mtime) == (USER, USER, 1)
 
 
 def test_a_new_set_uid_file_gets_its_creators_owner_and_keeps_its_mode(fuse_lower, mounts):
