@@ -19,8 +19,11 @@ inode (FUSE evicts an inode as soon as no dentry or open file holds it),
 and once more than ``high`` fds are held, ``shrink_wanted`` is set and
 watch.Shrinker gives back the fds of nodes no running request names (each
 node keeps its file handle, and get() reopens it with open_by_handle_at
-when next named; a request holds every node it got until it ends). Where handles cannot be had (no CAP_DAC_READ_SEARCH, a filesystem
-without them) the shrinker instead asks the kernel to drop the oldest names
+when next named; a request holds every node it got until it ends). Where
+handles cannot be had (no CAP_DAC_READ_SEARCH, a filesystem without them,
+or a FUSE lower: its handles name an inode only while its kernel still
+caches it, so once evicted they give ESTALE) the shrinker instead asks the
+kernel to drop the oldest names
 (notify_inval_entry), which sends their FORGETs. `len(table)`,
 `table.peak` and `table.open_fds` say how many (bench/run.py reports them).
 """
@@ -91,6 +94,8 @@ class InodeTable:
         self._mount_fd = -1
         self.handles = False
         try:
+            if linux.fs_type(st.st_dev).startswith("fuse"):
+                raise OSError(errno.ESTALE, "FUSE handles go stale once the inode is evicted")
             self._mount_fd = os.open(f"/proc/self/fd/{root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             h = linux.name_to_handle(root_fd)
             if h is not None:
@@ -211,7 +216,8 @@ class InodeTable:
         """Count one lookup of the inode ``fd`` holds (the table takes the
         fd: kept for a new node, closed for one it already has)."""
         key = (st.st_dev, st.st_ino)
-        handle = linux.name_to_handle(fd) if self.handles else None
+        # handles reopen through the root's mount: not for what is mounted below it
+        handle = linux.name_to_handle(fd) if self.handles and key[0] == self.root.key[0] else None
         with self._lock:
             node = self._by_key.get(key)
             if node is None:

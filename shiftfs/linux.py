@@ -246,6 +246,18 @@ def name_to_handle(fd: int) -> bytes | None:
     return buf.raw[:8 + size]
 
 
+def fs_type(dev: int) -> str:
+    """The filesystem type of device ``dev`` as mountinfo names it
+    ("tmpfs", "fuse.sshfs", ...); "" if no mount of it is listed."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == want:
+                return fields[fields.index("-") + 1]
+    return ""
+
+
 def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
     """``handle`` is a struct file_handle as fanotify reports it."""
     return _check(_libc.open_by_handle_at(mount_fd, handle, flags))

@@ -275,6 +275,10 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     root_below = _can_mount_below()
     operations = Operations(lower, idmap, Lifetimes(options.attr_timeout, options.entry_timeout,
                                                     options.negative_timeout), root_below)
+    lacks = operations.lacks()
+    if lacks:
+        log.warning("the lower %s (%s) lacks %s", lower, operations.lower_type or "?",
+                    "; ".join(lacks))
     mp = os.path.realpath(mountpoint)
     want = (fuse.FUSE_CAP_POSIX_ACL | fuse.FUSE_CAP_DONT_MASK | fuse.FUSE_CAP_READDIRPLUS
             | fuse.FUSE_CAP_READDIRPLUS_AUTO | fuse.FUSE_CAP_PARALLEL_DIROPS
