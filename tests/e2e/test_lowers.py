@@ -315,7 +315,8 @@ def test_idle_fds_on_a_fuse_lower_never_go_stale(fuse_lower):
     """A FUSE lower's file handles name its inodes only while its kernel
     keeps them: once the fd is given back and the inode evicted (memory
     pressure; here drop_caches), open_by_handle_at gives ESTALE. On such a
-    lower idle nodes keep their fds, and every node still answers."""
+    lower nodes no request names keep their fds, and every node still
+    answers."""
     from shiftfs.idmap import build_idmap
     from shiftfs.idmap import Extent
     from shiftfs.ops import Operations
@@ -327,9 +328,8 @@ def test_idle_fds_on_a_fuse_lower_never_go_stale(fuse_lower):
     try:
         many = ops.lookup(1, b"many").node_id
         nodes = [ops.lookup(many, f"f{i}".encode()).node_id for i in range(20)]
-        for node_id in nodes:
-            ops.table.get(node_id).used -= 60  # as if idle for a minute
-        ops.table.give_back_idle(20)
+        ops.table.request_done()  # the lookups' requests have ended
+        assert ops.table.give_back(20) == 0
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("2")  # evict unused dentries and inodes, as memory pressure does
         sizes = [ops.getattr(n, None)[0].st_size for n in nodes]
