@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 
 from . import __version__
-from .idmap import (Extent, TableError, build_idmap, parse_bindfs_pairs, parse_extent,
+from .idmap import (Extent, TableError, build_idmap, parse_bindfs_pairs, parse_extents,
                     parse_map_spec, read_subid_maps, read_userns_maps)
 from .mount import MountOptions, mounts
 
@@ -61,13 +61,10 @@ def invoked_by_mount_helper() -> bool:
         and argv[2].split(b"' ", 1)[0].endswith(b"shiftfs")
 
 
-def _split_values(value: str, what: str = "uidmap") -> list[str]:
-    # Inside -o, commas separate options, so several extents in one value
-    # are separated by '+' (or ';' / spaces when quoted).
-    values = [v for v in value.replace("+", " ").replace(";", " ").split() if v]
-    if not values:
+def _extents_of(value: str, what: str = "uidmap") -> list[Extent]:
+    if not value.strip():
         raise TableError(f"{what}: empty value, expected LOWER:UPPER:COUNT")
-    return values
+    return parse_extents(value)
 
 
 # pairs of explicit flags that contradict each other
@@ -107,7 +104,7 @@ def apply_o_options(text: str, req: Request) -> None:
             _note_flag(key, req)
         if key in ("uidmap", "gidmap") and has_value:
             target = req.uid_extents if key == "uidmap" else req.gid_extents
-            target.extend(parse_extent(v) for v in _split_values(value, key))
+            target.extend(_extents_of(value, key))
         elif key == "map" and has_value:
             uids, gids = parse_map_spec(value.replace("+", " "))
             req.uid_extents += uids
@@ -186,9 +183,9 @@ def add_table_arguments(p: argparse.ArgumentParser) -> None:
 def table_from_args(ns: argparse.Namespace, req: Request) -> None:
     """Add the extents the table options of ``ns`` give to ``req``."""
     for text in ns.uidmap:
-        req.uid_extents += [parse_extent(v) for v in _split_values(text, "--uidmap")]
+        req.uid_extents += _extents_of(text, "--uidmap")
     for text in ns.gidmap:
-        req.gid_extents += [parse_extent(v) for v in _split_values(text, "--gidmap")]
+        req.gid_extents += _extents_of(text, "--gidmap")
     for spec in ns.map:
         if "/" in spec:
             uids, gids = parse_bindfs_pairs(spec)

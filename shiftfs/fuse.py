@@ -617,11 +617,15 @@ class Session:
     def _call(self, req, what, fn, *args):
         """fn(*args), or the request answered with its error and None."""
         _tls.req = req
+        done = self.ops.request_done
+        done()  # anything a cleanup after an earlier reply held on this thread
         try:
             return fn(*args)
         except BaseException as e:  # noqa: B902 (a bug must still answer)
             self._fail(req, e, what)
             return None
+        finally:
+            done()
 
     def _reply_entry(self, req, e: Entry) -> None:
         if self._debug and not e.node_id:
@@ -887,9 +891,11 @@ class Session:
                 stream.advance()
         except BaseException as e:  # noqa: B902
             if pos == 0:
+                self.ops.request_done()
                 self._fail(req, e, "readdir")
                 return
             # entries already counted are sent; the error comes next time
+        self.ops.request_done()
         _lib.fuse_reply_buf(req, buf, pos)
 
     # ---- xattrs ----

@@ -53,10 +53,16 @@ def _id_field(text: str, what: str, extent_text: str) -> int:
 
 
 def parse_extent(text: str) -> Extent:
-    """Parse ``LOWER:UPPER:COUNT`` (COUNT defaults to 1 when omitted)."""
+    """Parse ``LOWER:UPPER:COUNT``. Two fields are refused: ``0:100000``
+    most likely means a shift of the whole range, and taking it as one id
+    would leave every other id unmapped (frozen) without a word."""
     fields = text.strip().split(":")
-    if len(fields) == 2:
-        fields.append("1")
+    if len(fields) == 2 and all(re.fullmatch(r"[0-9]+", f.strip()) for f in fields):
+        lower, upper = (f.strip() for f in fields)
+        raise TableError(
+            f"extent '{text}': COUNT missing; an extent is LOWER:UPPER:COUNT, e.g. "
+            f"{lower}:{upper}:65536 for a range, or {lower}:{upper}:1 (--map {lower}/{upper}) "
+            "for one id")
     if len(fields) != 3:
         raise TableError(f"extent '{text}': expected LOWER:UPPER:COUNT")
     lower = _id_field(fields[0], "lower id", text)
@@ -65,6 +71,16 @@ def parse_extent(text: str) -> Extent:
     extent = Extent(lower, upper, count)
     check_extent(extent)
     return extent
+
+
+def parse_extents(text: str) -> list[Extent]:
+    """One or more extents in one string, as ``--uidmap`` takes them:
+    separated by spaces, '+' or ';' ('+' inside ``-o``, where commas
+    separate options)."""
+    items = [t for t in re.split(r"[\s+;]+", text) if t]
+    if not items:
+        raise TableError("empty table: expected LOWER:UPPER:COUNT")
+    return [parse_extent(t) for t in items]
 
 
 def check_extent(extent: Extent) -> None:

@@ -10,15 +10,20 @@ Lookup counts follow the kernel's: every reply that hands a node to the
 kernel (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK, each readdirplus entry
 with attributes) adds one; FORGET and BATCH_FORGET take them back, and at
 zero the node and its fd go. Node ids are never reused (a 64-bit counter),
-so the generation is always 0. The root is node 1 and is never forgotten.
+so the generation is always 0. The lower's root is never forgotten; it is
+node 1 (the FUSE root) or, when the mount shows a directory of the FUSE
+filesystem (mount.py, "mount root"), node 2 below the FUSE root.
 
 The table's fds are bounded: the kernel forgets a node when it evicts the
 inode (FUSE evicts an inode as soon as no dentry or open file holds it),
 and once more than ``high`` fds are held, ``shrink_wanted`` is set and
-watch.Shrinker gives back the fds of nodes idle for 1 s (each node keeps
-its file handle, and get() reopens it with open_by_handle_at when next
-named). Where handles cannot be had (no CAP_DAC_READ_SEARCH, a filesystem
-without them) the shrinker instead asks the kernel to drop the oldest names
+watch.Shrinker gives back the fds of nodes no running request names (each
+node keeps its file handle, and get() reopens it with open_by_handle_at
+when next named; a request holds every node it got until it ends). Where
+handles cannot be had (no CAP_DAC_READ_SEARCH, a filesystem without them,
+or a FUSE lower: its handles name an inode only while its kernel still
+caches it, so once evicted they give ESTALE) the shrinker instead asks the
+kernel to drop the oldest names
 (notify_inval_entry), which sends their FORGETs. `len(table)`,
 `table.peak` and `table.open_fds` say how many (bench/run.py reports them).
 """
@@ -33,7 +38,7 @@ import time
 
 from . import linux
 
-ROOT_ID = 1
+ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -41,7 +46,7 @@ class Node:
     """One lower inode. ``mode`` is its file type bits (they never change
     for an inode), ``fd`` an O_PATH fd of it."""
 
-    __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens",
+    __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens", "busy",
                  "handle", "used", "stamp", "backing")
 
     def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
@@ -49,6 +54,7 @@ class Node:
         self.nlookup = 0
         self.parent_id, self.name = 0, b""  # the last name it was looked up by
         self.opens = 0  # lower file handles open on it
+        self.busy = 0  # running requests that named it: its fd stays while > 0
         self.handle: bytes | None = None  # to reopen it once its fd was given back
         self.used = 0.0  # monotonic time of the last request that named it
         self.stamp = None  # (size, mtime) at the last open: keep the page cache if unchanged
@@ -68,15 +74,16 @@ class Node:
 
 
 class InodeTable:
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, root_id: int = ROOT_ID) -> None:
         st = os.fstat(root_fd)
-        root = Node(ROOT_ID, root_fd, (st.st_dev, st.st_ino), stat.S_IFMT(st.st_mode))
+        root = Node(root_id, root_fd, (st.st_dev, st.st_ino), stat.S_IFMT(st.st_mode))
         root.nlookup = 1 << 62  # never forgotten
         self.root = root
-        self._by_id: dict[int, Node] = {ROOT_ID: root}
+        self._by_id: dict[int, Node] = {root_id: root}
         self._by_key: dict[tuple[int, int], Node] = {root.key: root}
         self._lock = threading.Lock()
-        self._next_id = ROOT_ID + 1
+        self._held = threading.local()  # the nodes this thread's request has named
+        self._next_id = root_id + 1
         self.peak = 1
         self.high, self.low = 1 << 62, 1 << 62  # set by the mount from RLIMIT_NOFILE
         self.shrink_wanted = threading.Event()
@@ -87,6 +94,8 @@ class InodeTable:
         self._mount_fd = -1
         self.handles = False
         try:
+            if linux.fs_type(st.st_dev).startswith("fuse"):
+                raise OSError(errno.ESTALE, "FUSE handles go stale once the inode is evicted")
             self._mount_fd = os.open(f"/proc/self/fd/{root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             h = linux.name_to_handle(root_fd)
             if h is not None:
@@ -99,15 +108,34 @@ class InodeTable:
         return len(self._by_id)
 
     def get(self, node_id: int) -> Node:
-        """The node, with an fd (reopened by handle if it gave it back)."""
-        try:
-            node = self._by_id[node_id]
-        except KeyError:
-            raise OSError(errno.ESTALE, f"no node {node_id}") from None
-        node.used = time.monotonic()
+        """The node, with an fd (reopened by handle if it gave it back) that
+        stays open until the request ends (``request_done``)."""
+        with self._lock:
+            node = self._by_id.get(node_id)
+            if node is None:
+                raise OSError(errno.ESTALE, f"no node {node_id}")
+            self._hold(node)
         if node.fd < 0:
             self._reopen(node)
         return node
+
+    def _hold(self, node: Node) -> None:
+        # under the lock: from here give_back() leaves this node's fd alone
+        node.busy += 1
+        node.used = time.monotonic()
+        try:
+            self._held.nodes.append(node)
+        except AttributeError:
+            self._held.nodes = [node]
+
+    def request_done(self) -> None:
+        """The running request (this thread's) names its nodes no more."""
+        nodes = getattr(self._held, "nodes", None)
+        if nodes:
+            with self._lock:
+                for node in nodes:
+                    node.busy -= 1
+            nodes.clear()
 
     def _reopen(self, node: Node) -> None:
         with self._lock:
@@ -125,20 +153,19 @@ class InodeTable:
         if self.open_fds > self.high:
             self.shrink_wanted.set()
 
-    def give_back_idle(self, count: int, idle: float = 1.0) -> int:
-        """Close the fds of up to ``count`` nodes no request has named for
-        ``idle`` seconds (and that nothing has open), oldest first; they are
-        reopened by file handle when next named. The idle time is what makes
-        this safe: a request reads node.fd right after get() stamped
-        ``used``, so no request can still be about to use a number closed
-        here (and then reused by another open). How many were given back."""
+    def give_back(self, count: int) -> int:
+        """Close the fds of up to ``count`` nodes that no running request
+        names and nothing has open, least recently named first; they are
+        reopened by file handle when next named. Safe at any time: a request
+        holds (``busy``) every node it got from get() or add() until it
+        ends, and only nodes held by none are closed, under the same lock.
+        How many were given back."""
         if not self.handles:
             return 0
-        limit = time.monotonic() - idle
         with self._lock:
             idle_nodes = sorted((n for n in self._by_id.values()
                                  if n.fd >= 0 and n.handle is not None and not n.opens
-                                 and n is not self.root and n.used < limit),
+                                 and not n.busy and n is not self.root),
                                 key=lambda n: n.used)[:count]
             fds = []
             for n in idle_nodes:
@@ -189,7 +216,8 @@ class InodeTable:
         """Count one lookup of the inode ``fd`` holds (the table takes the
         fd: kept for a new node, closed for one it already has)."""
         key = (st.st_dev, st.st_ino)
-        handle = linux.name_to_handle(fd) if self.handles else None
+        # handles reopen through the root's mount: not for what is mounted below it
+        handle = linux.name_to_handle(fd) if self.handles and key[0] == self.root.key[0] else None
         with self._lock:
             node = self._by_key.get(key)
             if node is None:
@@ -208,7 +236,7 @@ class InodeTable:
             elif node.fd < 0:  # it had given its fd back: take this one
                 node.fd, fd = fd, -1
                 self.open_fds += 1
-            node.used = time.monotonic()
+            self._hold(node)
             node.nlookup += 1
             if name:
                 node.parent_id, node.name = parent_id, name

@@ -145,6 +145,54 @@ def umount2(target: str, flags: int) -> None:
     _check(_libc.umount2(target.encode(), flags))
 
 
+# ---- the new mount API (Linux 5.2): a mount of a directory of a new FUSE
+# filesystem, made without a path for the FUSE root ----------------------------
+
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 428, 429, 430, 431, 432
+FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 0, 1, 6
+OPEN_TREE_CLONE = 1
+MOVE_MOUNT_F_EMPTY_PATH = 4
+# -o words that are per-mount attributes in this API (the rest go to fsconfig)
+MOUNT_ATTRS = {"ro": 0x1, "nosuid": 0x2, "nodev": 0x4, "noexec": 0x8, "noatime": 0x10,
+               "strictatime": 0x20, "nodiratime": 0x80, "relatime": 0, "rw": 0, "suid": 0,
+               "dev": 0, "exec": 0}
+
+
+def _sys(number: int, *args) -> int:
+    return _check(_libc.syscall(ctypes.c_long(number), *args))
+
+
+def fsopen(fstype: str) -> int:
+    return _sys(_SYS_FSOPEN, ctypes.c_char_p(fstype.encode()), ctypes.c_uint(1))  # FSOPEN_CLOEXEC
+
+
+def fsconfig(fs_fd: int, key: str, value: str | None = None) -> None:
+    """A flag (``value`` None) or a string parameter of a new superblock."""
+    command = FSCONFIG_SET_FLAG if value is None else FSCONFIG_SET_STRING
+    _sys(_SYS_FSCONFIG, ctypes.c_int(fs_fd), ctypes.c_uint(command), ctypes.c_char_p(key.encode()),
+         ctypes.c_char_p(None if value is None else value.encode()), ctypes.c_int(0))
+
+
+def fsconfig_create(fs_fd: int) -> None:
+    _sys(_SYS_FSCONFIG, ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE),
+         ctypes.c_char_p(None), ctypes.c_char_p(None), ctypes.c_int(0))
+
+
+def fsmount(fs_fd: int, attrs: int) -> int:
+    return _sys(_SYS_FSMOUNT, ctypes.c_int(fs_fd), ctypes.c_uint(1), ctypes.c_uint(attrs))  # FSMOUNT_CLOEXEC
+
+
+def open_tree_clone(dir_fd: int, name: str) -> int:
+    """A detached bind mount of ``name`` below ``dir_fd``'s mount."""
+    return _sys(_SYS_OPEN_TREE, ctypes.c_int(dir_fd), ctypes.c_char_p(name.encode()),
+                ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC))
+
+
+def move_mount_to(mount_fd: int, target: str) -> None:
+    _sys(_SYS_MOVE_MOUNT, ctypes.c_int(mount_fd), ctypes.c_char_p(b""), ctypes.c_int(AT_FDCWD),
+         ctypes.c_char_p(target.encode()), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+
+
 # ---- fanotify with file handles ------------------------------------------------
 
 FAN_CLOEXEC = 0x1
@@ -196,6 +244,18 @@ def name_to_handle(fd: int) -> bytes | None:
         return None
     size = struct.unpack_from("=I", buf, 0)[0]
     return buf.raw[:8 + size]
+
+
+def fs_type(dev: int) -> str:
+    """The filesystem type of device ``dev`` as mountinfo names it
+    ("tmpfs", "fuse.sshfs", ...); "" if no mount of it is listed."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == want:
+                return fields[fields.index("-") + 1]
+    return ""
 
 
 def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:

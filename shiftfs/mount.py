@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from . import linux
-from .idmap import Extent, IdMap, build_idmap, parse_extent
+from .idmap import Extent, IdMap, build_idmap, parse_extents
 from .watch import Shrinker
 
 FSTYPE = "fuse.shiftfs"
@@ -144,39 +144,52 @@ def _daemonize():
     return report
 
 
-def _sync_init_device() -> int | None:
-    """/dev/fuse set up for a synchronous INIT (Linux 6.18+): the kernel
-    then has INIT answered while it makes the superblock, meant to let the
-    root inode be made after ACLs are on. (Measured on 6.18: the root's ACL
-    is still asked at every walk through it; see README, Limits.) None
-    where the kernel has no such ioctl (ENOTTY) or we cannot mount
-    ourselves."""
+def _own_device() -> tuple[int | None, bool]:
+    """/dev/fuse opened for a mount the daemon makes itself (root only):
+    (fd, whether INIT is synchronous, FUSE_DEV_IOC_SYNC_INIT, Linux 6.18+).
+    (None, False) where we cannot mount ourselves; libfuse mounts then."""
     if os.geteuid() != 0:
-        return None
+        return None, False
     import fcntl
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
-        return None
+        return None, False
     try:
         fcntl.ioctl(fd, linux.FUSE_DEV_IOC_SYNC_INIT)
+    except OSError:  # ENOTTY: INIT is answered after mount(2) returns
+        return fd, False
+    return fd, True
+
+
+def _can_mount_below() -> bool:
+    """Whether the new mount API makes FUSE filesystems here (root, Linux 5.2+)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        os.close(linux.fsopen("fuse"))
     except OSError:
-        os.close(fd)
-        return None
-    return fd
+        return False
+    return True
+
+
+def _fuse_words(fd: int, lower: str, options: MountOptions) -> list[str]:
+    # the source and fstype say fsname= and subtype=
+    return [f"fd={fd}", f"user_id={os.geteuid()}", f"group_id={os.getegid()}"] + [
+        w for w in options.mount_options(lower) if not w.startswith(("fsname=", "subtype="))]
 
 
 def handles_killpriv_v2() -> bool:
     """Whether a mount made now by this process clears set-id bits itself
     (FUSE_HANDLE_KILLPRIV_V2, offered by Linux 5.11+): as root, with
     libfuse 3.17 (which negotiates it), or with 3.14 where we serve our own
-    /dev/fuse fd (synchronous INIT) and patch the INIT reply."""
+    /dev/fuse fd and patch the INIT reply."""
     from . import fuse
     if os.geteuid() != 0:
         return False
     if fuse.LIBFUSE_VERSION >= (3, 17):
         return True
-    fd = _sync_init_device()
+    fd, _sync = _own_device()
     if fd is None:
         return False
     os.close(fd)
@@ -185,18 +198,48 @@ def handles_killpriv_v2() -> bool:
 
 def _kernel_mount(fd: int, lower: str, mp: str, options: MountOptions) -> None:
     """mount(2) of a FUSE filesystem served on ``fd``, as libfuse's own
-    mount does for root."""
-    words = [w for w in options.mount_options(lower)  # the source and fstype say these
-             if not w.startswith(("fsname=", "subtype="))]
+    mount does for root; the mount shows the FUSE root."""
     flags = 0
-    data = [f"fd={fd}", f"rootmode={stat.S_IFMT(os.stat(lower).st_mode):o}",
-            f"user_id={os.geteuid()}", f"group_id={os.getegid()}"]
-    for w in words:
+    data = [f"rootmode={stat.S_IFMT(os.stat(lower).st_mode):o}"]
+    for w in _fuse_words(fd, lower, options):
         if w in linux.MS_FLAGS:
             flags |= linux.MS_FLAGS[w]
         else:
             data.append(w)
     linux.mount(lower, mp, FSTYPE, flags, ",".join(data))
+
+
+def _mount_below(fd: int, lower: str, mp: str, options: MountOptions) -> None:
+    """A FUSE filesystem served on ``fd`` made with fsopen/fsmount, and its
+    directory ops.ROOT_NAME (the lower's root) bind-mounted at ``mp``; the
+    FUSE root itself is never attached. See ops.ROOT_NAME for why."""
+    from .ops import ROOT_NAME
+    attrs = 0
+    fs_fd = linux.fsopen("fuse")
+    try:
+        for key, value in (("source", lower), ("subtype", FSTYPE.split(".", 1)[1]),
+                           ("rootmode", "40000")):
+            linux.fsconfig(fs_fd, key, value)
+        for w in _fuse_words(fd, lower, options):
+            if w in linux.MOUNT_ATTRS:
+                attrs |= linux.MOUNT_ATTRS[w]
+                if w == "ro":  # the superblock's as well as the mount's, as mount(2) does
+                    linux.fsconfig(fs_fd, "ro")
+            else:
+                key, eq, value = w.partition("=")
+                linux.fsconfig(fs_fd, key, value if eq else None)
+        linux.fsconfig_create(fs_fd)  # with a synchronous INIT, answered by now
+        fuse_root = linux.fsmount(fs_fd, attrs)
+    finally:
+        os.close(fs_fd)
+    try:
+        tree = linux.open_tree_clone(fuse_root, ROOT_NAME.decode())
+    finally:
+        os.close(fuse_root)  # detached: it goes, the bind keeps the superblock
+    try:
+        linux.move_mount_to(tree, mp)
+    finally:
+        os.close(tree)
 
 
 WATCHED_LIFETIME = 3600.0  # what the kernel may cache when fanotify tells us of changes
@@ -246,8 +289,13 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     if os.geteuid() == 0 and not linux.keep_caps_across_fsuid():
         print("shiftfs: cannot set SECBIT_NO_SETUID_FIXUP; new files may get the wrong owner",
               file=sys.stderr)
+    root_below = _can_mount_below()
     operations = Operations(lower, idmap, Lifetimes(options.attr_timeout, options.entry_timeout,
-                                                    options.negative_timeout))
+                                                    options.negative_timeout), root_below)
+    lacks = operations.lacks()
+    if lacks:
+        log.warning("the lower %s (%s) lacks %s", lower, operations.lower_type or "?",
+                    "; ".join(lacks))
     mp = os.path.realpath(mountpoint)
     want = (fuse.FUSE_CAP_POSIX_ACL | fuse.FUSE_CAP_DONT_MASK | fuse.FUSE_CAP_READDIRPLUS
             | fuse.FUSE_CAP_READDIRPLUS_AUTO | fuse.FUSE_CAP_PARALLEL_DIROPS
@@ -293,14 +341,17 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
         return 1
     report = None if options.foreground else _daemonize()
     workers = 1 if not options.threads else WORKERS
-    sync_fd = _sync_init_device()
+    device_fd, sync_init = _own_device()
+    if root_below and device_fd is None:  # cannot happen as root; never serve node 1 wrong
+        print(f"shiftfs: mount of {mountpoint} failed: cannot open /dev/fuse", file=sys.stderr)
+        return 1
     session.catch_signals()
     unmount_own = None
     try:
-        if sync_fd is not None:
-            session.use_fd(sync_fd)
-            session.start(workers)  # they answer INIT while mount(2) waits for it
-            _kernel_mount(sync_fd, lower, mp, options)
+        if device_fd is not None:
+            session.use_fd(device_fd)
+            session.start(workers)  # they answer INIT (and the lookup of the root below)
+            (_mount_below if root_below else _kernel_mount)(device_fd, lower, mp, options)
             set_read_ahead(mp, READ_AHEAD_KB)  # not in mountinfo yet while INIT ran
             unmount_own = lambda: linux.umount2(mp, linux.MNT_DETACH)  # noqa: E731
         else:
@@ -314,8 +365,10 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
     if report:
         report(True)
     if options.debug:
-        log.info("INIT was %s", "synchronous (FUSE_DEV_IOC_SYNC_INIT)" if sync_fd is not None
+        log.info("INIT was %s", "synchronous (FUSE_DEV_IOC_SYNC_INIT)" if sync_init
                  else "asynchronous (no FUSE_DEV_IOC_SYNC_INIT here)")
+        log.info("the mount shows %s", "the FUSE root's directory 'root' (ACLs of the root cached)"
+                 if root_below else "the FUSE root")
         log.info("set-id bits on write and truncate cleared by %s",
                  "the daemon (FUSE_HANDLE_KILLPRIV_V2)" if session.killpriv_v2 else "the kernel")
     if watcher is not None:
@@ -383,14 +436,20 @@ class MountError(OSError):
     """The shiftfs child could not mount; the message carries its stderr."""
 
 
-def _extents(items: Sequence[Extent | str]) -> list[Extent]:
-    return [e if isinstance(e, Extent) else parse_extent(e) for e in items]
+def _extents(items: str | Extent | Sequence[Extent | str]) -> list[Extent]:
+    # a string is one or more extents, as on the command line, never a
+    # sequence of characters
+    if isinstance(items, str):
+        return parse_extents(items)
+    if isinstance(items, Extent):
+        return [items]
+    return [e for item in items for e in _extents(item)]
 
 
 @contextlib.contextmanager
 def mount(lower: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
           idmap: IdMap | None = None, *,
-          uidmap: Sequence[Extent | str] = (), gidmap: Sequence[Extent | str] = (),
+          uidmap: str | Sequence[Extent | str] = (), gidmap: str | Sequence[Extent | str] = (),
           options: Sequence[str] = (), timeout: float = 20.0) -> Iterator[str]:
     """Mount ``lower`` shifted at ``mountpoint`` for the duration of a ``with``
     block: run ``shiftfs -f`` in a child process, wait until the mount is
@@ -398,9 +457,11 @@ def mount(lower: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
     child, also when the body raises.
 
     The table is an :class:`~shiftfs.idmap.IdMap` (``build_idmap(...)``, the
-    object the command line builds) or ``uidmap``/``gidmap`` extent lists
-    (:class:`~shiftfs.idmap.Extent` or ``"LOWER:UPPER:COUNT"`` strings; a
-    missing side copies the other). ``options`` are further command-line
+    object the command line builds) or ``uidmap``/``gidmap``: a string of
+    one or more ``LOWER:UPPER:COUNT`` extents as on the command line
+    (``"0:100000:65536"``, ``"0:100000:1000 1000:1000:1"``), or a sequence
+    of such strings or :class:`~shiftfs.idmap.Extent`; a missing side copies
+    the other. ``options`` are further command-line
     words, e.g. ``["-o", "ro"]`` or ``["--userns", "1234"]``.
 
     Raises :class:`~shiftfs.idmap.TableError` (a ValueError) for a bad table

@@ -48,7 +48,8 @@ What the kernel caches, for how long, and who invalidates it
   dropped by the watcher's notify_inval_inode of the directory), never for
   frozen directories;
 - POSIX ACLs: cached by the kernel with the inode, dropped when its
-  attributes change through this mount.
+  attributes change through this mount; the mount root's too, since a root
+  daemon mounts the lower's root below the FUSE root (``ROOT_NAME``).
 
 Caveats (honest ones, as in pyfuse3's passthroughfs):
 - UNLINK, RMDIR and RENAME name their victims; the kernel checked the
@@ -58,8 +59,8 @@ Caveats (honest ones, as in pyfuse3's passthroughfs):
 - POSIX locks and flock are left to the kernel (local to this mount).
 - Every node holds an fd while it is in use: the daemon raises
   RLIMIT_NOFILE at start, and watch.Shrinker keeps the fds under 60 % of it
-  (idle nodes give theirs back and are reopened by file handle; failing
-  that, the kernel is asked to drop its oldest names). A file whose last name goes while nobody has it
+  (nodes no running request names give theirs back and are reopened by
+  file handle; failing that, the kernel is asked to drop its oldest names). A file whose last name goes while nobody has it
   open gives its inode back at once (inodes.release_if_gone).
 - Without the watcher (rootless, -o cache=timeout) changes behind the
   mount show within the lifetimes above.
@@ -89,6 +90,7 @@ _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 log = logging.getLogger("shiftfs")
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
 _DIRBUF = 32768
+_O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -171,10 +173,28 @@ class DirStream:
         self.index += 1
 
 
+# With ``root_below``, the FUSE root (node 1) is not the lower's root but a
+# directory holding it under this one name, and the mount shows that
+# directory (mount.py). The kernel makes the FUSE root's inode before INIT
+# has turned POSIX ACLs on, so that inode never caches its ACL and every
+# path walk through it would send GETXATTR system.posix_acl_access; the
+# lower's root, looked up after INIT, caches it like any other inode.
+ROOT_NAME = b"root"
+
+
 class Operations:
-    def __init__(self, lower: str, idmap: IdMap, lifetimes: Lifetimes | None = None) -> None:
+    def __init__(self, lower: str, idmap: IdMap, lifetimes: Lifetimes | None = None,
+                 root_below: bool = False) -> None:
         root_fd = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.table = InodeTable(root_fd)
+        self.table = InodeTable(root_fd, ROOT_ID + 1 if root_below else ROOT_ID)
+        self.root_below = root_below
+        self.lower_type = linux.fs_type(os.fstat(root_fd).st_dev)
+        sshfs = self.lower_type == "fuse.sshfs"
+        # sftp SETSTAT follows symlinks: a symlink's chown or utimes there
+        # would change whatever it points to, on the server
+        self.symlink_attrs = not sshfs
+        # new entries there are the sftp server user's: chown each to its creator
+        self.chown_new = sshfs
         self.idmap = idmap
         self.uids = idmap.uids
         self.gids = idmap.gids
@@ -198,6 +218,11 @@ class Operations:
         if self._offered_backing is not None and want & fuse.FUSE_CAP_PASSTHROUGH:
             self.backing_files = self._offered_backing
 
+    def request_done(self) -> None:
+        """fuse.py, as each request ends: the nodes it named may give their
+        fds back."""
+        self.table.request_done()
+
     def worker_started(self) -> None:
         linux.private_fs_struct()
 
@@ -206,6 +231,24 @@ class Operations:
             os.close(d.fd)
         self._dirs.clear()
         self.table.close()
+
+    def lacks(self) -> list[str]:
+        """What the lower cannot do that a local filesystem can, for the
+        line the mount logs at start."""
+        out = []
+        try:
+            os.listxattr(self.table.root.path)
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP:
+                out.append("extended attributes (no POSIX ACLs, file capabilities or user.* names)")
+        if not self.symlink_attrs:
+            out.append("a symlink's own owner and times (the server's SETSTAT follows the link:"
+                       " refused with EOPNOTSUPP; new symlinks stay the server user's)")
+        if self.chown_new:
+            out.append("new entries born with their creator's owner (each is chowned after)")
+        if not self.table.handles and self.daemon_uid == 0:
+            out.append("file handles that last (idle nodes keep their fds)")
+        return out
 
     def describe_caller(self, uid: int, gid: int) -> str:
         """-d: the caller's upper ids and the lower ids they stand for."""
@@ -234,7 +277,7 @@ class Operations:
     def _path_of(self, node_id: int) -> str:
         parts = []
         for _ in range(256):
-            if node_id == ROOT_ID:
+            if node_id == self.table.root.node_id:
                 return "/" + "/".join(reversed(parts))
             node = self.table._by_id.get(node_id)
             if node is None or not node.name:
@@ -280,18 +323,57 @@ class Operations:
         uid, gid, _pid, _umask = fuse.caller()
         return self.uids.to_lower(uid) is not None and self.gids.to_lower(gid) is not None
 
-    def _as_caller(self, parent: Node, make):
-        """``make()`` with the thread's fsuid/fsgid set to the caller's
+    def _as_caller(self, parent: Node, name: bytes, mode: int, make, opened: bool = False):
+        """``make(mode)`` with the thread's fsuid/fsgid set to the caller's
         lower ids and its umask to the caller's; the parent must not be
-        frozen."""
+        frozen. Then the new entry ``name`` (``opened``: the fd make
+        returned) is checked to be the caller's (_own_new)."""
         lower_uid, lower_gid, umask = self._caller_lower_ids()
-        policy.check_dir_write(os.fstat(parent.fd), self.uids, self.gids)
+        pst = os.fstat(parent.fd)
+        policy.check_dir_write(pst, self.uids, self.gids)
+        # where a new entry needs a chown (which clears set-id bits), the
+        # bits come after it: never a set-uid file with the wrong owner
+        setid = mode & (stat.S_ISUID | stat.S_ISGID) if self.chown_new else 0
         os.umask(umask)
         linux.set_fsids(lower_uid, lower_gid)
         try:
-            return make()
+            made = make(mode & ~setid)
         finally:
             linux.set_fsids(self.daemon_uid, self.daemon_gid)
+        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else lower_gid
+        try:
+            self._own_new(made if opened else None, parent, name, lower_uid, gid, setid)
+        except BaseException:
+            if opened:
+                os.close(made)
+            raise
+        return made
+
+    def _own_new(self, fd: int | None, parent: Node, name: bytes, uid: int, gid: int,
+                 setid: int) -> None:
+        """A lower that ignores the creator's fsuid (sshfs: the sftp
+        server's user owns what it makes) gets the new entry chowned to
+        the caller and its set-id bits put back. Only the uid tells: a
+        lower's own group rules (grpid, set-gid directories) are kept."""
+        own = fd if fd is not None else os.open(name, _O_PATH_NOFOLLOW, dir_fd=parent.fd)
+        try:
+            st = os.fstat(own)
+            if st.st_uid == uid and not setid:
+                return
+            if stat.S_ISLNK(st.st_mode) and not self.symlink_attrs:
+                return  # its chown would reach the target: it stays the server's
+            if not self.chown_new:
+                log.warning("the lower (%s) does not give new entries their creator's owner: "
+                            "each is chowned after it is made", self.lower_type)
+                self.chown_new = True
+            if st.st_uid != uid:
+                linux.chown_fd(own, uid, gid if st.st_gid != gid else -1)
+            mode = stat.S_IMODE(st.st_mode) | setid
+            if mode != stat.S_IMODE(os.fstat(own).st_mode):
+                os.chmod(f"/proc/self/fd/{own}", mode)
+        finally:
+            if fd is None:
+                os.close(own)
 
     def _new_entry(self, parent: Node, name: bytes) -> Entry:
         """The entry just made under ``name``, counted as one lookup."""
@@ -321,6 +403,11 @@ class Operations:
 
     # ---- names ----
     def lookup(self, parent_id: int, name: bytes) -> Entry:
+        if parent_id == ROOT_ID and self.root_below:  # only the mount's own setup asks
+            if name != ROOT_NAME:
+                return Entry(0, None, 0, 0, 0.0, 0.0)
+            root = self.table.root
+            return self._entry(root, os.fstat(root.fd), False)
         parent = self.table.get(parent_id)
         pst = os.fstat(parent.fd)
         frozen_dir = self._frozen(pst)
@@ -338,17 +425,20 @@ class Operations:
 
     def mknod(self, parent_id, name, mode, rdev) -> Entry:
         parent = self.table.get(parent_id)
-        self._as_caller(parent, lambda: os.mknod(self._name(name), mode, rdev, dir_fd=parent.fd))
+        self._as_caller(parent, self._name(name), mode,
+                        lambda m: os.mknod(name, m, rdev, dir_fd=parent.fd))
         return self._new_entry(parent, name)
 
     def mkdir(self, parent_id, name, mode) -> Entry:
         parent = self.table.get(parent_id)
-        self._as_caller(parent, lambda: os.mkdir(self._name(name), mode, dir_fd=parent.fd))
+        self._as_caller(parent, self._name(name), mode,
+                        lambda m: os.mkdir(name, m, dir_fd=parent.fd))
         return self._new_entry(parent, name)
 
     def symlink(self, target, parent_id, name) -> Entry:
         parent = self.table.get(parent_id)
-        self._as_caller(parent, lambda: os.symlink(target, self._name(name), dir_fd=parent.fd))
+        self._as_caller(parent, self._name(name), 0,
+                        lambda _m: os.symlink(target, name, dir_fd=parent.fd))
         return self._new_entry(parent, name)
 
     def link(self, node_id, parent_id, name) -> Entry:
@@ -407,6 +497,8 @@ class Operations:
     def getattr(self, node_id: int, fh: int | None):
         if fh is not None:
             return self._attr(os.fstat(fh))
+        if node_id == ROOT_ID and self.root_below:  # the daemon's own, never cached
+            return os.fstat(self.table.root.fd), self.daemon_uid, self.daemon_gid, 0.0
         return self._attr(os.fstat(self.table.get(node_id).fd))
 
     def readlink(self, node_id: int) -> bytes:
@@ -420,6 +512,8 @@ class Operations:
         size, times. A SETATTR with nothing to set (chown -1 -1) still
         reaches here: refused on a frozen inode, a ctime update otherwise."""
         node = self.table.get(node_id)
+        if stat.S_ISLNK(node.mode) and not self.symlink_attrs:
+            raise OSError(errno.EOPNOTSUPP, "the lower's setattr of a symlink reaches its target")
         fd = node.fd
         st = os.fstat(fd)
         if to_set & fuse.SET_ATTR_MODE:
@@ -638,9 +732,9 @@ class Operations:
         parent = self.table.get(parent_id)
         name = self._name(name)
         try:
-            fd = self._as_caller(parent, lambda: os.open(
+            fd = self._as_caller(parent, name, mode, lambda m: os.open(
                 name, (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                mode, dir_fd=parent.fd))
+                m, dir_fd=parent.fd), opened=True)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
@@ -726,6 +820,8 @@ class Operations:
 
     # ---- extended attributes ----
     def getxattr(self, node_id: int, name: bytes) -> bytes:
+        if node_id == ROOT_ID and self.root_below:
+            raise OSError(errno.ENODATA, "the FUSE root has no xattrs")
         node = self.table.get(node_id)
         if name.startswith(b"user."):  # the only names whose read asks permission
             st = os.fstat(node.fd)

@@ -12,9 +12,10 @@ which the kernel knows already) carry its pid and are skipped. A queue
 overflow invalidates every node and name the daemon knows.
 
 The shrinker keeps the daemon's fds bounded: past the table's high mark,
-nodes idle for a second give their fd back (inodes.give_back_idle; they
-are reopened by file handle when next named); if too few are idle (a fast
-walk), it asks the kernel to drop the oldest names it holds
+nodes that no running request names and nothing has open give their fd
+back, least recently named first (inodes.give_back; they are reopened by
+file handle when next named); only where that gives too few (no file
+handles on the lower, or most nodes open), it asks the kernel to drop the oldest names it holds
 (notify_inval_entry), and the kernel evicts those inodes that nothing else
 holds (no open file, no cwd, no cached child) and FORGETs them. A dropped
 name costs one LOOKUP the next time it is used.
@@ -58,10 +59,10 @@ class Shrinker:
         if excess <= 0:
             return
         self.rounds += 1
-        excess -= table.give_back_idle(excess)
+        excess -= table.give_back(excess)
         if excess <= 0:
             return
-        # too few idle ones (a fast walk): make the kernel forget the oldest
+        # too few to give back (no handles, or open): make the kernel forget the oldest
         # a cursor, so names the kernel cannot drop (busy) do not stop the
         # shrinker from reaching newer ones
         batch = table.oldest(excess, self._after)

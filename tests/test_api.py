@@ -50,6 +50,26 @@ def test_live_inside_gone_after(tree):
     assert daemons_for(mnt) == []  # child reaped, nothing left serving
 
 
+def test_table_given_as_strings_like_the_command_line(tree):
+    # a str is one or more extents, never a sequence of one-character extents
+    lower, mnt = tree
+    os.chown(lower / "f", 1000, 3)
+    with mount(lower, mnt, uidmap="0:100000:1000 1000:7000:1",
+               gidmap="0:300000:65536") as mp:
+        st = os.stat(os.path.join(mp, "f"))
+        assert (st.st_uid, st.st_gid) == (7000, 300003)
+    assert not is_mounted(str(mnt), None)
+
+
+def test_count_missing_is_refused_before_anything_starts(tree):
+    lower, mnt = tree
+    with pytest.raises(TableError, match="COUNT missing"):
+        with mount(lower, mnt, uidmap="0:100000"):
+            pass
+    assert not is_mounted(str(mnt), None)
+    assert daemons_for(mnt) == []
+
+
 def test_same_idmap_object_as_cli(tree):
     lower, mnt = tree
     idmap = build_idmap([Extent(0, 100000, 65536)], [Extent(0, 300000, 65536)])

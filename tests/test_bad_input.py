@@ -141,6 +141,12 @@ CASES = [
     ("trailing-colon", ["{L}", "{M}", "-u", "0:100000:65536:"], ["0:100000:65536:", "LOWER:UPPER:COUNT"]),
     ("trailing-comma", ["{L}", "{M}", "-u", "0:100000:65536,"], ["0:100000:65536,"]),
     ("too-few-fields", ["{L}", "{M}", "-u", "5"], ["'5'", "LOWER:UPPER:COUNT"]),
+    # LOWER:UPPER most likely meant a shift of the whole range, not one id
+    ("count-missing", ["{L}", "{M}", "--uidmap", "0:100000"],
+     ["'0:100000'", "COUNT missing", "0:100000:65536", "0:100000:1", "--map 0/100000"]),
+    ("count-missing-o", ["{L}", "{M}", "-o", "uidmap=0:100000:65536,gidmap=0:100000"],
+     ["'0:100000'", "COUNT missing"]),
+    ("count-missing-map", ["{L}", "{M}", "--map", "b:0:100000"], ["'0:100000'", "COUNT missing"]),
     ("map-stray-separator", ["{L}", "{M}", "--map", "b:0:100000:10,"], ["stray separator"]),
     ("unknown-prefix", ["{L}", "{M}", "--map", "x:0:100000:10"], ["x:0:100000:10", "prefix"]),
     ("unknown-user", ["{L}", "{M}", "--map", "no-such-user-zz/0"], ["unknown user", "no-such-user-zz"]),

@@ -302,10 +302,12 @@ def test_a_directory_handle_holds_one_batch_whatever_the_directory_size(ops_tree
         ops_tree.releasedir(node, fh)
 
 
-def test_idle_nodes_give_their_fds_back_and_reopen_as_the_same_inode(ops_tree):
-    """The fd budget: nodes idle for a second give their fd back and keep a file
-    handle; the next request reopens exactly that inode (and a file whose
-    name was swapped in the meantime is still the one the kernel knows)."""
+def test_nodes_no_request_names_give_their_fds_back_and_reopen_as_the_same_inode(ops_tree):
+    """The fd budget: nodes that no running request names give their fd back
+    and keep a file handle, however recently they were named; a node a
+    running request holds keeps its fd; the next request reopens exactly
+    that inode (and a file whose name was swapped meanwhile is still the
+    one the kernel knows)."""
     table = ops_tree.table
     assert table.handles  # root with CAP_DAC_READ_SEARCH on tmpfs/ext4
     lower = Path(f"/proc/self/fd/{table.root.fd}")
@@ -313,28 +315,30 @@ def test_idle_nodes_give_their_fds_back_and_reopen_as_the_same_inode(ops_tree):
         (lower / "a" / f"n{i}").write_text(str(i))
     a = _walk(ops_tree, b"a")
     ids = [ops_tree.lookup(a, f"n{i}".encode()).node_id for i in range(50)]
+    table.request_done()  # the lookups' requests have ended
+    held = table.get(ids[-1])  # a request still running names this one
     fds_before = _open_fds()
-    for node_id in ids:
-        table.get(node_id).used -= 60  # as if idle for a minute
-    assert table.give_back_idle(30) == 30
-    assert _open_fds() == fds_before - 30
-    given_back = [i for i in ids if table._by_id[i].fd < 0]
-    assert len(given_back) == 30
-    victim = given_back[0]
+    given = table.give_back(10 ** 6)
+    assert given >= 49
+    assert _open_fds() == fds_before - given
+    assert held.fd >= 0 and os.fstat(held.fd)
+    assert all(table._by_id[i].fd < 0 for i in ids[:-1])
+    victim = ids[0]
     name = table._by_id[victim].name
     os.rename(lower / "a" / name.decode(), lower / "a" / "moved")
     (lower / "a" / name.decode()).write_text("an impostor")
     st = ops_tree.getattr(victim, None)[0]  # reopened by handle: the moved file
     assert (st.st_ino, st.st_size) == (os.stat(lower / "a" / "moved").st_ino, len(name) - 1)
     assert table._by_id[victim].fd >= 0
-    # the 20 still idle go; the one just named keeps its fd
-    assert table.give_back_idle(50) == 20
-    assert table._by_id[victim].fd >= 0
+    assert table.give_back(10 ** 6) == 0  # both still named by running requests
+    table.request_done()
+    assert table.give_back(10 ** 6) == 2
+    assert held.fd < 0 and table._by_id[victim].fd < 0
 
 
 def test_a_walk_larger_than_the_fd_budget_never_runs_out_of_fds(lower, workdir):
     """A daemon limited to 400 fds serves two full walks of a 1,500-file
-    tree: the shrinker keeps its fds under the budget (idle fds given back,
+    tree: the shrinker keeps its fds under the budget (fds given back,
     or the kernel asked to forget), and no caller ever sees EMFILE."""
     import resource
 

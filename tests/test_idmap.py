@@ -9,7 +9,7 @@ import random
 import pytest
 
 from shiftfs.idmap import (ID_MAX, Extent, IdTable, TableError, build_idmap, parse_bindfs_pairs,
-                           parse_extent, parse_map_spec, parse_proc_map, read_overflow_id,
+                           parse_extent, parse_extents, parse_map_spec, parse_proc_map, read_overflow_id,
                            subid_extents, subid_ranges)
 
 
@@ -19,8 +19,29 @@ def test_extent_fields_in_uid_map_order():
     assert parse_extent("0:100000:65536") == Extent(lower=0, upper=100000, count=65536)
 
 
-def test_extent_without_count_is_one_id():
-    assert parse_extent("1000:0") == Extent(1000, 0, 1)
+def test_extent_without_count_is_refused_with_both_readings_shown():
+    # '0:100000' as one id would leave every other id frozen without a word
+    with pytest.raises(TableError) as exc:
+        parse_extent("1000:0")
+    message = str(exc.value)
+    assert "'1000:0'" in message and "COUNT missing" in message
+    assert "1000:0:65536" in message and "1000:0:1" in message and "--map 1000/0" in message
+
+
+@pytest.mark.parametrize("text, extents", [
+    ("0:100000:65536", [Extent(0, 100000, 65536)]),
+    (" 0:100000:1000  1000:1000:1 ", [Extent(0, 100000, 1000), Extent(1000, 1000, 1)]),
+    ("0:100000:1000+1000:1000:1;1001:5:2",
+     [Extent(0, 100000, 1000), Extent(1000, 1000, 1), Extent(1001, 5, 2)]),
+])
+def test_several_extents_in_one_string(text, extents):
+    assert parse_extents(text) == extents
+
+
+@pytest.mark.parametrize("text", ["", "   ", "0:100000:65536 5"])
+def test_bad_extent_strings_are_refused(text):
+    with pytest.raises(TableError):
+        parse_extents(text)
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -143,7 +143,8 @@ def test_strict_exit_status(capsys, tree):
 @pytest.mark.parametrize("argv, needle", [
     ([], "no mapping given"),
     (["-u", "0:1:10", "-u", "5:100:10"], "overlap on the lower side"),
-    (["-u", "0:1"], None),  # COUNT defaults to 1: fine
+    (["-u", "0:1:1"], None),
+    (["-u", "0:1"], "COUNT missing"),  # as for a mount: it most likely meant a range
     (["-u", "x:1:1"], "lower id 'x' is not a non-negative number"),
     (["-u", "0:1:1", "--limit", "-1"], "must not be negative"),
     (["-u", "0:1:1", "--bogus"], "unrecognized arguments: --bogus"),
