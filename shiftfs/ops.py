@@ -69,6 +69,7 @@ Caveats (honest ones, as in pyfuse3's passthroughfs):
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -88,6 +89,15 @@ _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 # what an OPEN's flags may not carry to the lower: the kernel made the name
 # and checked the caller; the daemon only reopens the inode it holds
 log = logging.getLogger("shiftfs")
+def _buffered(fd: int, flags: int) -> None:
+    """A lower fd the daemon reads and writes from libfuse's buffers, which
+    are not aligned as O_DIRECT wants (EINVAL): without O_DIRECT. The FUSE
+    side still bypasses its page cache for the caller's O_DIRECT open. A
+    passed-through fd keeps it: there the kernel does the caller's I/O."""
+    if flags & os.O_DIRECT:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+
+
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
 _DIRBUF = 32768
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -692,6 +702,8 @@ class Operations:
             os.close(fd)
             raise
         backing = self.table.opened(node, self._passthrough(fd, st))
+        if not backing:
+            _buffered(fd, flags)
         stamp = None if backing else (st.st_size, st.st_mtime_ns)  # passthrough skips this cache
         keep = stamp is not None and node.stamp == stamp
         node.stamp = stamp
@@ -747,6 +759,8 @@ class Operations:
             os.close(fd)
             raise
         backing = self.table.opened(node, self._passthrough(fd, st))
+        if not backing:
+            _buffered(fd, flags)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
         return self._entry(node, st, False), fd, backing
 

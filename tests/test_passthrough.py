@@ -175,6 +175,33 @@ def test_o_direct_reads_and_writes(lower, mounter, counter):
     assert counts.get("FUSE_READ", 0) == 0 and counts.get("FUSE_WRITE", 0) == 0, counts
 
 
+@pytest.mark.parametrize("passthrough", ["off", "auto"])
+def test_o_direct_through_the_daemon_and_new_files(lower, mounter, passthrough):
+    """O_DIRECT opens and creates, with the daemon serving the data (any
+    libfuse; passthrough=off) or passthrough where there is one: the
+    daemon's buffers are not aligned as O_DIRECT on the lower wants, so the
+    data must still arrive (it gave EINVAL)."""
+    data = _pattern(2 * MIB, 6)
+    (lower / "d").write_bytes(data)
+    mnt = mounter(lower, ROOT_KEPT, options=["-o", f"passthrough={passthrough}"])
+    buf = mmap.mmap(-1, MIB)  # page-aligned, as O_DIRECT wants
+    fd = os.open(mnt / "d", os.O_RDWR | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], MIB) == MIB
+        assert buf[:] == data[MIB:]
+        buf[:] = _pattern(MIB, 7)
+        assert os.pwritev(fd, [buf], 0) == MIB
+    finally:
+        os.close(fd)
+    assert (lower / "d").read_bytes() == _pattern(MIB, 7) + data[MIB:]
+    fd = os.open(mnt / "new", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+    try:
+        assert os.pwritev(fd, [buf], 0) == MIB
+    finally:
+        os.close(fd)
+    assert (lower / "new").read_bytes() == _pattern(MIB, 7)
+
+
 @needs_passthrough
 def test_concurrent_writers_and_readers_through_several_opens(lower, mounter):
     """Four writers, each on its own fd and its own MiB, and readers on
