@@ -16,6 +16,8 @@ from pathlib import Path
 from shiftfs.idmap import Extent
 from shiftfs.mount import is_mounted, mount, unmount
 
+from fuse_requests import RequestCounter
+
 STD = [Extent(0, 100000, 65536)]  # an image stored with 0..65535, seen at 100000..
 ROOT_KEPT = [Extent(0, 0, 1), Extent(1, 100001, 65535)]  # host root may write
 
@@ -104,3 +106,17 @@ def foreground_daemon(lower, mountpoint, *args, log):
         if is_mounted(str(mountpoint), None):
             unmount(str(mountpoint))
         proc.wait(timeout=20)
+
+
+@pytest.fixture
+def counter():
+    """Requests a mount receives (fuse_requests.RequestCounter): ``start(dev)``,
+    then ``stop()`` for the counts by opcode; its tracefs instance goes at
+    teardown."""
+    c = RequestCounter(buffer_kb=8192)
+    try:
+        yield c
+    finally:
+        with contextlib.suppress(OSError):
+            c.stop()
+        c.close()

@@ -13,7 +13,6 @@ a kernel idmapped mount of a copy of the same tree."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 
@@ -22,7 +21,6 @@ import pytest
 
 from callers import Errno, call_as
 from conftest import ROOT_KEPT
-from fuse_requests import RequestCounter
 
 pytestmark = pytest.mark.needs_root
 
@@ -30,17 +28,6 @@ MIB = 1 << 20
 OWNER = 100000 + 1000  # upper id of lower 1000 under ROOT_KEPT
 OTHER = 100000 + 1001  # upper id of lower 1001
 CAPS = "cap_net_raw+ep"
-
-
-@pytest.fixture
-def counter():
-    c = RequestCounter(buffer_kb=8192)
-    try:
-        yield c
-    finally:
-        with contextlib.suppress(OSError):
-            c.stop()
-        c.close()
 
 
 def _write_mib(path, mib: int) -> None:

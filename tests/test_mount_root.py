@@ -6,7 +6,6 @@ tracepoint (fuse_requests.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import subprocess
@@ -14,22 +13,10 @@ import subprocess
 import pytest
 
 from callers import call_as, errno_of
-from fuse_requests import RequestCounter
 
 pytestmark = pytest.mark.needs_root
 
 USER = 101000  # upper id of lower 1000 under the standard table
-
-
-@pytest.fixture
-def counter():
-    c = RequestCounter(buffer_kb=8192)
-    try:
-        yield c
-    finally:
-        with contextlib.suppress(OSError):
-            c.stop()
-        c.close()
 
 
 def _tree(lower):

@@ -24,7 +24,6 @@ from shiftfs import fuse
 
 from callers import call_as
 from conftest import ROOT_KEPT
-from fuse_requests import RequestCounter
 
 pytestmark = pytest.mark.needs_root
 
@@ -41,17 +40,6 @@ needs_passthrough = pytest.mark.skipif(
 
 MIB = 1 << 20
 USER = 100000 + 1000  # upper id of lower 1000 under ROOT_KEPT (host root kept as 0)
-
-
-@pytest.fixture
-def counter():
-    c = RequestCounter(buffer_kb=8192)
-    try:
-        yield c
-    finally:
-        with contextlib.suppress(OSError):
-            c.stop()
-        c.close()
 
 
 @contextlib.contextmanager
