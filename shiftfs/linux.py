@@ -151,7 +151,8 @@ def umount2(target: str, flags: int) -> None:
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 428, 429, 430, 431, 432
 FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 0, 1, 6
 OPEN_TREE_CLONE = 1
-MOVE_MOUNT_F_EMPTY_PATH = 4
+MOVE_MOUNT_F_EMPTY_PATH, MOVE_MOUNT_T_EMPTY_PATH = 0x04, 0x40
+_SYS_OPENAT2, RESOLVE_NO_SYMLINKS = 437, 0x04
 # -o words that are per-mount attributes in this API (the rest go to fsconfig)
 MOUNT_ATTRS = {"ro": 0x1, "nosuid": 0x2, "nodev": 0x4, "noexec": 0x8, "noatime": 0x10,
                "strictatime": 0x20, "nodiratime": 0x80, "relatime": 0, "rw": 0, "suid": 0,
@@ -188,9 +189,31 @@ def open_tree_clone(dir_fd: int, name: str) -> int:
                 ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC))
 
 
-def move_mount_to(mount_fd: int, target: str) -> None:
-    _sys(_SYS_MOVE_MOUNT, ctypes.c_int(mount_fd), ctypes.c_char_p(b""), ctypes.c_int(AT_FDCWD),
-         ctypes.c_char_p(target.encode()), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+def move_mount_to(mount_fd: int, target_fd: int) -> None:
+    """Attach ``mount_fd`` on the directory ``target_fd`` holds (no path:
+    what was checked is what is mounted on)."""
+    _sys(_SYS_MOVE_MOUNT, ctypes.c_int(mount_fd), ctypes.c_char_p(b""), ctypes.c_int(target_fd),
+         ctypes.c_char_p(b""), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH))
+
+
+def open_dir_no_symlinks(path: str) -> int:
+    """An O_PATH fd of the directory ``path`` resolved without following
+    any symlink (openat2 RESOLVE_NO_SYMLINKS, Linux 5.6): ELOOP if a
+    component is one. For the mount point, which a user may be able to
+    swap under a root daemon."""
+    how = struct.pack("QQQ", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
+    buf = ctypes.create_string_buffer(how, len(how))
+    return _sys(_SYS_OPENAT2, ctypes.c_int(AT_FDCWD), ctypes.c_char_p(path.encode()),
+                buf, ctypes.c_size_t(len(how)))
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount ``fd`` is on (as in /proc/self/mountinfo)."""
+    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(0, "no mnt_id in fdinfo")
 
 
 # ---- fanotify with file handles ------------------------------------------------

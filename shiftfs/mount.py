@@ -4,6 +4,7 @@ is live, unmount cleanly, and a context manager for Python callers."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import logging.handlers
 import os
@@ -196,9 +197,48 @@ def handles_killpriv_v2() -> bool:
     return True
 
 
-def _kernel_mount(fd: int, lower: str, mp: str, options: MountOptions) -> None:
+def _open_mount_point(mp: str) -> int:
+    """The mount point held as an fd from the start: a root daemon mounts
+    on, and later unmounts, what was checked, never a path resolved again
+    (a user owning a directory on the way could swap in a symlink and send
+    the mount, or the unmount, onto /etc, /proc, another mount)."""
+    try:
+        return linux.open_dir_no_symlinks(mp)  # mp is a realpath: no symlink in it now
+    except OSError as e:
+        if e.errno != errno.ENOSYS:  # no openat2 (before Linux 5.6)
+            raise
+    return os.open(mp, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _mount_point_of(mnt_id: int) -> str | None:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if int(fields[0]) == mnt_id:
+                return _unescape(fields[4])
+    return None
+
+
+def _unmount_own(mnt_id: int) -> None:
+    """Detach our own mount, wherever it is now (a parent may have been
+    renamed), and nothing else: its current path is opened without
+    following symlinks and unmounted through the fd only if that fd is on
+    our mount (not on one stacked over it)."""
+    mp = _mount_point_of(mnt_id)
+    if mp is None:
+        return  # unmounted already
+    fd = _open_mount_point(mp)
+    try:
+        if linux.mount_id(fd) == mnt_id:
+            linux.umount2(f"/proc/self/fd/{fd}", linux.MNT_DETACH)
+    finally:
+        os.close(fd)
+
+
+def _kernel_mount(fd: int, lower: str, mp_fd: int, options: MountOptions) -> int:
     """mount(2) of a FUSE filesystem served on ``fd``, as libfuse's own
-    mount does for root; the mount shows the FUSE root."""
+    mount does for root, on the directory ``mp_fd`` holds; the mount shows
+    the FUSE root. Returns the new mount's id."""
     flags = 0
     data = [f"rootmode={stat.S_IFMT(os.stat(lower).st_mode):o}"]
     for w in _fuse_words(fd, lower, options):
@@ -206,13 +246,23 @@ def _kernel_mount(fd: int, lower: str, mp: str, options: MountOptions) -> None:
             flags |= linux.MS_FLAGS[w]
         else:
             data.append(w)
-    linux.mount(lower, mp, FSTYPE, flags, ",".join(data))
+    target = f"/proc/self/fd/{mp_fd}"  # the magic link: the held directory itself
+    linux.mount(lower, target, FSTYPE, flags, ",".join(data))
+    parent, where = linux.mount_id(mp_fd), os.readlink(target)
+    ids = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if int(fields[1]) == parent and _unescape(fields[4]) == where:
+                ids.append(int(fields[0]))
+    return ids[-1]  # the topmost there: ours, just made
 
 
-def _mount_below(fd: int, lower: str, mp: str, options: MountOptions) -> None:
+def _mount_below(fd: int, lower: str, mp_fd: int, options: MountOptions) -> int:
     """A FUSE filesystem served on ``fd`` made with fsopen/fsmount, and its
-    directory ops.ROOT_NAME (the lower's root) bind-mounted at ``mp``; the
-    FUSE root itself is never attached. See ops.ROOT_NAME for why."""
+    directory ops.ROOT_NAME (the lower's root) bind-mounted on the directory
+    ``mp_fd`` holds; the FUSE root itself is never attached. See
+    ops.ROOT_NAME for why. Returns the new mount's id."""
     from .ops import ROOT_NAME
     attrs = 0
     fs_fd = linux.fsopen("fuse")
@@ -237,7 +287,9 @@ def _mount_below(fd: int, lower: str, mp: str, options: MountOptions) -> None:
     finally:
         os.close(fuse_root)  # detached: it goes, the bind keeps the superblock
     try:
-        linux.move_mount_to(tree, mp)
+        mnt_id = linux.mount_id(tree)  # kept by the move; read first, so a mount made is known
+        linux.move_mount_to(tree, mp_fd)
+        return mnt_id
     finally:
         os.close(tree)
 
@@ -297,6 +349,13 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
         log.warning("the lower %s (%s) lacks %s", lower, operations.lower_type or "?",
                     "; ".join(lacks))
     mp = os.path.realpath(mountpoint)
+    mp_fd = None
+    if os.geteuid() == 0:  # we mount ourselves: held from here on (_open_mount_point)
+        try:
+            mp_fd = _open_mount_point(mp)
+        except OSError as e:
+            print(f"shiftfs: mount point {mountpoint}: {e.strerror or e}", file=sys.stderr)
+            return 1
     want = (fuse.FUSE_CAP_POSIX_ACL | fuse.FUSE_CAP_DONT_MASK | fuse.FUSE_CAP_READDIRPLUS
             | fuse.FUSE_CAP_READDIRPLUS_AUTO | fuse.FUSE_CAP_PARALLEL_DIROPS
             | fuse.FUSE_CAP_CACHE_SYMLINKS | fuse.FUSE_CAP_AUTO_INVAL_DATA
@@ -351,10 +410,16 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
         if device_fd is not None:
             session.use_fd(device_fd)
             session.start(workers)  # they answer INIT (and the lookup of the root below)
-            (_mount_below if root_below else _kernel_mount)(device_fd, lower, mp, options)
+            try:
+                mnt_id = (_mount_below if root_below else _kernel_mount)(
+                    device_fd, lower, mp_fd, options)
+            finally:
+                os.close(mp_fd)
             set_read_ahead(mp, READ_AHEAD_KB)  # not in mountinfo yet while INIT ran
-            unmount_own = lambda: linux.umount2(mp, linux.MNT_DETACH)  # noqa: E731
+            unmount_own = lambda: _unmount_own(mnt_id)  # noqa: E731
         else:
+            if mp_fd is not None:
+                os.close(mp_fd)
             session.mount(mp)
             session.start(workers)
     except OSError as e:
