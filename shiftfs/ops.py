@@ -86,9 +86,14 @@ _CAP_SYS_ADMIN = 21
 UNCHANGED = 0xFFFFFFFF  # (uid_t)-1 in chown: keep this id
 _ACL_ACCESS = "system.posix_acl_access"
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
+log = logging.getLogger("shiftfs")
 # what an OPEN's flags may not carry to the lower: the kernel made the name
 # and checked the caller; the daemon only reopens the inode it holds
-log = logging.getLogger("shiftfs")
+_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
+_DIRBUF = 32768
+_O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _buffered(fd: int, flags: int) -> None:
     """A lower fd the daemon reads and writes from libfuse's buffers, which
     are not aligned as O_DIRECT wants (EINVAL): without O_DIRECT. The FUSE
@@ -96,11 +101,6 @@ def _buffered(fd: int, flags: int) -> None:
     passed-through fd keeps it: there the kernel does the caller's I/O."""
     if flags & os.O_DIRECT:
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-
-
-_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
-_DIRBUF = 32768
-_O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -128,11 +128,12 @@ def _in_daemon_userns(pid: int) -> bool:
         return False
 
 
-def _caller_sys_admin() -> bool:
-    """Whether the caller holds CAP_SYS_ADMIN in the daemon's user namespace
-    (the kernel's test for seeing trusted.* names). Unknown means no."""
+def _caller_has_cap(cap: int) -> bool:
+    """Whether the caller holds ``cap`` in the daemon's user namespace (the
+    kernel's capable(): CAP_SYS_ADMIN for seeing trusted.* names,
+    CAP_FSETID for keeping set-id bits on a write). Unknown means no."""
     pid = fuse.caller()[2]
-    return _in_daemon_userns(pid) and bool(_caller_cap_eff(pid) >> _CAP_SYS_ADMIN & 1)
+    return _in_daemon_userns(pid) and bool(_caller_cap_eff(pid) >> cap & 1)
 
 
 _CHOWN_SYSCALLS = {"x86_64": {92, 93, 94, 260}, "aarch64": {54, 55}}.get(os.uname().machine, set())
@@ -587,8 +588,7 @@ class Operations:
         FUSE_HANDLE_KILLPRIV_V2 is off; then only set-gid without group exec
         is left to clear here."""
         policy.check_chown(st, self.uids, self.gids, fuse.caller()[0])
-        pid = fuse.caller()[2]
-        if not (_in_daemon_userns(pid) and _caller_cap_eff(pid) >> CAP_FSETID & 1):
+        if not _caller_has_cap(CAP_FSETID):
             self._kill_suidgid(node, None, st)
 
     def write_kills_suidgid(self, node_id: int, fh: int) -> bool:
@@ -619,8 +619,7 @@ class Operations:
             raise OSError(errno.EOVERFLOW, "id has no lower counterpart")
         policy.check_chown(st, self.uids, self.gids, fuse.caller()[0], lower_uid, lower_gid)
         mode = st.st_mode
-        if (not stat.S_ISDIR(mode) and (mode & stat.S_ISUID or mode & (
-                stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP)
+        if (not stat.S_ISDIR(mode) and policy.setid_always_cleared(mode)
                 and (self._frozen(st) or not self._caller_owns(st))):
             # the set-uid (or group-exec set-gid) bit a chown clears is a
             # mode change, which notify_change lets only the owner (or
@@ -701,13 +700,19 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        backing = self.table.opened(node, self._passthrough(fd, st))
-        if not backing:
-            _buffered(fd, flags)
+        backing = self._serve(node, fd, st, flags)
         stamp = None if backing else (st.st_size, st.st_mtime_ns)  # passthrough skips this cache
         keep = stamp is not None and node.stamp == stamp
         node.stamp = stamp
         return fd, keep, backing
+
+    def _serve(self, node: Node, fd: int, st: os.stat_result, flags: int) -> int:
+        """A new open of ``node`` on the lower ``fd``: its passthrough
+        backing id, or 0 and an fd the daemon can read and write."""
+        backing = self.table.opened(node, self._passthrough(fd, st))
+        if not backing:
+            _buffered(fd, flags)
+        return backing
 
     def _passthrough(self, fd: int, st: os.stat_result):
         """What chooses, at the first open of an inode, whether its opens
@@ -719,7 +724,7 @@ class Operations:
 
         def choose() -> int:
             mode = st.st_mode
-            if mode & stat.S_ISUID or mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP:
+            if policy.setid_always_cleared(mode):
                 return 0
             if self._frozen(st):
                 return 0
@@ -758,9 +763,7 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        backing = self.table.opened(node, self._passthrough(fd, st))
-        if not backing:
-            _buffered(fd, flags)
+        backing = self._serve(node, fd, st, flags)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
         return self._entry(node, st, False), fd, backing
 
@@ -846,7 +849,7 @@ class Operations:
 
     def listxattr(self, node_id: int) -> bytes:
         names = os.listxattr(self.table.get(node_id).path)
-        if any(n.startswith("trusted.") for n in names) and not _caller_sys_admin():
+        if any(n.startswith("trusted.") for n in names) and not _caller_has_cap(_CAP_SYS_ADMIN):
             # a local filesystem lists trusted.* only to CAP_SYS_ADMIN callers;
             # the daemon (root) sees them all, so filter as the kernel would
             names = [n for n in names if not n.startswith("trusted.")]

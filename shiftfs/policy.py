@@ -187,6 +187,14 @@ def check_chown(st: os.stat_result, uids: IdTable, gids: IdTable, caller_uid: in
         raise OSError(errno.EOVERFLOW, "chown: inode has an unmapped owner")
 
 
+def setid_always_cleared(mode: int) -> bool:
+    """Set-uid, or set-gid with group exec: the bits any write or chown by
+    a caller without CAP_FSETID clears, whatever its groups
+    (should_remove_suid)."""
+    return bool(mode & stat.S_ISUID) or \
+        mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP
+
+
 def chown_drops_sgid(st: os.stat_result, caller_in_group: bool, caller_capable: bool) -> bool:
     """setattr_should_drop_sgid for a chown: a set-gid file without group
     exec loses S_ISGID when the caller is neither in its group nor holds

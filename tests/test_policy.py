@@ -222,3 +222,12 @@ def test_xattr_read_needs_permission(name, checks):
 def test_killed_suidgid_mode(mode, keep, left):
     """setattr_should_drop_suidgid for a caller without CAP_FSETID."""
     assert policy.killed_suidgid_mode(mode, keep) == left
+
+
+@pytest.mark.parametrize("mode, cleared", [
+    (0o4755, True), (0o4644, True), (0o2755, True), (0o6777, True),
+    (0o2745, False), (0o2645, False), (0o755, False), (0o1777, False),
+])
+def test_setid_always_cleared(mode, cleared):
+    """should_remove_suid: set-uid always, set-gid only with group exec."""
+    assert policy.setid_always_cleared(mode) is cleared
