@@ -78,14 +78,14 @@ FUSE_CAP_HANDLE_KILLPRIV_V2 = 1 << 21
 
 # The kernel's side of FUSE_HANDLE_KILLPRIV_V2 (include/uapi/linux/fuse.h):
 # the INIT flag, and the bits that then ask the daemon to clear set-uid and
-# set-gid: in fuse_write_in.write_flags, fuse_setattr_in.valid and
-# fuse_open_in.open_flags. libfuse 3.14 and 3.17 pass none of them to the
-# handlers, so the request loop reads them from the raw request (kill_suidgid()).
+# set-gid: in fuse_write_in.write_flags and fuse_setattr_in.valid (the one
+# in fuse_open_in never comes: without ATOMIC_O_TRUNC an O_TRUNC open is a
+# truncating SETATTR). libfuse 3.14 and 3.17 pass neither to the handlers,
+# so the request loop reads them from the raw request (Session._worker).
 FUSE_INIT_HANDLE_KILLPRIV_V2 = 1 << 28
 FUSE_WRITE_KILL_SUIDGID = 1 << 2
 FATTR_KILL_SUIDGID = 1 << 11
-FUSE_OPEN_KILL_SUIDGID = 1 << 0
-_OP_SETATTR, _OP_OPEN, _OP_WRITE, _OP_INIT = 4, 14, 16, 26
+_OP_SETATTR, _OP_WRITE, _OP_INIT = 4, 16, 26
 
 # FUSE_SET_ATTR_* (fuse_lowlevel.h): which fields a SETATTR carries
 SET_ATTR_MODE = 1 << 0

@@ -74,7 +74,8 @@ class Node:
 
 
 class InodeTable:
-    def __init__(self, root_fd: int, root_id: int = ROOT_ID) -> None:
+    def __init__(self, root_fd: int, lower_type: str, root_id: int = ROOT_ID) -> None:
+        """``lower_type``: the root's filesystem type as mountinfo names it."""
         st = os.fstat(root_fd)
         root = Node(root_id, root_fd, (st.st_dev, st.st_ino), stat.S_IFMT(st.st_mode))
         root.nlookup = 1 << 62  # never forgotten
@@ -94,7 +95,7 @@ class InodeTable:
         self._mount_fd = -1
         self.handles = False
         try:
-            if linux.fs_type(st.st_dev).startswith("fuse"):
+            if lower_type.startswith("fuse"):
                 raise OSError(errno.ESTALE, "FUSE handles go stale once the inode is evicted")
             self._mount_fd = os.open(f"/proc/self/fd/{root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             h = linux.name_to_handle(root_fd)

@@ -211,11 +211,9 @@ def _open_mount_point(mp: str) -> int:
 
 
 def _mount_point_of(mnt_id: int) -> str | None:
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if int(fields[0]) == mnt_id:
-                return _unescape(fields[4])
+    for fields in _mountinfo_fields():
+        if int(fields[0]) == mnt_id:
+            return _unescape(fields[4])
     return None
 
 
@@ -249,12 +247,8 @@ def _kernel_mount(fd: int, lower: str, mp_fd: int, options: MountOptions) -> int
     target = f"/proc/self/fd/{mp_fd}"  # the magic link: the held directory itself
     linux.mount(lower, target, FSTYPE, flags, ",".join(data))
     parent, where = linux.mount_id(mp_fd), os.readlink(target)
-    ids = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if int(fields[1]) == parent and _unescape(fields[4]) == where:
-                ids.append(int(fields[0]))
+    ids = [int(fields[0]) for fields in _mountinfo_fields()
+           if int(fields[1]) == parent and _unescape(fields[4]) == where]
     return ids[-1]  # the topmost there: ours, just made
 
 
@@ -456,16 +450,23 @@ def _unescape(field_text: str) -> str:
     return field_text.encode().decode("unicode_escape")
 
 
+def _mountinfo_fields() -> Iterator[list[str]]:
+    """The fields of each /proc/self/mountinfo line, in mount order (mount
+    id, parent id, MAJOR:MINOR, root, mount point, ..., "-", fstype,
+    source, ...), still escaped."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            yield line.split()
+
+
 def mountinfo() -> list[tuple[str, str, str, str]]:
     """(device MAJOR:MINOR, source, mount point, fstype) from
     /proc/self/mountinfo, in mount order."""
     result = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            result.append((fields[2], _unescape(fields[sep + 2]), _unescape(fields[4]),
-                           fields[sep + 1]))
+    for fields in _mountinfo_fields():
+        sep = fields.index("-")
+        result.append((fields[2], _unescape(fields[sep + 2]), _unescape(fields[4]),
+                       fields[sep + 1]))
     return result
 
 

@@ -197,9 +197,9 @@ class Operations:
     def __init__(self, lower: str, idmap: IdMap, lifetimes: Lifetimes | None = None,
                  root_below: bool = False) -> None:
         root_fd = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.table = InodeTable(root_fd, ROOT_ID + 1 if root_below else ROOT_ID)
-        self.root_below = root_below
         self.lower_type = linux.fs_type(os.fstat(root_fd).st_dev)
+        self.table = InodeTable(root_fd, self.lower_type, ROOT_ID + 1 if root_below else ROOT_ID)
+        self.root_below = root_below
         sshfs = self.lower_type == "fuse.sshfs"
         # sftp SETSTAT follows symlinks: a symlink's chown or utimes there
         # would change whatever it points to, on the server
