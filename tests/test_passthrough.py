@@ -144,21 +144,29 @@ def test_mmap_reads_and_shared_writes_reach_the_lower(lower, mounter, counter):
     assert counts.get("FUSE_READ", 0) == 0 and counts.get("FUSE_WRITE", 0) == 0, counts
 
 
+def _o_direct_read_then_write(path, data: bytes, first: bytes) -> mmap.mmap:
+    """Through one O_DIRECT fd of ``path`` (holding ``data``, 2 MiB): its
+    second MiB read and checked, then ``first`` written over its first
+    MiB. The page-aligned buffer, holding ``first``, is returned."""
+    buf = mmap.mmap(-1, MIB)  # page-aligned, as O_DIRECT wants
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], MIB) == MIB
+        assert buf[:] == data[MIB:]
+        buf[:] = first
+        assert os.pwritev(fd, [buf], 0) == MIB
+    finally:
+        os.close(fd)
+    return buf
+
+
 @needs_passthrough
 def test_o_direct_reads_and_writes(lower, mounter, counter):
     data = _pattern(2 * MIB, 4)
     (lower / "d").write_bytes(data)
     mnt = mounter(lower, ROOT_KEPT)
-    buf = mmap.mmap(-1, MIB)  # page-aligned, as O_DIRECT wants
     with counting(counter, mnt) as counts:
-        fd = os.open(mnt / "d", os.O_RDWR | os.O_DIRECT)
-        try:
-            assert os.preadv(fd, [buf], MIB) == MIB
-            assert buf[:] == data[MIB:]
-            buf[:] = _pattern(MIB, 5)
-            assert os.pwritev(fd, [buf], 0) == MIB
-        finally:
-            os.close(fd)
+        _o_direct_read_then_write(mnt / "d", data, _pattern(MIB, 5))
     assert (lower / "d").read_bytes() == _pattern(MIB, 5) + data[MIB:]
     assert counts.get("FUSE_READ", 0) == 0 and counts.get("FUSE_WRITE", 0) == 0, counts
 
@@ -172,15 +180,7 @@ def test_o_direct_through_the_daemon_and_new_files(lower, mounter, passthrough):
     data = _pattern(2 * MIB, 6)
     (lower / "d").write_bytes(data)
     mnt = mounter(lower, ROOT_KEPT, options=["-o", f"passthrough={passthrough}"])
-    buf = mmap.mmap(-1, MIB)  # page-aligned, as O_DIRECT wants
-    fd = os.open(mnt / "d", os.O_RDWR | os.O_DIRECT)
-    try:
-        assert os.preadv(fd, [buf], MIB) == MIB
-        assert buf[:] == data[MIB:]
-        buf[:] = _pattern(MIB, 7)
-        assert os.pwritev(fd, [buf], 0) == MIB
-    finally:
-        os.close(fd)
+    buf = _o_direct_read_then_write(mnt / "d", data, _pattern(MIB, 7))
     assert (lower / "d").read_bytes() == _pattern(MIB, 7) + data[MIB:]
     fd = os.open(mnt / "new", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
     try:
