@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from . import __version__
 from .idmap import (Extent, TableError, build_idmap, parse_bindfs_pairs, parse_extents,
                     parse_map_spec, read_subid_maps, read_userns_maps)
-from .mount import MountOptions, mounts
+from .mount import MountOptions, mounts, mounts_itself
 
 EXIT_USAGE = 2
 
@@ -287,8 +287,10 @@ def check_fuse() -> None:
         raise UsageError("/dev/fuse is not the FUSE device (character device 10,229)")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise UsageError("/dev/fuse is not readable and writable by this user")
+    if mounts_itself():
+        return  # no libfuse needed
     try:
-        from . import fuse  # noqa: F401  (loads libfuse3)
+        from . import libfuse  # noqa: F401  (loads libfuse3, which runs fusermount3)
     except ImportError as e:
         raise UsageError(str(e)) from None
 

@@ -84,7 +84,7 @@ def setup_logging(foreground: bool) -> None:
     log.addHandler(handler)
 
 
-WORKERS = 4  # few threads on few cores: each wakes through the GIL
+WORKERS = 3  # pool threads for requests that may block (session.py); the reader serves the rest
 READ_AHEAD_KB = 1024  # sequential reads in 1 MiB requests (the kernel default is 128 KiB)
 
 
@@ -163,8 +163,10 @@ def _own_device() -> tuple[int | None, bool]:
     return fd, True
 
 
-def _can_mount_below() -> bool:
-    """Whether the new mount API makes FUSE filesystems here (root, Linux 5.2+)."""
+def mounts_itself() -> bool:
+    """Whether the daemon makes its FUSE mount itself, with the new mount
+    API (Linux 5.2+): as root, or as the owner of a user namespace with a
+    mount namespace of its own. Elsewhere fusermount3 mounts (libfuse.py)."""
     if os.geteuid() != 0:
         return False
     try:
@@ -182,19 +184,9 @@ def _fuse_words(fd: int, lower: str, options: MountOptions) -> list[str]:
 
 def handles_killpriv_v2() -> bool:
     """Whether a mount made now by this process clears set-id bits itself
-    (FUSE_HANDLE_KILLPRIV_V2, offered by Linux 5.11+): as root, with
-    libfuse 3.17 (which negotiates it), or with 3.14 where we serve our own
-    /dev/fuse fd and patch the INIT reply."""
-    from . import fuse
-    if os.geteuid() != 0:
-        return False
-    if fuse.LIBFUSE_VERSION >= (3, 17):
-        return True
-    fd, _sync = _own_device()
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
+    (FUSE_HANDLE_KILLPRIV_V2, offered by Linux 5.11+, negotiated by our own
+    INIT reply): as root, where the daemon may clear them on any file."""
+    return os.geteuid() == 0
 
 
 def _open_mount_point(mp: str) -> int:
@@ -322,20 +314,25 @@ def _make_watch(operations, session, lower: str, options: MountOptions):
     return watcher
 
 
+# lowers whose calls may block for long (network, another FUSE daemon):
+# every request there goes to the session's pool
+_SLOW_LOWERS = ("fuse", "nfs", "cifs", "smb3", "9p", "ceph", "glusterfs", "sshfs")
+
+
 def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> int:
     """Mount and serve until unmounted. Without ``foreground`` the process
     forks once the mount is live, so the caller returns only then."""
-    from . import fuse
     from .ops import Lifetimes, Operations
+    from .session import Session
 
     setup_logging(options.foreground)
-    fuse.quiet_libfuse_noise()
     linux.limit_mmap_threshold()
     _raise_nofile()
-    if os.geteuid() == 0 and not linux.keep_caps_across_fsuid():
+    root = os.geteuid() == 0
+    if root and not linux.keep_caps_across_fsuid():
         print("shiftfs: cannot set SECBIT_NO_SETUID_FIXUP; new files may get the wrong owner",
               file=sys.stderr)
-    root_below = _can_mount_below()
+    root_below = mounts_itself()
     operations = Operations(lower, idmap, Lifetimes(options.attr_timeout, options.entry_timeout,
                                                     options.negative_timeout), root_below)
     lacks = operations.lacks()
@@ -344,83 +341,73 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
                     "; ".join(lacks))
     mp = os.path.realpath(mountpoint)
     mp_fd = None
-    if os.geteuid() == 0:  # we mount ourselves: held from here on (_open_mount_point)
+    if root:  # we mount ourselves: held from here on (_open_mount_point)
         try:
             mp_fd = _open_mount_point(mp)
         except OSError as e:
             print(f"shiftfs: mount point {mountpoint}: {e.strerror or e}", file=sys.stderr)
             return 1
-    want = (fuse.FUSE_CAP_POSIX_ACL | fuse.FUSE_CAP_DONT_MASK | fuse.FUSE_CAP_READDIRPLUS
-            | fuse.FUSE_CAP_READDIRPLUS_AUTO | fuse.FUSE_CAP_PARALLEL_DIROPS
-            | fuse.FUSE_CAP_CACHE_SYMLINKS | fuse.FUSE_CAP_AUTO_INVAL_DATA
-            | fuse.FUSE_CAP_ASYNC_READ)
-    # The kernel clears set-id bits and sends truncates itself, as it would
-    # for a local caller; the daemon holds CAP_FSETID and would not.
-    unwant = (fuse.FUSE_CAP_HANDLE_KILLPRIV | fuse.FUSE_CAP_ATOMIC_O_TRUNC
-              | fuse.FUSE_CAP_WRITEBACK_CACHE | fuse.FUSE_CAP_SPLICE_READ
-              | fuse.FUSE_CAP_SPLICE_WRITE | fuse.FUSE_CAP_SPLICE_MOVE
-              | fuse.FUSE_CAP_EXPORT_SUPPORT | fuse.FUSE_CAP_POSIX_LOCKS
-              | fuse.FUSE_CAP_FLOCK_LOCKS)
-    passthrough = (options.passthrough != "off" and fuse.HAS_PASSTHROUGH and os.geteuid() == 0)
-    if passthrough:  # the kernel grants it at INIT if it has it (Linux 6.9+)
-        want |= fuse.FUSE_CAP_PASSTHROUGH
-    init = operations.init
-
-    def _init(capable: int, wanted: int) -> None:
-        init(capable, wanted)
-        set_read_ahead(mp, READ_AHEAD_KB)
-        log.info("serving %s at %s%s", lower, mountpoint,
-                 " (file data passed through)" if operations.backing_files is not None else "")
-
-    operations.init = _init
-    try:
-        words = options.mount_options(lower) + (["debug"] if options.debug else [])
-        # FUSE_HANDLE_KILLPRIV_V2 (as root): the daemon clears set-id bits
-        # on the kernel's word, so the kernel stops asking for
-        # security.capability before every write (ops.Operations.setattr)
-        session = fuse.Session(operations, words, want, unwant,
-                               max_readahead=READ_AHEAD_KB * 1024,
-                               debug=options.debug, killpriv_v2=os.geteuid() == 0)
-    except OSError:
-        print(f"shiftfs: libfuse refused the mount options for {mountpoint}", file=sys.stderr)
+    report = None if options.foreground else _daemonize()
+    device_fd, sync_init = _own_device()
+    if root_below and device_fd is None:  # cannot happen as root; never serve node 1 wrong
+        print(f"shiftfs: mount of {mountpoint} failed: cannot open /dev/fuse", file=sys.stderr)
         return 1
+    fusermount = None
+    if device_fd is None:  # no privilege: fusermount3 mounts (through libfuse) and hands us the fd
+        from .libfuse import FusermountMount
+        try:
+            fusermount = FusermountMount(mp, options.mount_options(lower))
+        except OSError as e:
+            print(f"shiftfs: mount of {mountpoint} failed: {e.strerror or e}", file=sys.stderr)
+            if report:
+                report(False)
+            return 1
+        device_fd = fusermount.fd
+    passthrough = options.passthrough != "off" and root
+    # FUSE_HANDLE_KILLPRIV_V2 (as root): the daemon clears set-id bits
+    # on the kernel's word, so the kernel stops asking for
+    # security.capability before every write (ops.Operations.setattr)
+    session = Session(operations, device_fd, passthrough=passthrough, killpriv_v2=root,
+                      max_readahead=READ_AHEAD_KB * 1024, debug=options.debug,
+                      slow=operations.lower_type.startswith(_SLOW_LOWERS),
+                      pool_threads=WORKERS if options.threads else 1)
     if passthrough:
         operations.offer_passthrough(session)
     try:
         watcher = _make_watch(operations, session, lower, options)
     except OSError as e:
         print(f"shiftfs: {e.strerror}", file=sys.stderr)
-        session.destroy()
-        return 1
-    report = None if options.foreground else _daemonize()
-    workers = 1 if not options.threads else WORKERS
-    device_fd, sync_init = _own_device()
-    if root_below and device_fd is None:  # cannot happen as root; never serve node 1 wrong
-        print(f"shiftfs: mount of {mountpoint} failed: cannot open /dev/fuse", file=sys.stderr)
+        if fusermount is not None:
+            fusermount.unmount()
+        if report:
+            report(False)
         return 1
     session.catch_signals()
-    unmount_own = None
-    try:
-        if device_fd is not None:
-            session.use_fd(device_fd)
-            session.start(workers)  # they answer INIT (and the lookup of the root below)
+    session.start()  # the reader answers INIT (and the lookup of the root below)
+    unmount = fusermount.unmount if fusermount is not None else None
+    if fusermount is None:
+        try:
             try:
                 mnt_id = (_mount_below if root_below else _kernel_mount)(
                     device_fd, lower, mp_fd, options)
             finally:
                 os.close(mp_fd)
-            set_read_ahead(mp, READ_AHEAD_KB)  # not in mountinfo yet while INIT ran
-            unmount_own = lambda: _unmount_own(mnt_id)  # noqa: E731
-        else:
-            if mp_fd is not None:
-                os.close(mp_fd)
-            session.mount(mp)
-            session.start(workers)
-    except OSError as e:
-        print(f"shiftfs: mount of {mountpoint} failed: {e.strerror or e}", file=sys.stderr)
+        except OSError as e:
+            print(f"shiftfs: mount of {mountpoint} failed: {e.strerror or e}", file=sys.stderr)
+            if report:
+                report(False)
+            return 1
+        unmount = lambda: _unmount_own(mnt_id)  # noqa: E731
+    if not session.inited.wait(20) or session.init_error is not None:
+        print(f"shiftfs: mount of {mountpoint} failed: no INIT from the kernel"
+              f"{': ' + str(session.init_error) if session.init_error else ''}", file=sys.stderr)
+        unmount()
         if report:
             report(False)
         return 1
+    set_read_ahead(mp, READ_AHEAD_KB)
+    log.info("serving %s at %s%s", lower, mountpoint,
+             " (file data passed through)" if operations.backing_files is not None else "")
     if report:
         report(True)
     if options.debug:
@@ -429,18 +416,15 @@ def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> i
         log.info("the mount shows %s", "the FUSE root's directory 'root' (ACLs of the root cached)"
                  if root_below else "the FUSE root")
         log.info("set-id bits on write and truncate cleared by %s",
-                 "the daemon (FUSE_HANDLE_KILLPRIV_V2)" if session.killpriv_v2 else "the kernel")
+                 "the daemon (FUSE_HANDLE_KILLPRIV_V2)" if session.granted.killpriv_v2
+                 else "the kernel")
     if watcher is not None:
         watcher.start()
     # the table's fds stay well inside RLIMIT_NOFILE (open files need some too)
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     operations.table.high, operations.table.low = int(limit * 0.6), int(limit * 0.4)
     Shrinker(operations.table, session).start()
-    session.wait(unmount_own)
-    session.destroy()
-    if session.init_error is not None:
-        log.error("mount setup failed: %s", session.init_error)
-        return 1
+    session.wait(unmount)
     return 0
 
 

@@ -1,9 +1,10 @@
 """One handler per FUSE request, acting on the lower fd of the node it
 names and translating ids; no path strings.
 
-Handlers take plain values (node ids, bytes names, ints) and return plain
-values (fuse.Entry, attribute tuples, bytes) or raise OSError; fuse.py
-packs and replies. The only module that knows both the lower tree and the
+Handlers take the request's context (filesystem.Context: who asks) and
+plain values (node ids, bytes names, ints), and return the contract's
+values (filesystem.Entry, Attr, Opened, bytes) or raise OSError; the FUSE
+layer (session.py) packs and replies. Nothing here knows the wire format. The only module that knows both the lower tree and the
 table.
 
 How a request reaches the lower inode:
@@ -75,8 +76,11 @@ import os
 import stat
 from dataclasses import dataclass
 
-from . import fuse, linux, policy, xattrs
-from .fuse import Entry
+from . import linux, policy, xattrs
+from .filesystem import (NEGATIVE, SET_ATTR_ATIME, SET_ATTR_ATIME_NOW, SET_ATTR_GID,
+                         SET_ATTR_KILL_SUIDGID, SET_ATTR_MODE, SET_ATTR_MTIME,
+                         SET_ATTR_MTIME_NOW, SET_ATTR_SIZE, SET_ATTR_UID, Attr, Context, Entry,
+                         Granted, Opened, SetAttr)
 from .idmap import IdMap
 from .inodes import ROOT_ID, InodeTable, Node
 
@@ -128,23 +132,23 @@ def _in_daemon_userns(pid: int) -> bool:
         return False
 
 
-def _caller_has_cap(cap: int) -> bool:
+def _caller_has_cap(ctx: Context, cap: int) -> bool:
     """Whether the caller holds ``cap`` in the daemon's user namespace (the
     kernel's capable(): CAP_SYS_ADMIN for seeing trusted.* names,
     CAP_FSETID for keeping set-id bits on a write). Unknown means no."""
-    pid = fuse.caller()[2]
+    pid = ctx.pid
     return _in_daemon_userns(pid) and bool(_caller_cap_eff(pid) >> cap & 1)
 
 
 _CHOWN_SYSCALLS = {"x86_64": {92, 93, 94, 260}, "aarch64": {54, 55}}.get(os.uname().machine, set())
 
 
-def _caller_in_chown() -> bool:
+def _caller_in_chown(ctx: Context) -> bool:
     """Whether the caller is inside a chown-family syscall: an empty
     SETATTR is either chown(-1, -1) or a write's set-gid clearing, and the
     kernel treats the two differently. Unknown means no."""
     try:
-        with open(f"/proc/{fuse.caller()[2]}/syscall", "rb") as f:
+        with open(f"/proc/{ctx.pid}/syscall", "rb") as f:
             return int(f.read().split(None, 1)[0]) in _CHOWN_SYSCALLS
     except (OSError, ValueError, IndexError):
         return False
@@ -216,7 +220,7 @@ class Operations:
         self.daemon_gid = os.getegid()
         self._dirs: dict[int, DirStream] = {}
         self._ovf_uid, self._ovf_gid = idmap.overflow_uid, idmap.overflow_gid
-        self.backing_files = None  # a fuse.Session once passthrough is on
+        self.backing_files = None  # the session, once INIT granted passthrough
         self._offered_backing = None
 
     # ---- lifecycle ----
@@ -224,13 +228,13 @@ class Operations:
         """Use ``session``'s backing files if INIT grants passthrough."""
         self._offered_backing = session
 
-    def init(self, capable: int, want: int) -> None:
-        """INIT was answered (mount.serve hooks its read-ahead here)."""
-        if self._offered_backing is not None and want & fuse.FUSE_CAP_PASSTHROUGH:
+    def init(self, granted: Granted) -> None:
+        """What INIT settled (passthrough granted or not)."""
+        if self._offered_backing is not None and granted.passthrough:
             self.backing_files = self._offered_backing
 
     def request_done(self) -> None:
-        """fuse.py, as each request ends: the nodes it named may give their
+        """The FUSE layer, as each request ends: the nodes it named may give their
         fds back."""
         self.table.request_done()
 
@@ -308,44 +312,43 @@ class Operations:
             return self.life
         return self.unwatched
 
-    def _attr(self, st: os.stat_result):
+    def _attr(self, st: os.stat_result) -> Attr:
         uid = self.uids.to_upper(st.st_uid)
         gid = self.gids.to_upper(st.st_gid)
         frozen = uid is None or gid is None
-        return (st, self._ovf_uid if uid is None else uid, self._ovf_gid if gid is None else gid,
-                0.0 if frozen else self._life(st).attr)
+        return Attr(st, self._ovf_uid if uid is None else uid, self._ovf_gid if gid is None else gid,
+                    0.0 if frozen else self._life(st).attr)
 
     def _entry(self, node: Node, st: os.stat_result, in_frozen_dir: bool) -> Entry:
         st, uid, gid, attr_timeout = self._attr(st)
         return Entry(node.node_id, st, uid, gid, attr_timeout,
                      0.0 if in_frozen_dir else self._life(st).entry)
 
-    def _caller_lower_ids(self) -> tuple[int, int, int]:
-        """The caller's (lower uid, lower gid, umask); EOVERFLOW if either
-        id has no lower counterpart (it could not own anything here)."""
-        uid, gid, _pid, umask = fuse.caller()
-        lower_uid = self.uids.to_lower(uid)
-        lower_gid = self.gids.to_lower(gid)
+    def _caller_lower_ids(self, ctx: Context) -> tuple[int, int]:
+        """The caller's (lower uid, lower gid); EOVERFLOW if either id has
+        no lower counterpart (it could not own anything here)."""
+        lower_uid = self.uids.to_lower(ctx.uid)
+        lower_gid = self.gids.to_lower(ctx.gid)
         if lower_uid is None or lower_gid is None:
             raise OSError(errno.EOVERFLOW, "caller has no lower id")
-        return lower_uid, lower_gid, umask
+        return lower_uid, lower_gid
 
-    def _caller_mapped(self) -> bool:
-        uid, gid, _pid, _umask = fuse.caller()
-        return self.uids.to_lower(uid) is not None and self.gids.to_lower(gid) is not None
+    def _caller_mapped(self, ctx: Context) -> bool:
+        return self.uids.to_lower(ctx.uid) is not None and self.gids.to_lower(ctx.gid) is not None
 
-    def _as_caller(self, parent: Node, name: bytes, mode: int, make, opened: bool = False):
+    def _as_caller(self, ctx: Context, parent: Node, name: bytes, mode: int, make,
+                   opened: bool = False):
         """``make(mode)`` with the thread's fsuid/fsgid set to the caller's
         lower ids and its umask to the caller's; the parent must not be
         frozen. Then the new entry ``name`` (``opened``: the fd make
         returned) is checked to be the caller's (_own_new)."""
-        lower_uid, lower_gid, umask = self._caller_lower_ids()
+        lower_uid, lower_gid = self._caller_lower_ids(ctx)
         pst = os.fstat(parent.fd)
         policy.check_dir_write(pst, self.uids, self.gids)
         # where a new entry needs a chown (which clears set-id bits), the
         # bits come after it: never a set-uid file with the wrong owner
         setid = mode & (stat.S_ISUID | stat.S_ISGID) if self.chown_new else 0
-        os.umask(umask)
+        os.umask(ctx.umask)
         linux.set_fsids(lower_uid, lower_gid)
         try:
             made = make(mode & ~setid)
@@ -391,7 +394,7 @@ class Operations:
         node, st = self.table.lookup_at(parent, name)
         return self._entry(node, st, False)
 
-    def _frozen_access(self, node: Node, st: os.stat_result, want: int) -> None:
+    def _frozen_access(self, ctx: Context, node: Node, st: os.stat_result, want: int) -> None:
         """EACCES unless the caller may ``want`` this frozen inode as an
         idmapped mount decides (mode bits, mapped group, ACL; no
         capability)."""
@@ -401,9 +404,8 @@ class Operations:
                 acl = os.getxattr(node.path, _ACL_ACCESS)
             except OSError:
                 pass
-        uid, gid, _pid, _umask = fuse.caller()
-        groups = {gid, *fuse.caller_groups()}
-        if not policy.frozen_permitted(st, self.uids, self.gids, uid, groups, want, acl):
+        groups = {ctx.gid, *ctx.groups()}
+        if not policy.frozen_permitted(st, self.uids, self.gids, ctx.uid, groups, want, acl):
             raise OSError(errno.EACCES, "inode has an unmapped owner")
 
     @staticmethod
@@ -413,50 +415,50 @@ class Operations:
         return name
 
     # ---- names ----
-    def lookup(self, parent_id: int, name: bytes) -> Entry:
+    def lookup(self, ctx: Context, parent_id: int, name: bytes) -> Entry:
         if parent_id == ROOT_ID and self.root_below:  # only the mount's own setup asks
             if name != ROOT_NAME:
-                return Entry(0, None, 0, 0, 0.0, 0.0)
+                return NEGATIVE
             root = self.table.root
             return self._entry(root, os.fstat(root.fd), False)
         parent = self.table.get(parent_id)
         pst = os.fstat(parent.fd)
         frozen_dir = self._frozen(pst)
         if frozen_dir:  # a lookup searches the directory: decided as the kernel would
-            self._frozen_access(parent, pst, policy.MAY_EXEC)
+            self._frozen_access(ctx, parent, pst, policy.MAY_EXEC)
         try:
             node, st = self.table.lookup_at(parent, self._name(name))
         except FileNotFoundError:
-            return Entry(0, None, 0, 0, 0.0, 0.0 if frozen_dir else self._life(pst).negative)
+            return NEGATIVE._replace(entry_timeout=0.0 if frozen_dir else self._life(pst).negative)
         return self._entry(node, st, frozen_dir)
 
     def forget(self, pairs) -> None:
         for node_id, nlookup in pairs:
             self.table.forget(node_id, nlookup)
 
-    def mknod(self, parent_id, name, mode, rdev) -> Entry:
+    def mknod(self, ctx, parent_id, name, mode, rdev) -> Entry:
         parent = self.table.get(parent_id)
-        self._as_caller(parent, self._name(name), mode,
+        self._as_caller(ctx, parent, self._name(name), mode,
                         lambda m: os.mknod(name, m, rdev, dir_fd=parent.fd))
         return self._new_entry(parent, name)
 
-    def mkdir(self, parent_id, name, mode) -> Entry:
+    def mkdir(self, ctx, parent_id, name, mode) -> Entry:
         parent = self.table.get(parent_id)
-        self._as_caller(parent, self._name(name), mode,
+        self._as_caller(ctx, parent, self._name(name), mode,
                         lambda m: os.mkdir(name, m, dir_fd=parent.fd))
         return self._new_entry(parent, name)
 
-    def symlink(self, target, parent_id, name) -> Entry:
+    def symlink(self, ctx, target, parent_id, name) -> Entry:
         parent = self.table.get(parent_id)
-        self._as_caller(parent, self._name(name), 0,
+        self._as_caller(ctx, parent, self._name(name), 0,
                         lambda _m: os.symlink(target, name, dir_fd=parent.fd))
         return self._new_entry(parent, name)
 
-    def link(self, node_id, parent_id, name) -> Entry:
+    def link(self, ctx, node_id, parent_id, name) -> Entry:
         node = self.table.get(node_id)
         parent = self.table.get(parent_id)
         st = os.fstat(node.fd)
-        policy.check_link(st, self._caller_mapped(), os.fstat(parent.fd), self.uids, self.gids)
+        policy.check_link(st, self._caller_mapped(ctx), os.fstat(parent.fd), self.uids, self.gids)
         # the held inode itself, not whatever a name points to now
         os.link(node.path, self._name(name), dst_dir_fd=parent.fd, follow_symlinks=True)
         fd = os.dup(node.fd)
@@ -478,13 +480,13 @@ class Operations:
             if node is not None:
                 self.table.release_if_gone(node)
 
-    def unlink(self, parent_id, name) -> None:
+    def unlink(self, ctx, parent_id, name) -> None:
         self._delete(parent_id, name, os.unlink)
 
-    def rmdir(self, parent_id, name) -> None:
+    def rmdir(self, ctx, parent_id, name) -> None:
         self._delete(parent_id, name, os.rmdir)
 
-    def rename(self, parent_id, name, newparent_id, newname, flags) -> None:
+    def rename(self, ctx, parent_id, name, newparent_id, newname, flags) -> None:
         old_dir = self.table.get(parent_id)
         new_dir = self.table.get(newparent_id)
         name, newname = self._name(name), self._name(newname)
@@ -496,7 +498,7 @@ class Operations:
         if new_st is not None and flags & linux.RENAME_NOREPLACE:
             raise OSError(errno.EEXIST, "rename: target exists")
         policy.check_rename(old_st, os.fstat(old_dir.fd), new_st, os.fstat(new_dir.fd),
-                            new_st is not None or self._caller_mapped(), self.uids, self.gids)
+                            new_st is not None or self._caller_mapped(ctx), self.uids, self.gids)
         if flags:
             linux.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
         else:
@@ -505,20 +507,20 @@ class Operations:
             self._released(new_st)
 
     # ---- attributes ----
-    def getattr(self, node_id: int, fh: int | None):
+    def getattr(self, ctx: Context, node_id: int, fh: int | None) -> Attr:
         if fh is not None:
             return self._attr(os.fstat(fh))
         if node_id == ROOT_ID and self.root_below:  # the daemon's own, never cached
-            return os.fstat(self.table.root.fd), self.daemon_uid, self.daemon_gid, 0.0
+            return Attr(os.fstat(self.table.root.fd), self.daemon_uid, self.daemon_gid, 0.0)
         return self._attr(os.fstat(self.table.get(node_id).fd))
 
-    def readlink(self, node_id: int) -> bytes:
+    def readlink(self, ctx: Context, node_id: int) -> bytes:
         return os.readlink(b"", dir_fd=self.table.get(node_id).fd)
 
-    def statfs(self, node_id: int):
+    def statfs(self, ctx: Context, node_id: int):
         return os.fstatvfs(self.table.root.fd)
 
-    def setattr(self, node_id: int, to_set: int, attr, fh: int | None):
+    def setattr(self, ctx: Context, node_id: int, attr: SetAttr, fh: int | None) -> Attr:
         """Applied in the order libfuse's high-level API used: mode, owner,
         size, times. A SETATTR with nothing to set (chown -1 -1) still
         reaches here: refused on a frozen inode, a ctime update otherwise."""
@@ -527,11 +529,12 @@ class Operations:
             raise OSError(errno.EOPNOTSUPP, "the lower's setattr of a symlink reaches its target")
         fd = node.fd
         st = os.fstat(fd)
-        if to_set & fuse.SET_ATTR_MODE:
+        to_set = attr.valid
+        if to_set & SET_ATTR_MODE:
             policy.check_modify(st, self.uids, self.gids, "chmod")
-            mode = stat.S_IMODE(attr.st_mode)
+            mode = stat.S_IMODE(attr.mode)
             if mode & stat.S_ISGID and not self._may_keep_sgid(
-                    st, attr.st_gid if to_set & fuse.SET_ATTR_GID else None):
+                    ctx, st, attr.gid if to_set & SET_ATTR_GID else None):
                 mode &= ~stat.S_ISGID
             if fh is not None:
                 os.fchmod(fh, mode)
@@ -540,45 +543,42 @@ class Operations:
             else:
                 os.chmod(node.path, mode)
             st = os.fstat(fd)
-        if to_set & (fuse.SET_ATTR_UID | fuse.SET_ATTR_GID):
-            self._chown(node, st, attr.st_uid if to_set & fuse.SET_ATTR_UID else UNCHANGED,
-                        attr.st_gid if to_set & fuse.SET_ATTR_GID else UNCHANGED)
+        if to_set & (SET_ATTR_UID | SET_ATTR_GID):
+            self._chown(ctx, node, st, attr.uid if to_set & SET_ATTR_UID else UNCHANGED,
+                        attr.gid if to_set & SET_ATTR_GID else UNCHANGED)
             st = os.fstat(fd)
-        if to_set & fuse.SET_ATTR_SIZE:
+        if to_set & SET_ATTR_SIZE:
             policy.check_modify(st, self.uids, self.gids, "write")
-            if to_set & fuse.SET_ATTR_KILL_SUIDGID:  # a truncate by a caller without CAP_FSETID
-                self._kill_suidgid(node, fh, st)
+            if to_set & SET_ATTR_KILL_SUIDGID:  # a truncate by a caller without CAP_FSETID
+                self._kill_suidgid(ctx, node, fh, st)
             if fh is not None:
-                os.ftruncate(fh, attr.st_size)
+                os.ftruncate(fh, attr.size)
             elif not node.is_reg():
                 raise OSError(errno.EINVAL, "truncate of a non-regular file")
             else:
-                os.truncate(node.path, attr.st_size)
-        times = to_set & (fuse.SET_ATTR_ATIME | fuse.SET_ATTR_MTIME | fuse.SET_ATTR_ATIME_NOW
-                          | fuse.SET_ATTR_MTIME_NOW)
+                os.truncate(node.path, attr.size)
+        times = to_set & (SET_ATTR_ATIME | SET_ATTR_MTIME | SET_ATTR_ATIME_NOW | SET_ATTR_MTIME_NOW)
         if times:
-            (at, an), (mt, mn) = fuse.unpack_times(attr)
-            atime = (0, linux.UTIME_NOW) if to_set & fuse.SET_ATTR_ATIME_NOW else (
-                (at, an) if to_set & fuse.SET_ATTR_ATIME else (0, linux.UTIME_OMIT))
-            mtime = (0, linux.UTIME_NOW) if to_set & fuse.SET_ATTR_MTIME_NOW else (
-                (mt, mn) if to_set & fuse.SET_ATTR_MTIME else (0, linux.UTIME_OMIT))
+            atime = (0, linux.UTIME_NOW) if to_set & SET_ATTR_ATIME_NOW else (
+                attr.atime if to_set & SET_ATTR_ATIME else (0, linux.UTIME_OMIT))
+            mtime = (0, linux.UTIME_NOW) if to_set & SET_ATTR_MTIME_NOW else (
+                attr.mtime if to_set & SET_ATTR_MTIME else (0, linux.UTIME_OMIT))
             policy.check_modify(st, self.uids, self.gids, policy.utimes_kind(atime[1], mtime[1]))
             linux.utimens_fd(fd, atime, mtime)
-        if not to_set & (fuse.SET_ATTR_MODE | fuse.SET_ATTR_UID | fuse.SET_ATTR_GID
-                         | fuse.SET_ATTR_SIZE) and not times:
+        if not to_set & (SET_ATTR_MODE | SET_ATTR_UID | SET_ATTR_GID | SET_ATTR_SIZE) and not times:
             # Nothing to set: chown(-1, -1), where notify_change refuses a
             # frozen inode and otherwise only ctime moves (and the lower's
             # chown clears set-uid, as any chown does) -- or the privileges a
             # write or truncate drops (file_remove_privs: only ATTR_KILL_*
             # was left), where a chown of the lower would clear set-uid for
             # a caller with CAP_FSETID too
-            if _caller_in_chown():
-                self._chown(node, st, UNCHANGED, UNCHANGED)
+            if _caller_in_chown(ctx):
+                self._chown(ctx, node, st, UNCHANGED, UNCHANGED)
             else:
-                self._remove_privs(node, st)
+                self._remove_privs(ctx, node, st)
         return self._attr(os.fstat(fd))
 
-    def _remove_privs(self, node: Node, st: os.stat_result) -> None:
+    def _remove_privs(self, ctx: Context, node: Node, st: os.stat_result) -> None:
         """The empty SETATTR of file_remove_privs (a write, truncate or
         passed-through write that finds set-id bits or a capability): the
         capability went by its own REMOVEXATTR; the bits go as
@@ -587,24 +587,24 @@ class Operations:
         kernel sends set-uid and group-exec set-gid as a mode instead where
         FUSE_HANDLE_KILLPRIV_V2 is off; then only set-gid without group exec
         is left to clear here."""
-        policy.check_chown(st, self.uids, self.gids, fuse.caller()[0])
-        if not _caller_has_cap(CAP_FSETID):
-            self._kill_suidgid(node, None, st)
+        policy.check_chown(st, self.uids, self.gids, ctx.uid)
+        if not _caller_has_cap(ctx, CAP_FSETID):
+            self._kill_suidgid(ctx, node, None, st)
 
-    def write_kills_suidgid(self, node_id: int, fh: int) -> bool:
+    def write_kills_suidgid(self, ctx: Context, node_id: int, fh: int) -> bool:
         """FUSE_WRITE_KILL_SUIDGID: the kernel asks, for a write by a caller
         without CAP_FSETID (any file), what file_remove_privs would clear."""
-        self._kill_suidgid(self.table.get(node_id), fh, os.fstat(fh))
+        self._kill_suidgid(ctx, self.table.get(node_id), fh, os.fstat(fh))
         return True
 
-    def _kill_suidgid(self, node: Node, fh: int | None, st: os.stat_result) -> None:
+    def _kill_suidgid(self, ctx: Context, node: Node, fh: int | None, st: os.stat_result) -> None:
         """setattr_should_drop_suidgid for a caller without CAP_FSETID
         (the kernel checked that, and sent the kill bit)."""
         mode = st.st_mode
         if not stat.S_ISREG(mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
             return
         keep_sgid = bool(mode & stat.S_ISGID) and not mode & stat.S_IXGRP and \
-            self._may_keep_sgid(st, None)
+            self._may_keep_sgid(ctx, st, None)
         new = policy.killed_suidgid_mode(mode, keep_sgid)
         if new != stat.S_IMODE(mode):
             if fh is not None:
@@ -612,23 +612,23 @@ class Operations:
             else:
                 os.chmod(node.path, new)
 
-    def _chown(self, node: Node, st: os.stat_result, uid: int, gid: int) -> None:
+    def _chown(self, ctx: Context, node: Node, st: os.stat_result, uid: int, gid: int) -> None:
         lower_uid = -1 if uid == UNCHANGED else self.uids.to_lower(uid)
         lower_gid = -1 if gid == UNCHANGED else self.gids.to_lower(gid)
         if lower_uid is None or lower_gid is None:
             raise OSError(errno.EOVERFLOW, "id has no lower counterpart")
-        policy.check_chown(st, self.uids, self.gids, fuse.caller()[0], lower_uid, lower_gid)
+        policy.check_chown(st, self.uids, self.gids, ctx.uid, lower_uid, lower_gid)
         mode = st.st_mode
         if (not stat.S_ISDIR(mode) and policy.setid_always_cleared(mode)
-                and (self._frozen(st) or not self._caller_owns(st))):
+                and (self._frozen(st) or not self._caller_owns(ctx, st))):
             # the set-uid (or group-exec set-gid) bit a chown clears is a
             # mode change, which notify_change lets only the owner (or
             # CAP_FOWNER over a mapped inode) make; with
             # FUSE_HANDLE_KILLPRIV_V2 the kernel leaves that check to us
             raise OSError(errno.EPERM, "chown: set-id bits need clearing by the owner")
-        drop_sgid = bool(st.st_mode & stat.S_ISGID) and self._chown_drops_sgid(st)
+        drop_sgid = bool(st.st_mode & stat.S_ISGID) and self._chown_drops_sgid(ctx, st)
         if (drop_sgid and lower_uid == -1 and lower_gid == -1
-                and not self._caller_owns(st)):
+                and not self._caller_owns(ctx, st)):
             # clearing the bit is a mode change, which only the owner may
             # make (a write's clearing comes as the same empty SETATTR, and
             # is forced)
@@ -637,36 +637,33 @@ class Operations:
         if drop_sgid:
             os.chmod(node.path, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
 
-    def _caller_owns(self, st: os.stat_result) -> bool:
+    def _caller_owns(self, ctx: Context, st: os.stat_result) -> bool:
         """inode_owner_or_capable: the caller's fsuid owns it, or it holds
         CAP_FOWNER over it."""
-        uid, _gid, pid, _umask = fuse.caller()
         owner = self.idmap.uid_to_upper(st.st_uid)
-        return uid == owner or self._caller_capable(
-            CAP_FOWNER, pid, owner, self.idmap.gid_to_upper(st.st_gid))
+        return ctx.uid == owner or self._caller_capable(
+            CAP_FOWNER, ctx.pid, owner, self.idmap.gid_to_upper(st.st_gid))
 
-    def _may_keep_sgid(self, st: os.stat_result, new_upper_gid: int | None) -> bool:
+    def _may_keep_sgid(self, ctx: Context, st: os.stat_result, new_upper_gid: int | None) -> bool:
         """setattr_copy's rule, which the upper kernel's FUSE client does not
         apply and the daemon (CAP_FSETID) would not meet: a mode keeps
         S_ISGID only for a caller in the file's group or with CAP_FSETID
         over it. It is what clears the bit when a write by someone outside
         the group kills set-uid (the kernel sends the mode with S_ISGID
         still in it)."""
-        uid, gid, pid, _umask = fuse.caller()
         upper_gid = self.idmap.gid_to_upper(st.st_gid) if new_upper_gid is None else new_upper_gid
-        if gid == upper_gid or upper_gid in fuse.caller_groups():
+        if ctx.gid == upper_gid or upper_gid in ctx.groups():
             return True
-        return self._caller_capable(CAP_FSETID, pid, self.idmap.uid_to_upper(st.st_uid), upper_gid)
+        return self._caller_capable(CAP_FSETID, ctx.pid, self.idmap.uid_to_upper(st.st_uid), upper_gid)
 
-    def _chown_drops_sgid(self, st: os.stat_result) -> bool:
+    def _chown_drops_sgid(self, ctx: Context, st: os.stat_result) -> bool:
         """The kernel's rule for S_ISGID without group exec on chown, which
         the upper kernel's FUSE client does not apply: needs the caller's
         groups and capabilities (from /proc/PID)."""
-        uid, gid, pid, _umask = fuse.caller()
         upper_gid = self.idmap.gid_to_upper(st.st_gid)
-        in_group = gid == upper_gid or upper_gid in fuse.caller_groups()
+        in_group = ctx.gid == upper_gid or upper_gid in ctx.groups()
         capable = not in_group and self._caller_capable(
-            CAP_FSETID, pid, self.idmap.uid_to_upper(st.st_uid), upper_gid)
+            CAP_FSETID, ctx.pid, self.idmap.uid_to_upper(st.st_uid), upper_gid)
         return policy.chown_drops_sgid(st, in_group, capable)
 
     def _caller_capable(self, cap: int, pid: int, upper_uid: int, upper_gid: int) -> bool:
@@ -684,8 +681,8 @@ class Operations:
             return False
 
     # ---- files ----
-    def open(self, node_id: int, flags: int):
-        """(fh, keep_cache): a new lower fd of the held inode."""
+    def open(self, ctx: Context, node_id: int, flags: int) -> Opened:
+        """A new lower fd of the held inode."""
         node = self.table.get(node_id)
         if not node.is_reg():  # the kernel opens devices and FIFOs itself
             raise OSError(errno.EACCES, "not a regular file")
@@ -696,7 +693,7 @@ class Operations:
                 if flags & (os.O_WRONLY | os.O_RDWR):
                     policy.check_modify(st, self.uids, self.gids, "write")
                 else:  # read or exec of a frozen file
-                    self._frozen_access(node, st, policy.open_want(flags))
+                    self._frozen_access(ctx, node, st, policy.open_want(flags))
         except BaseException:
             os.close(fd)
             raise
@@ -704,7 +701,7 @@ class Operations:
         stamp = None if backing else (st.st_size, st.st_mtime_ns)  # passthrough skips this cache
         keep = stamp is not None and node.stamp == stamp
         node.stamp = stamp
-        return fd, keep, backing
+        return Opened(fd, keep, backing, _whole_appends(flags, backing))
 
     def _serve(self, node: Node, fd: int, st: os.stat_result, flags: int) -> int:
         """A new open of ``node`` on the lower ``fd``: its passthrough
@@ -744,12 +741,13 @@ class Operations:
                 return 0  # e.g. EINVAL: a lower on overlayfs is stacked too deep
         return choose
 
-    def create(self, parent_id: int, name: bytes, mode: int, flags: int):
-        """(Entry, fh) for a new file; never opens one that exists."""
+    def create(self, ctx: Context, parent_id: int, name: bytes, mode: int,
+               flags: int) -> tuple[Entry, Opened]:
+        """A new file, opened; never opens one that exists."""
         parent = self.table.get(parent_id)
         name = self._name(name)
         try:
-            fd = self._as_caller(parent, name, mode, lambda m: os.open(
+            fd = self._as_caller(ctx, parent, name, mode, lambda m: os.open(
                 name, (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                 m, dir_fd=parent.fd), opened=True)
         except FileExistsError:
@@ -765,7 +763,36 @@ class Operations:
             raise
         backing = self._serve(node, fd, st, flags)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
-        return self._entry(node, st, False), fd, backing
+        return self._entry(node, st, False), Opened(fd, False, backing, _whole_appends(flags, backing))
+
+    def tmpfile(self, ctx: Context, parent_id: int, mode: int, flags: int) -> tuple[Entry, Opened]:
+        """O_TMPFILE: an unnamed file in ``parent``, born the caller's (as a
+        create), which linkat can give a name through the mount."""
+        parent = self.table.get(parent_id)
+        lower_uid, lower_gid = self._caller_lower_ids(ctx)
+        pst = os.fstat(parent.fd)
+        policy.check_dir_write(pst, self.uids, self.gids)
+        dir_fd = os.open(parent.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.umask(ctx.umask)
+            linux.set_fsids(lower_uid, lower_gid)
+            try:
+                fd = os.open(".", (flags & ~(os.O_NOCTTY | os.O_CREAT | os.O_EXCL))
+                             | os.O_TMPFILE | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+            finally:
+                linux.set_fsids(self.daemon_uid, self.daemon_gid)
+        finally:
+            os.close(dir_fd)
+        try:
+            st = os.fstat(fd)
+            node = self.table.add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC), st,
+                                  parent_id, b"")
+        except BaseException:
+            os.close(fd)
+            raise
+        backing = self._serve(node, fd, st, flags)
+        node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
+        return self._entry(node, st, False), Opened(fd, False, backing, _whole_appends(flags, backing))
 
     def release(self, node_id: int, fh: int) -> None:
         os.close(fh)
@@ -790,8 +817,9 @@ class Operations:
         return os.copy_file_range(fh_in, fh_out, length, off_in, off_out)
 
     # ---- directories ----
-    def opendir(self, node_id: int) -> tuple[int, bool]:
-        """(fh, cache_listing)."""
+    def opendir(self, ctx: Context, node_id: int) -> Opened:
+        """An open lower directory; ``keep_cache``: the kernel may keep
+        its listing across opens."""
         node = self.table.get(node_id)
         if not node.is_dir():
             raise OSError(errno.ENOTDIR, "not a directory")
@@ -800,21 +828,22 @@ class Operations:
             st = os.fstat(fd)
             frozen = self._frozen(st)
             if frozen:
-                self._frozen_access(node, st, policy.MAY_READ)
+                self._frozen_access(ctx, node, st, policy.MAY_READ)
         except BaseException:
             os.close(fd)
             raise
         self._dirs[fd] = DirStream(fd, frozen)
         # the kernel may keep the listing while the watcher invalidates the
         # directory on every change behind the mount (frozen ones: never)
-        return fd, not frozen and self.watched_dev == st.st_dev
+        return Opened(fd, not frozen and self.watched_dev == st.st_dev)
 
     def readdir(self, node_id: int, fh: int, off: int) -> DirStream:
         stream = self._dirs[fh]
         stream.seek(off)
         return stream
 
-    def readdir_entry(self, parent_id: int, fh: int, name: bytes, d_type: int) -> Entry | None:
+    def readdir_entry(self, ctx: Context, parent_id: int, fh: int, name: bytes,
+                      d_type: int) -> Entry | None:
         """A readdirplus entry with attributes (one lookup), or None: the
         dot entries, a vanished name, and frozen entries or all entries of
         a frozen directory (the kernel then looks each up when it needs it,
@@ -836,26 +865,26 @@ class Operations:
         os.close(fh)
 
     # ---- extended attributes ----
-    def getxattr(self, node_id: int, name: bytes) -> bytes:
+    def getxattr(self, ctx: Context, node_id: int, name: bytes) -> bytes:
         if node_id == ROOT_ID and self.root_below:
             raise OSError(errno.ENODATA, "the FUSE root has no xattrs")
         node = self.table.get(node_id)
         if name.startswith(b"user."):  # the only names whose read asks permission
             st = os.fstat(node.fd)
             if self._frozen(st):
-                self._frozen_access(node, st, policy.MAY_READ)
+                self._frozen_access(ctx, node, st, policy.MAY_READ)
         value = os.getxattr(node.path, name)
         return xattrs.to_upper(name, value, self.idmap)
 
-    def listxattr(self, node_id: int) -> bytes:
+    def listxattr(self, ctx: Context, node_id: int) -> bytes:
         names = os.listxattr(self.table.get(node_id).path)
-        if any(n.startswith("trusted.") for n in names) and not _caller_has_cap(_CAP_SYS_ADMIN):
+        if any(n.startswith("trusted.") for n in names) and not _caller_has_cap(ctx, _CAP_SYS_ADMIN):
             # a local filesystem lists trusted.* only to CAP_SYS_ADMIN callers;
             # the daemon (root) sees them all, so filter as the kernel would
             names = [n for n in names if not n.startswith("trusted.")]
         return b"".join(os.fsencode(n) + b"\0" for n in names)
 
-    def setxattr(self, node_id: int, name: bytes, value: bytes, flags: int) -> None:
+    def setxattr(self, ctx: Context, node_id: int, name: bytes, value: bytes, flags: int) -> None:
         node = self.table.get(node_id)
         policy.check_modify(os.fstat(node.fd), self.uids, self.gids, "setxattr")
         lower_value = xattrs.to_lower(name, value, self.idmap)
@@ -867,7 +896,38 @@ class Operations:
             lower_value = xattrs.acl_keep_unmapped(lower_value, stored, self.idmap)
         os.setxattr(node.path, name, lower_value, flags)
 
-    def removexattr(self, node_id: int, name: bytes) -> None:
+    def removexattr(self, ctx: Context, node_id: int, name: bytes) -> None:
         node = self.table.get(node_id)
         policy.check_modify(os.fstat(node.fd), self.uids, self.gids, "setxattr")
         os.removexattr(node.path, name)
+
+    # ---- ioctls ----
+    def ioctl(self, ctx: Context, node_id: int, fh: int, cmd: int, arg: bytes,
+              out_size: int) -> tuple[int, bytes]:
+        """The ioctls that only read the lower file's own state (its
+        attribute flags), answered from the open lower fd; the rest are
+        refused with ENOTTY, and setting flags (chattr) with EPERM, as the
+        kernel refuses it to a container's root (CAP_LINUX_IMMUTABLE)."""
+        if cmd in _IOCTL_READ:
+            buf = bytearray(max(out_size, _IOCTL_READ[cmd]))
+            result = fcntl.ioctl(fh, cmd, buf, True)
+            return result, bytes(buf[:out_size])
+        if cmd in _IOCTL_SET:
+            raise OSError(errno.EPERM, "setting inode flags through the mount")
+        raise OSError(errno.ENOTTY, "ioctl not passed to the lower")
+
+
+# FS_IOC_GETFLAGS, FS_IOC_GETVERSION, FS_IOC_FSGETXATTR (and their sizes);
+# FS_IOC_SETFLAGS, FS_IOC_SETVERSION, FS_IOC_FSSETXATTR
+_IOCTL_READ = {0x80086601: 8, 0x80087601: 8, 0x801C581F: 28}
+_IOCTL_SET = {0x40086602, 0x40087602, 0x401C5820}
+
+
+def _whole_appends(flags: int, backing: int) -> bool:
+    """An O_APPEND open the daemon serves bypasses the FUSE page cache
+    (FOPEN_DIRECT_IO): the kernel then sends each write() whole, as one
+    WRITE the lower appends at once, where through the page cache it splits
+    a write at a page it does not hold into two, and another writer of the
+    same lower could append between them. A passed-through open appends in
+    the lower itself."""
+    return bool(flags & os.O_APPEND) and not backing

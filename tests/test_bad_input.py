@@ -241,9 +241,14 @@ def test_dev_fuse_not_the_fuse_device(scene, fake):
     check_refused(r, lower, mnt, ["/dev/fuse", "not the FUSE device"])
 
 
+# libfuse is loaded only where fusermount3 mounts, for a daemon that cannot
+# mount itself: root of a user namespace without a mount namespace of its own
+AS_USER = ("unshare", "--user", "--map-root-user")
+
+
 def test_libfuse3_missing(scene):
     workdir, lower, mnt = scene
-    r = run_shiftfs([str(lower), str(mnt), *STD],
+    r = run_shiftfs([str(lower), str(mnt), *STD], prefix=AS_USER,
                     env={"FUSE_LIBRARY_PATH": str(workdir / "no" / "libfuse3.so.3")})
     check_refused(r, lower, mnt, ["libfuse3 not found", "fuse3 package"])
 
@@ -254,7 +259,7 @@ def test_libfuse2_instead_of_3(scene):
     if lib2 is None:
         pytest.skip("libfuse2 is not installed (bindfs pulls it in)")
     workdir, lower, mnt = scene
-    r = run_shiftfs([str(lower), str(mnt), *STD], env={"FUSE_LIBRARY_PATH": lib2})
+    r = run_shiftfs([str(lower), str(mnt), *STD], prefix=AS_USER, env={"FUSE_LIBRARY_PATH": lib2})
     check_refused(r, lower, mnt, ["needs libfuse 3", "libfuse.so.2"])
 
 

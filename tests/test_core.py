@@ -20,7 +20,10 @@ from pathlib import Path
 import pytest
 
 from shiftfs.idmap import Extent, build_idmap
+from shiftfs.filesystem import Context
 from shiftfs.ops import Operations
+
+CTX = Context(0, 0, os.getpid())  # a request by root, as the handlers take it
 
 try:
     from tests.callers import call_as
@@ -57,13 +60,13 @@ def ops_tree():
 def _walk(ops, path: bytes):
     node = 1
     for part in path.split(b"/"):
-        node = ops.lookup(node, part).node_id
+        node = ops.lookup(CTX, node, part).node_id
     return node
 
 
 def test_names_resolve_to_nodes_with_upper_ids(ops_tree):
     node = _walk(ops_tree, b"a/b/f")
-    st, uid, _gid, _timeout = ops_tree.getattr(node, None)
+    st, uid, _gid, _timeout = ops_tree.getattr(CTX, node, None)
     assert st.st_size == len("inside") and uid == 100000 + os.getuid()
 
 
@@ -75,15 +78,15 @@ def test_a_symlink_used_as_a_directory_is_enotdir(ops_tree, path):
 
 
 def test_the_last_component_is_not_followed(ops_tree):
-    st = ops_tree.getattr(_walk(ops_tree, b"abs"), None)[0]
+    st = ops_tree.getattr(CTX, _walk(ops_tree, b"abs"), None)[0]
     assert os.path.stat.S_ISLNK(st.st_mode)
-    assert ops_tree.readlink(_walk(ops_tree, b"abs")).endswith(b"/outside")
+    assert ops_tree.readlink(CTX, _walk(ops_tree, b"abs")).endswith(b"/outside")
 
 
 @pytest.mark.parametrize("name", [b".", b"..", b"x/y"])
 def test_names_that_are_not_names_are_refused(ops_tree, name):
     with pytest.raises(OSError) as exc:
-        ops_tree.lookup(1, name)
+        ops_tree.lookup(CTX, 1, name)
     assert exc.value.errno == errno.EINVAL
 
 
@@ -100,7 +103,7 @@ def test_hard_links_are_one_node_and_forget_releases_it(ops_tree):
     ops_tree.forget([(a, 1)])
     assert len(ops_tree.table) == nodes - 1
     with pytest.raises(OSError) as exc:
-        ops_tree.getattr(a, None)
+        ops_tree.getattr(CTX, a, None)
     assert exc.value.errno == errno.ESTALE
     # a/ and a/b/ are still held (two fds); the file's fd is gone
     assert _open_fds() == before + 2
@@ -279,7 +282,7 @@ def test_a_directory_handle_holds_one_batch_whatever_the_directory_size(ops_tree
     for n in names:
         os.close(os.open(big / n.decode(), os.O_CREAT | os.O_WRONLY, 0o644))
     node = _walk(ops_tree, b"a/big")
-    fh, _cache = ops_tree.opendir(node)
+    fh = ops_tree.opendir(CTX, node).fh
     try:
         stream = ops_tree.readdir(node, fh, 0)
         seen, biggest, resume_at = [], 0, None
@@ -314,7 +317,7 @@ def test_nodes_no_request_names_give_their_fds_back_and_reopen_as_the_same_inode
     for i in range(50):
         (lower / "a" / f"n{i}").write_text(str(i))
     a = _walk(ops_tree, b"a")
-    ids = [ops_tree.lookup(a, f"n{i}".encode()).node_id for i in range(50)]
+    ids = [ops_tree.lookup(CTX, a, f"n{i}".encode()).node_id for i in range(50)]
     table.request_done()  # the lookups' requests have ended
     held = table.get(ids[-1])  # a request still running names this one
     fds_before = _open_fds()
@@ -327,7 +330,7 @@ def test_nodes_no_request_names_give_their_fds_back_and_reopen_as_the_same_inode
     name = table._by_id[victim].name
     os.rename(lower / "a" / name.decode(), lower / "a" / "moved")
     (lower / "a" / name.decode()).write_text("an impostor")
-    st = ops_tree.getattr(victim, None)[0]  # reopened by handle: the moved file
+    st = ops_tree.getattr(CTX, victim, None)[0]  # reopened by handle: the moved file
     assert (st.st_ino, st.st_size) == (os.stat(lower / "a" / "moved").st_ino, len(name) - 1)
     assert table._by_id[victim].fd >= 0
     assert table.give_back(10 ** 6) == 0  # both still named by running requests

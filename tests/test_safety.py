@@ -362,9 +362,8 @@ def test_daemon_never_follows_a_final_symlink():
     a symlink is never followed (mode, size, open, xattrs act on the link
     or refuse), and a symlink used as a directory gives ENOTDIR."""
     import tempfile
-    from types import SimpleNamespace
 
-    from shiftfs import fuse
+    from shiftfs.filesystem import SET_ATTR_MODE, SET_ATTR_SIZE, Context, SetAttr
     from shiftfs.ops import Operations
     base = Path(tempfile.mkdtemp(prefix="shiftfs-ops-", dir="/tmp"))
     try:
@@ -377,16 +376,19 @@ def test_daemon_never_follows_a_final_symlink():
         (base / "lower" / "dir").mkdir()
         os.symlink(base, base / "lower" / "dir" / "up")
         ops = Operations(str(base / "lower"), build_idmap(ROOT_KEPT, []))
-        link = ops.lookup(1, b"link").node_id
-        up = ops.lookup(ops.lookup(1, b"dir").node_id, b"up").node_id
-        attr = SimpleNamespace(st_mode=0o100777, st_size=0)
-        for call in (lambda: ops.setattr(link, fuse.SET_ATTR_MODE, attr, None),
-                     lambda: ops.setattr(link, fuse.SET_ATTR_SIZE, attr, None),
-                     lambda: ops.lookup(up, b"target"),
-                     lambda: ops.open(link, os.O_RDWR),
-                     lambda: ops.opendir(up),
-                     lambda: ops.getxattr(link, b"user.x"),
-                     lambda: ops.setxattr(link, b"user.x", b"1", 0)):
+        ctx = Context(0, 0, os.getpid())
+        link = ops.lookup(ctx, 1, b"link").node_id
+        up = ops.lookup(ctx, ops.lookup(ctx, 1, b"dir").node_id, b"up").node_id
+
+        def attr(valid):
+            return SetAttr(valid, 0o100777, 0, 0, 0, (0, 0), (0, 0))
+        for call in (lambda: ops.setattr(ctx, link, attr(SET_ATTR_MODE), None),
+                     lambda: ops.setattr(ctx, link, attr(SET_ATTR_SIZE), None),
+                     lambda: ops.lookup(ctx, up, b"target"),
+                     lambda: ops.open(ctx, link, os.O_RDWR),
+                     lambda: ops.opendir(ctx, up),
+                     lambda: ops.getxattr(ctx, link, b"user.x"),
+                     lambda: ops.setxattr(ctx, link, b"user.x", b"1", 0)):
             with pytest.raises(OSError) as info:
                 call()
             assert info.value.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTDIR,

@@ -319,20 +319,22 @@ def test_idle_fds_on_a_fuse_lower_never_go_stale(fuse_lower):
     answers."""
     from shiftfs.idmap import build_idmap
     from shiftfs.idmap import Extent
+    from shiftfs.filesystem import Context
     from shiftfs.ops import Operations
+    CTX = Context(0, 0, os.getpid())
     os.mkdir(f"{fuse_lower.store}/many")
     for i in range(20):
         with open(f"{fuse_lower.store}/many/f{i}", "w") as f:
             f.write(str(i))
     ops = Operations(fuse_lower.path, build_idmap([Extent(0, UP, 65536)], []))
     try:
-        many = ops.lookup(1, b"many").node_id
-        nodes = [ops.lookup(many, f"f{i}".encode()).node_id for i in range(20)]
+        many = ops.lookup(CTX, 1, b"many").node_id
+        nodes = [ops.lookup(CTX, many, f"f{i}".encode()).node_id for i in range(20)]
         ops.table.request_done()  # the lookups' requests have ended
         assert ops.table.give_back(20) == 0
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("2")  # evict unused dentries and inodes, as memory pressure does
-        sizes = [ops.getattr(n, None)[0].st_size for n in nodes]
+        sizes = [ops.getattr(CTX, n, None)[0].st_size for n in nodes]
         assert sizes == [len(str(i)) for i in range(20)]
     finally:
         ops.destroy()

@@ -1,0 +1,624 @@
+"""Serving the FUSE protocol on a /dev/fuse fd: read a request into a
+preallocated buffer, parse it with protocol.py's structs, call the handler
+(filesystem.py's interface, ops.Operations), answer with one writev.
+
+Threads. One reader serves, where it reads them, every request that
+cannot block for long (lookups, attributes, opens, small reads and writes
+on a local lower). Requests that can (fsync, fallocate, copy_file_range,
+syncfs, reads and writes over ``POOL_BYTES``, and every request on a lower
+marked ``slow``: FUSE and network filesystems) go to a small pool whose
+threads reply themselves, so no caller's stat waits behind another's
+fsync. A request handed to the pool takes the reader's buffer with it (the
+reader takes a free one), so nothing is copied.
+
+Every request but FORGET, BATCH_FORGET and INTERRUPT is answered exactly
+once: a handler that raises OSError is answered with its errno, any other
+exception with EIO and one log line. A reply the kernel refuses with
+ENOENT is to a request it has abandoned (the caller was interrupted): not
+an error, but an OPEN or CREATE answered so is released again.
+
+The session also sends the notifications the daemon makes on its own
+(inval_inode, inval_entry with or without FUSE_EXPIRE_ONLY, delete) and
+registers passthrough backing files (ioctls on the same fd)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+
+from . import protocol as P
+from .filesystem import Context, Granted, Opened, SetAttr
+
+log = logging.getLogger("shiftfs")
+
+MAX_WRITE = 1 << 20          # bytes in one WRITE (max_pages 256)
+POOL_BYTES = 1 << 17         # reads and writes larger than this go to the pool
+POOL_THREADS = 3
+_BUF_SIZE = MAX_WRITE + 4096  # the kernel wants room for max_write and the headers
+_POOLED = frozenset((P.FSYNC, P.FSYNCDIR, P.FALLOCATE, P.COPY_FILE_RANGE))
+# no reply at all; every opcode without a handler is answered ENOSYS (FLUSH,
+# ACCESS, locks, BMAP, POLL, STATX: the kernel then does without, or by itself)
+_NO_REPLY = frozenset((P.FORGET, P.BATCH_FORGET, P.INTERRUPT))
+_INIT_NAMES = ("ASYNC_READ", "BIG_WRITES", "POSIX_ACL", "DONT_MASK", "DO_READDIRPLUS",
+               "READDIRPLUS_AUTO", "PARALLEL_DIROPS", "CACHE_SYMLINKS", "AUTO_INVAL_DATA",
+               "MAX_PAGES", "HAS_IOCTL_DIR", "HANDLE_KILLPRIV_V2", "PASSTHROUGH",
+               "HAS_EXPIRE_ONLY")
+
+
+class Session:
+    """Serves ``fs`` (the handler object) on the /dev/fuse ``fd``.
+
+    ``passthrough``/``killpriv_v2``: asked for at INIT (granted where the
+    kernel offers them); ``slow``: every request goes to the pool (a lower
+    that may block: FUSE, network); ``debug``: one line per request on
+    stderr."""
+
+    def __init__(self, fs, fd: int, *, passthrough: bool = False, killpriv_v2: bool = False,
+                 max_readahead: int = 1 << 20, slow: bool = False, debug: bool = False,
+                 pool_threads: int = POOL_THREADS) -> None:
+        self.fs, self.fd = fs, fd
+        self._want_passthrough, self._want_killpriv_v2 = passthrough, killpriv_v2
+        self.max_readahead = max_readahead
+        self.slow, self.debug = slow, debug
+        self.granted: Granted | None = None
+        self.init_error: BaseException | None = None
+        self.inited = threading.Event()
+        self._done = threading.Event()
+        self._free: list[bytearray] = []
+        self._free_lock = threading.Lock()
+        self._pool: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._pool_threads = max(1, pool_threads)
+        self._old_signals: dict | None = None
+        self.expire_only = False
+        self._ops = {
+            P.LOOKUP: self._lookup, P.GETATTR: self._getattr, P.SETATTR: self._setattr,
+            P.READLINK: self._readlink, P.SYMLINK: self._symlink, P.MKNOD: self._mknod,
+            P.MKDIR: self._mkdir, P.UNLINK: self._unlink, P.RMDIR: self._rmdir,
+            P.RENAME: self._rename, P.RENAME2: self._rename2, P.LINK: self._link,
+            P.OPEN: self._open, P.READ: self._read, P.WRITE: self._write,
+            P.STATFS: self._statfs, P.RELEASE: self._release, P.FSYNC: self._fsync,
+            P.SETXATTR: self._setxattr, P.GETXATTR: self._getxattr,
+            P.LISTXATTR: self._listxattr, P.REMOVEXATTR: self._removexattr,
+            P.OPENDIR: self._opendir, P.READDIR: self._readdir,
+            P.READDIRPLUS: self._readdirplus, P.RELEASEDIR: self._releasedir,
+            P.FSYNCDIR: self._fsync, P.CREATE: self._create, P.TMPFILE: self._tmpfile,
+            P.FALLOCATE: self._fallocate, P.LSEEK: self._lseek,
+            P.COPY_FILE_RANGE: self._copy_file_range, P.IOCTL: self._ioctl,
+            P.DESTROY: self._destroy,
+        }
+
+    # ---- lifecycle ----------------------------------------------------------
+    def start(self) -> None:
+        """Start the reader and the pool (they answer INIT, too)."""
+        for i in range(self._pool_threads):
+            self._spawn(self._pool_worker, f"shiftfs-pool-{i}")
+        self._spawn(self._reader, "shiftfs-reader")
+
+    def _spawn(self, target, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def catch_signals(self) -> None:
+        """From now on SIGTERM/SIGINT/SIGHUP end the session (wait() then
+        unmounts): called before the mount goes live, so that a signal sent
+        as soon as it is never finds the default action (death, mount left)."""
+        if self._old_signals is not None:
+            return
+
+        def on_signal(signum, frame):
+            self._done.set()
+
+        self._old_signals = {s: signal.signal(s, on_signal)
+                             for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def wait(self, unmount=None) -> None:
+        """Serve until unmounted (the reader sees ENODEV) or a signal; then
+        ``unmount()`` (the mount's own way) and stop the threads."""
+        self.catch_signals()
+        old, self._old_signals = self._old_signals, None
+        try:
+            while not self._done.wait(0.5):
+                pass
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if unmount is not None:
+                try:
+                    unmount()
+                except OSError:
+                    pass  # already gone
+            for _ in range(self._pool_threads):
+                self._pool.put(None)
+            for t in self._threads:
+                t.join(5)
+            try:
+                self.fs.destroy()
+            except Exception:  # noqa: BLE001
+                log.exception("destroy failed")
+
+    # ---- reading ------------------------------------------------------------
+    def _buffer(self) -> bytearray:
+        with self._free_lock:
+            if self._free:
+                return self._free.pop()
+        return bytearray(_BUF_SIZE)
+
+    def _give_buffer(self, buf: bytearray) -> None:
+        with self._free_lock:
+            if len(self._free) < 8:
+                self._free.append(buf)
+
+    def _reader(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+        self.fs.worker_started()
+        fd = self.fd
+        buf = self._buffer()
+        view = memoryview(buf)
+        header = P.IN_HEADER.unpack_from
+        try:
+            while True:
+                try:
+                    n = os.readv(fd, (buf,))
+                except InterruptedError:
+                    continue
+                except OSError as e:
+                    if e.errno in (errno.ENOENT, errno.EAGAIN):  # an interrupted request: gone
+                        continue
+                    if e.errno != errno.ENODEV:  # ENODEV: unmounted
+                        log.error("reading /dev/fuse failed: %s", e.strerror)
+                    return
+                length, op, unique, nodeid, uid, gid, pid, _ext, _pad = header(buf, 0)
+                if op == P.INIT:
+                    self._init(unique, view[40:n])
+                    continue
+                if self.slow or op in _POOLED or (
+                        (op == P.READ or op == P.WRITE) and n > POOL_BYTES):
+                    self._pool.put((buf, view, n))
+                    buf = self._buffer()
+                    view = memoryview(buf)
+                    continue
+                self._serve(view, n, op, unique, nodeid, uid, gid, pid)
+        finally:
+            self._done.set()
+
+    def _pool_worker(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+        self.fs.worker_started()
+        header = P.IN_HEADER.unpack_from
+        while True:
+            item = self._pool.get()
+            if item is None:
+                return
+            buf, view, n = item
+            length, op, unique, nodeid, uid, gid, pid, _ext, _pad = header(buf, 0)
+            self._serve(view, n, op, unique, nodeid, uid, gid, pid)
+            self._give_buffer(buf)
+
+    # ---- one request --------------------------------------------------------
+    def _serve(self, view, n, op, unique, nodeid, uid, gid, pid) -> None:
+        """Call the handler for one request and answer it exactly once."""
+        body = view[40:n]
+        if op in _NO_REPLY:
+            try:
+                if op == P.FORGET:
+                    self.fs.forget(((nodeid, P.FORGET_IN.unpack_from(body)[0]),))
+                elif op == P.BATCH_FORGET:
+                    count = P.BATCH_FORGET_IN.unpack_from(body)[0]
+                    it = P.FORGET_ONE.iter_unpack(body[8:8 + 16 * count])
+                    self.fs.forget(list(it))
+            except Exception:  # noqa: BLE001
+                log.exception("forget failed")
+            return
+        handler = self._ops.get(op)
+        ctx = Context(uid, gid, pid)
+        result = "ok"
+        try:
+            if handler is None:
+                raise OSError(errno.ENOSYS, "not served")
+            reply, undo = handler(ctx, nodeid, body)
+            if not self._reply(unique, reply) and undo is not None:
+                undo()
+            if op == P.LOOKUP and undo is None:
+                result = "ENOENT"  # a negative entry
+        except OSError as e:
+            code = e.errno or errno.EIO
+            result = errno.errorcode.get(code, str(code))
+            self._error(unique, code)
+        except Exception as e:  # noqa: BLE001 (a bug must still answer)
+            log.error("%s failed", P.NAMES.get(op, op), exc_info=e)
+            result = "EIO"
+            self._error(unique, errno.EIO)
+        finally:
+            self.fs.request_done()
+        if self.debug:
+            self._log(op, nodeid, body, ctx, result)
+
+    def _reply(self, unique: int, parts) -> bool:
+        """Send a reply (a bytes-like or a list of them); False if the
+        kernel no longer waits for it."""
+        if not isinstance(parts, list):
+            parts = [parts]
+        size = 16 + sum(len(p) for p in parts)
+        try:
+            os.writev(self.fd, [P.OUT_HEADER.pack(size, 0, unique), *parts])
+            return True
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("reply to request %d failed: %s", unique, e.strerror)
+            return False
+
+    def _error(self, unique: int, code: int) -> None:
+        try:
+            os.write(self.fd, P.OUT_HEADER.pack(16, -code, unique))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("error reply to request %d failed: %s", unique, e.strerror)
+
+    def _log(self, op, nodeid, body, ctx, result) -> None:
+        name = P.NAMES.get(op, str(op))
+        try:
+            shown = self.fs.describe_args(name, _described(op, nodeid, body))
+        except Exception:  # noqa: BLE001 (a log line never fails a request)
+            shown = "?"
+        print(f"shiftfs: {name} {shown} pid {ctx.pid} {self.fs.describe_caller(ctx.uid, ctx.gid)}"
+              f" -> {result}", file=sys.stderr, flush=True)
+
+    # ---- INIT ---------------------------------------------------------------
+    def _init(self, unique: int, body) -> None:
+        raw = bytes(body[:P.INIT_IN.size]).ljust(P.INIT_IN.size, b"\0")
+        major, minor, max_readahead, flags, flags2 = P.INIT_IN.unpack(raw)
+        if major != P.KERNEL_MAJOR or minor < P.MIN_MINOR:
+            self.init_error = OSError(errno.EPROTO, f"FUSE protocol {major}.{minor} not spoken")
+            self._error(unique, errno.EPROTO)
+            self._done.set()
+            return
+        offered = flags | (flags2 << 32 if flags & P.INIT_EXT else 0)
+        want = (P.ASYNC_READ | P.BIG_WRITES | P.POSIX_ACL | P.DONT_MASK | P.DO_READDIRPLUS
+                | P.READDIRPLUS_AUTO | P.PARALLEL_DIROPS | P.CACHE_SYMLINKS | P.AUTO_INVAL_DATA
+                | P.MAX_PAGES | P.HAS_IOCTL_DIR | P.INIT_EXT | P.HAS_EXPIRE_ONLY)
+        if self._want_killpriv_v2:
+            want |= P.HANDLE_KILLPRIV_V2
+        if self._want_passthrough:
+            want |= P.PASSTHROUGH
+        got = want & offered
+        minor = min(minor, P.KERNEL_MINOR)
+        self.expire_only = bool(got & P.HAS_EXPIRE_ONLY) or (
+            minor >= 38 and bool(offered & P.HAS_EXPIRE_ONLY))
+        self.granted = Granted(minor=minor, passthrough=bool(got & P.PASSTHROUGH),
+                               killpriv_v2=bool(got & P.HANDLE_KILLPRIV_V2),
+                               expire_only=self.expire_only, max_write=MAX_WRITE)
+        try:
+            self.fs.init(self.granted)
+        except BaseException as e:  # noqa: B902
+            self.init_error = e
+            self._error(unique, errno.EIO)
+            self._done.set()
+            return
+        reply = P.INIT_OUT.pack(
+            P.KERNEL_MAJOR, minor, min(max_readahead, self.max_readahead), got & 0xFFFFFFFF,
+            16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0, got >> 32,
+            P.MAX_STACK_DEPTH if got & P.PASSTHROUGH else 0, 0)
+        self._reply(unique, reply)
+        if self.debug:
+            shown = ", ".join(n.lower() for n in _INIT_NAMES if got & getattr(P, n)) or "nothing"
+            print(f"shiftfs: INIT: protocol 7.{minor}, max_write {MAX_WRITE}, granted {shown}",
+                  file=sys.stderr, flush=True)
+        self.inited.set()
+
+    # ---- names --------------------------------------------------------------
+    @staticmethod
+    def _entry(e) -> bytes:
+        return P.pack_entry(e.node_id, e.st, e.uid, e.gid, e.attr_timeout, e.entry_timeout)
+
+    def _entry_reply(self, e):
+        # a created entry the kernel never took is forgotten again
+        undo = (lambda: self.fs.forget(((e.node_id, 1),))) if e.node_id else None
+        return self._entry(e), undo
+
+    def _lookup(self, ctx, nodeid, body):
+        return self._entry_reply(self.fs.lookup(ctx, nodeid, P.name(body)))
+
+    def _mknod(self, ctx, nodeid, body):
+        mode, rdev, umask, _ = P.MKNOD_IN.unpack_from(body)
+        ctx.umask = umask
+        return self._entry_reply(self.fs.mknod(ctx, nodeid, P.name(body[16:]), mode, rdev))
+
+    def _mkdir(self, ctx, nodeid, body):
+        mode, umask = P.MKDIR_IN.unpack_from(body)
+        ctx.umask = umask
+        return self._entry_reply(self.fs.mkdir(ctx, nodeid, P.name(body[8:]), mode))
+
+    def _symlink(self, ctx, nodeid, body):
+        name, target = P.names(body, 2)
+        return self._entry_reply(self.fs.symlink(ctx, target, nodeid, name))
+
+    def _link(self, ctx, nodeid, body):
+        (old,) = P.LINK_IN.unpack_from(body)
+        return self._entry_reply(self.fs.link(ctx, old, nodeid, P.name(body[8:])))
+
+    def _unlink(self, ctx, nodeid, body):
+        self.fs.unlink(ctx, nodeid, P.name(body))
+        return b"", None
+
+    def _rmdir(self, ctx, nodeid, body):
+        self.fs.rmdir(ctx, nodeid, P.name(body))
+        return b"", None
+
+    def _rename(self, ctx, nodeid, body):
+        (newdir,) = P.RENAME_IN.unpack_from(body)
+        old, new = P.names(body[8:], 2)
+        self.fs.rename(ctx, nodeid, old, newdir, new, 0)
+        return b"", None
+
+    def _rename2(self, ctx, nodeid, body):
+        newdir, flags, _ = P.RENAME2_IN.unpack_from(body)
+        old, new = P.names(body[16:], 2)
+        self.fs.rename(ctx, nodeid, old, newdir, new, flags)
+        return b"", None
+
+    # ---- attributes ---------------------------------------------------------
+    @staticmethod
+    def _attr(a) -> bytes:
+        return P.pack_attr(a.st, a.uid, a.gid, a.timeout)
+
+    def _getattr(self, ctx, nodeid, body):
+        flags, _, fh = P.GETATTR_IN.unpack_from(body)
+        return self._attr(self.fs.getattr(ctx, nodeid, fh if flags & P.GETATTR_FH else None)), None
+
+    def _setattr(self, ctx, nodeid, body):
+        (valid, _, fh, size, _lo, atime, mtime, _ct, atimensec, mtimensec, _ctn, mode, _u4,
+         uid, gid, _u5) = P.SETATTR_IN.unpack_from(body)
+        req = SetAttr(valid & ~P.FATTR_FH, mode, uid, gid, size, (atime, atimensec),
+                      (mtime, mtimensec))
+        return self._attr(self.fs.setattr(ctx, nodeid, req,
+                                          fh if valid & P.FATTR_FH else None)), None
+
+    def _readlink(self, ctx, nodeid, body):
+        return self.fs.readlink(ctx, nodeid), None
+
+    def _statfs(self, ctx, nodeid, body):
+        s = self.fs.statfs(ctx, nodeid)
+        return P.STATFS_OUT.pack(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree,
+                                 s.f_bsize, s.f_namemax, s.f_frsize, 0), None
+
+    # ---- files --------------------------------------------------------------
+    @staticmethod
+    def _open_out(o: Opened, directory: bool = False) -> bytes:
+        flags = 0
+        if o.backing_id:  # the kernel refuses KEEP_CACHE with PASSTHROUGH
+            flags |= P.FOPEN_PASSTHROUGH
+        elif o.keep_cache:
+            flags |= (P.FOPEN_CACHE_DIR | P.FOPEN_KEEP_CACHE) if directory else P.FOPEN_KEEP_CACHE
+        if o.direct:
+            flags |= P.FOPEN_DIRECT_IO
+        return P.OPEN_OUT.pack(o.fh, flags, o.backing_id)
+
+    def _open(self, ctx, nodeid, body):
+        flags, _ = P.OPEN_IN.unpack_from(body)
+        o = self.fs.open(ctx, nodeid, flags)
+        return self._open_out(o), lambda: self.fs.release(nodeid, o.fh)
+
+    def _created(self, entry, o):
+        def undo():
+            self.fs.release(entry.node_id, o.fh)
+            self.fs.forget(((entry.node_id, 1),))
+        return [self._entry(entry), self._open_out(o)], undo
+
+    def _create(self, ctx, nodeid, body):
+        flags, mode, umask, _ = P.CREATE_IN.unpack_from(body)
+        ctx.umask = umask
+        return self._created(*self.fs.create(ctx, nodeid, P.name(body[16:]), mode, flags))
+
+    def _tmpfile(self, ctx, nodeid, body):
+        flags, mode, umask, _ = P.CREATE_IN.unpack_from(body)
+        ctx.umask = umask
+        return self._created(*self.fs.tmpfile(ctx, nodeid, mode, flags))
+
+    def _read(self, ctx, nodeid, body):
+        fh, off, size, _rf, _lo, _fl, _ = P.READ_IN.unpack_from(body)
+        return os.pread(fh, size, off), None
+
+    def _write(self, ctx, nodeid, body):
+        fh, off, size, wflags, _lo, _fl, _ = P.WRITE_IN.unpack_from(body)
+        if wflags & P.WRITE_KILL_SUIDGID:  # set-id bits go before the data (file_remove_privs)
+            self.fs.write_kills_suidgid(ctx, nodeid, fh)
+        data = body[P.WRITE_IN.size:P.WRITE_IN.size + size]
+        done = 0
+        while done < size:  # a short write on a local lower: go on, as a kernel write would
+            n = os.pwrite(fh, data[done:], off + done)
+            if n <= 0:
+                break
+            done += n
+        return P.WRITE_OUT.pack(done, 0), None
+
+    def _release(self, ctx, nodeid, body):
+        fh, _fl, _rf, _lo = P.RELEASE_IN.unpack_from(body)
+        self.fs.release(nodeid, fh)
+        return b"", None
+
+    def _fsync(self, ctx, nodeid, body):
+        fh, flags, _ = P.FSYNC_IN.unpack_from(body)
+        self.fs.fsync(fh, flags & P.FSYNC_FDATASYNC)
+        return b"", None
+
+    def _fallocate(self, ctx, nodeid, body):
+        fh, off, length, mode, _ = P.FALLOCATE_IN.unpack_from(body)
+        self.fs.fallocate(fh, mode, off, length)
+        return b"", None
+
+    def _lseek(self, ctx, nodeid, body):
+        fh, off, whence, _ = P.LSEEK_IN.unpack_from(body)
+        return P.LSEEK_OUT.pack(os.lseek(fh, off, whence)), None
+
+    def _copy_file_range(self, ctx, nodeid, body):
+        fh_in, off_in, _node_out, fh_out, off_out, length, flags = \
+            P.COPY_FILE_RANGE_IN.unpack_from(body)
+        n = self.fs.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags)
+        return P.WRITE_OUT.pack(n, 0), None
+
+    def _ioctl(self, ctx, nodeid, body):
+        fh, flags, cmd, _arg, in_size, out_size = P.IOCTL_IN.unpack_from(body)
+        if flags & P.IOCTL_UNRESTRICTED:
+            raise OSError(errno.ENOTTY, "unrestricted ioctl")
+        data = bytes(body[P.IOCTL_IN.size:P.IOCTL_IN.size + in_size])
+        result, out = self.fs.ioctl(ctx, nodeid, fh, cmd, data, out_size)
+        return [P.IOCTL_OUT.pack(result, 0, 0, 0), out[:out_size]], None
+
+    def _destroy(self, ctx, nodeid, body):
+        return b"", None
+
+    # ---- directories --------------------------------------------------------
+    def _opendir(self, ctx, nodeid, body):
+        o = self.fs.opendir(ctx, nodeid)
+        return self._open_out(o, directory=True), lambda: self.fs.releasedir(nodeid, o.fh)
+
+    def _releasedir(self, ctx, nodeid, body):
+        fh, _fl, _rf, _lo = P.RELEASE_IN.unpack_from(body)
+        self.fs.releasedir(nodeid, fh)
+        return b"", None
+
+    def _readdir(self, ctx, nodeid, body):
+        return self._list(ctx, nodeid, body, False)
+
+    def _readdirplus(self, ctx, nodeid, body):
+        return self._list(ctx, nodeid, body, True)
+
+    def _list(self, ctx, nodeid, body, plus: bool):
+        """Fill one reply from the handle's stream: an entry goes in only
+        if it fits, and only then is it looked up (a readdirplus entry
+        counts as a lookup, so one left out must not be counted). An error
+        after the first entry ends the reply; it comes again next time."""
+        fh, off, size, _rf, _lo, _fl, _ = P.READ_IN.unpack_from(body)
+        out = bytearray(size)
+        pos = 0
+        stream = self.fs.readdir(nodeid, fh, off)
+        counted = []
+        try:
+            while True:
+                item = stream.peek()
+                if item is None:
+                    break
+                name, d_ino, d_type, d_off = item
+                need = P.dirent_size(len(name), plus)
+                if pos + need > size:
+                    break
+                if plus:
+                    e = self.fs.readdir_entry(ctx, nodeid, fh, name, d_type)
+                    if e is None:  # no attributes: the kernel looks it up when it needs them
+                        P.ENTRY_OUT.pack_into(out, pos, 0, 0, 0, 0, 0, 0, d_ino, 0, 0, 0, 0, 0,
+                                              0, 0, 0, d_type << 12, 0, 0, 0, 0, 0, 0)
+                    else:
+                        counted.append(e.node_id)
+                        out[pos:pos + P.ENTRY_OUT.size] = self._entry(e)
+                    pos = P.pack_dirent(out, pos + P.ENTRY_OUT.size, d_ino, d_off, name, d_type)
+                else:
+                    pos = P.pack_dirent(out, pos, d_ino, d_off, name, d_type)
+                stream.advance()
+        except OSError:
+            if pos == 0:
+                raise
+
+        def undo():  # the kernel never saw these entries: their lookups go back
+            self.fs.forget([(n, 1) for n in counted])
+        return memoryview(out)[:pos], (undo if counted else None)
+
+    # ---- extended attributes ------------------------------------------------
+    @staticmethod
+    def _xattr_reply(value: bytes, size: int):
+        if size == 0:
+            return P.GETXATTR_IN.pack(len(value), 0), None
+        if len(value) > size:
+            raise OSError(errno.ERANGE, "xattr buffer too small")
+        return value, None
+
+    def _getxattr(self, ctx, nodeid, body):
+        size, _ = P.GETXATTR_IN.unpack_from(body)
+        return self._xattr_reply(self.fs.getxattr(ctx, nodeid, P.name(body[8:])), size)
+
+    def _listxattr(self, ctx, nodeid, body):
+        size, _ = P.GETXATTR_IN.unpack_from(body)
+        return self._xattr_reply(self.fs.listxattr(ctx, nodeid), size)
+
+    def _setxattr(self, ctx, nodeid, body):
+        size, flags = P.SETXATTR_IN.unpack_from(body)
+        rest = bytes(body[8:])
+        end = rest.index(b"\0")
+        self.fs.setxattr(ctx, nodeid, rest[:end], rest[end + 1:end + 1 + size], flags)
+        return b"", None
+
+    def _removexattr(self, ctx, nodeid, body):
+        self.fs.removexattr(ctx, nodeid, P.name(body))
+        return b"", None
+
+    # ---- notifications: changes the kernel did not see -----------------------
+    def _notify(self, code: int, parts) -> int:
+        size = 16 + sum(len(p) for p in parts)
+        try:
+            os.writev(self.fd, [P.OUT_HEADER.pack(size, code, 0), *parts])
+            return 0
+        except OSError as e:  # ENOENT: the kernel does not hold it
+            return -(e.errno or errno.EIO)
+
+    def inval_inode(self, node_id: int, off: int = 0, length: int = 0) -> int:
+        return self._notify(P.NOTIFY_INVAL_INODE, [P.NOTIFY_INVAL_INODE_OUT.pack(node_id, off, length)])
+
+    def inval_entry(self, parent_id: int, name: bytes, expire_only: bool = False) -> int:
+        """Drop ``name`` from the kernel's cache. ``expire_only`` (where the
+        kernel has FUSE_EXPIRE_ONLY) only makes it look the name up again,
+        and never detaches a mount on it; otherwise the kernel
+        d_invalidate()s the name, which detaches every mount on or below it."""
+        flags = P.EXPIRE_ONLY if expire_only and self.expire_only else 0
+        return self._notify(P.NOTIFY_INVAL_ENTRY,
+                            [P.NOTIFY_INVAL_ENTRY_OUT.pack(parent_id, len(name), flags), name, b"\0"])
+
+    def delete(self, parent_id: int, child_id: int, name: bytes) -> int:
+        return self._notify(P.NOTIFY_DELETE,
+                            [P.NOTIFY_DELETE_OUT.pack(parent_id, child_id, len(name), 0), name, b"\0"])
+
+    # ---- passthrough backing files (Linux 6.9, CAP_SYS_ADMIN) ----------------
+    def backing_open(self, fd: int) -> int:
+        """Register ``fd`` (an open regular file) as a backing file: its
+        id, for open replies. The kernel keeps its own reference to the file.
+        OSError if refused."""
+        # with a mutable buffer fcntl.ioctl returns the call's result
+        return fcntl.ioctl(self.fd, P.DEV_IOC_BACKING_OPEN, bytearray(P.BACKING_MAP.pack(fd, 0, 0)))
+
+    def backing_close(self, backing_id: int) -> None:
+        fcntl.ioctl(self.fd, P.DEV_IOC_BACKING_CLOSE, bytearray(backing_id.to_bytes(4, sys.byteorder)))
+
+
+def _described(op: int, nodeid: int, body) -> tuple:
+    """The request's arguments as ops.describe_args reads them: the node (or
+    parent) first, then the name, as the handlers take them."""
+    try:
+        if op in (P.LOOKUP, P.UNLINK, P.RMDIR, P.REMOVEXATTR):
+            return (nodeid, P.name(body))
+        if op == P.MKNOD or op == P.CREATE:
+            return (nodeid, P.name(body[16:]))
+        if op == P.MKDIR:
+            return (nodeid, P.name(body[8:]))
+        if op == P.SYMLINK:
+            name, target = P.names(body, 2)
+            return (target, nodeid, name)
+        if op == P.LINK:
+            return (P.LINK_IN.unpack_from(body)[0], nodeid, P.name(body[8:]))
+        if op == P.RENAME:
+            old, new = P.names(body[8:], 2)
+            return (nodeid, old, P.RENAME_IN.unpack_from(body)[0], new)
+        if op == P.RENAME2:
+            old, new = P.names(body[16:], 2)
+            return (nodeid, old, P.RENAME2_IN.unpack_from(body)[0], new)
+        if op in (P.GETXATTR, P.SETXATTR):
+            return (nodeid, P.name(body[8:]))
+    except (ValueError, IndexError):
+        pass
+    return (nodeid,)
