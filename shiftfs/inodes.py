@@ -1,10 +1,24 @@
 """The inode table: FUSE node ids <-> lower inodes.
 
-One node per lower inode, keyed by (st_dev, st_ino), holding an O_PATH fd
+One node per lower inode, found by (st_dev, st_ino), holding an O_PATH fd
 of it. Every request starts from that fd, so the daemon always acts on the
-inode the kernel looked up, whatever the lower names point to now. While
-the fd is held the lower inode cannot be freed, so its (st_dev, st_ino)
-cannot be reused by another file.
+inode the kernel looked up, whatever the lower names point to now.
+
+A node names one lower inode for its whole life. While its fd is held the
+inode cannot be freed, so its number cannot go to another file; but a node
+that gave its fd back (below) no longer pins its inode, and once that is
+freed the lower may give its number to the next new file (ext4 does, at
+once). So the number only finds a candidate: a node is the inode's only if
+its file handle (which carries the generation) is the inode's, or, where
+no handle can be had, if it holds its fd. A node that gave its fd back is
+reopened by its own handle only; when a lookup finds a node whose inode
+was freed, it makes a new node, and the old one answers ESTALE (its file
+is gone: the daemon held nothing that kept it). Where a lower has no handles
+(some FUSE lowers, overlayfs without nfs_export) no node gives its fd
+back, so none can lose its inode. FUSE lowers report the lower daemon's
+inode numbers, which may repeat while the inode we hold lives (bindfs
+passes the underlying file's on); their handles (node id and generation
+in the lower kernel) tell those apart too.
 
 Lookup counts follow the kernel's: every reply that hands a node to the
 kernel (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK, each readdirplus entry
@@ -55,7 +69,7 @@ class Node:
         self.parent_id, self.name = 0, b""  # the last name it was looked up by
         self.opens = 0  # lower file handles open on it
         self.busy = 0  # running requests that named it: its fd stays while > 0
-        self.handle: bytes | None = None  # to reopen it once its fd was given back
+        self.handle: bytes | None = None  # its inode's identity; reopens it once its fd was given back
         self.used = 0.0  # monotonic time of the last request that named it
         self.stamp = None  # (size, mtime) at the last open: keep the page cache if unchanged
         self.backing = 0  # passthrough backing id while its opens are passed through
@@ -79,6 +93,7 @@ class InodeTable:
         st = os.fstat(root_fd)
         root = Node(root_id, root_fd, (st.st_dev, st.st_ino), stat.S_IFMT(st.st_mode))
         root.nlookup = 1 << 62  # never forgotten
+        root.handle = linux.name_to_handle(root_fd)
         self.root = root
         self._by_id: dict[int, Node] = {root_id: root}
         self._by_key: dict[tuple[int, int], Node] = {root.key: root}
@@ -163,10 +178,11 @@ class InodeTable:
         How many were given back."""
         if not self.handles:
             return 0
+        dev = self.root.key[0]  # handles reopen through the root's mount: not what is mounted below it
         with self._lock:
             idle_nodes = sorted((n for n in self._by_id.values()
-                                 if n.fd >= 0 and n.handle is not None and not n.opens
-                                 and not n.busy and n is not self.root),
+                                 if n.fd >= 0 and n.handle is not None and n.key[0] == dev
+                                 and not n.opens and not n.busy and n is not self.root),
                                 key=lambda n: n.used)[:count]
             fds = []
             for n in idle_nodes:
@@ -177,9 +193,23 @@ class InodeTable:
             os.close(fd)
         return len(fds)
 
-    def find(self, dev: int, ino: int) -> Node | None:
-        """The node of a lower inode, if the kernel holds one (watch.py)."""
-        return self._by_key.get((dev, ino))
+    def find(self, dev: int, ino: int, handle: bytes | None = None) -> Node | None:
+        """The node of a lower inode, if the kernel holds one; with the
+        inode's ``handle`` (watch.py), not a node whose inode was freed and
+        its number reused."""
+        node = self._by_key.get((dev, ino))
+        if node is not None and handle is not None and not self._names(node, handle):
+            return None
+        return node
+
+    @staticmethod
+    def _names(node: Node, handle: bytes | None) -> bool:
+        """Whether ``node`` names the inode whose handle is ``handle`` (one
+        found by its number): the handles agree, or where one is missing,
+        the node holds its fd, and a held inode's number is not reused."""
+        if node.handle is not None and handle is not None:
+            return node.handle == handle
+        return node.fd >= 0
 
     def nodes(self) -> list[Node]:
         with self._lock:
@@ -217,10 +247,13 @@ class InodeTable:
         """Count one lookup of the inode ``fd`` holds (the table takes the
         fd: kept for a new node, closed for one it already has)."""
         key = (st.st_dev, st.st_ino)
-        # handles reopen through the root's mount: not for what is mounted below it
-        handle = linux.name_to_handle(fd) if self.handles and key[0] == self.root.key[0] else None
+        handle = linux.name_to_handle(fd)
         with self._lock:
             node = self._by_key.get(key)
+            if node is not None and not self._names(node, handle):
+                # its inode was freed and the number reused: the old node
+                # keeps its own inode (and answers ESTALE), this one is new
+                node = None
             if node is None:
                 node = Node(self._next_id, fd, key, stat.S_IFMT(st.st_mode))
                 node.handle = handle
@@ -234,7 +267,7 @@ class InodeTable:
                 if self.open_fds > self.high:
                     self.shrink_wanted.set()
                 fd = -1
-            elif node.fd < 0:  # it had given its fd back: take this one
+            elif node.fd < 0:  # it had given its fd back: take this one (its own inode's)
                 node.fd, fd = fd, -1
                 self.open_fds += 1
             self._hold(node)
@@ -276,10 +309,16 @@ class InodeTable:
         open: give its inode back now (the space is freed, as on a local
         filesystem), not at the FORGET that follows. The fd number stays
         taken until then, pointing at an empty memfd, so a request still
-        in flight can never reach another file through a reused number."""
+        in flight can never reach another file through a reused number.
+        A node that gave its fd back holds nothing to give; its inode,
+        freed, can never be looked up again, so its number finds it no
+        more."""
         with self._lock:
-            if (node.opens or node.fd < 0 or not stat.S_ISREG(node.mode)
-                    or node.node_id not in self._by_id):
+            if node.opens or not stat.S_ISREG(node.mode) or node.node_id not in self._by_id:
+                return
+            if node.fd < 0:
+                if self._by_key.get(node.key) is node:
+                    del self._by_key[node.key]
                 return
             try:
                 if os.fstat(node.fd).st_nlink:
