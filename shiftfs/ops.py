@@ -330,6 +330,12 @@ class Operations:
             raise OSError(errno.EOVERFLOW, "caller has no lower id")
         return lower_uid, lower_gid, umask
 
+    @staticmethod
+    def _caller_uid() -> int:
+        """The caller's uid, which the fds held for its open files are
+        counted against (InodeTable.admit)."""
+        return fuse.caller()[0]
+
     def _caller_mapped(self) -> bool:
         uid, gid, _pid, _umask = fuse.caller()
         return self.uids.to_lower(uid) is not None and self.gids.to_lower(gid) is not None
@@ -689,6 +695,8 @@ class Operations:
         node = self.table.get(node_id)
         if not node.is_reg():  # the kernel opens devices and FIFOs itself
             raise OSError(errno.EACCES, "not a regular file")
+        uid = self._caller_uid()
+        self.table.admit(uid)
         fd = os.open(node.path, (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
@@ -700,19 +708,20 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        backing = self._serve(node, fd, st, flags)
+        fh, backing = self._serve(node, fd, st, flags, uid)
         stamp = None if backing else (st.st_size, st.st_mtime_ns)  # passthrough skips this cache
         keep = stamp is not None and node.stamp == stamp
         node.stamp = stamp
-        return fd, keep, backing
+        return fh, keep, backing
 
-    def _serve(self, node: Node, fd: int, st: os.stat_result, flags: int) -> int:
-        """A new open of ``node`` on the lower ``fd``: its passthrough
-        backing id, or 0 and an fd the daemon can read and write."""
-        backing = self.table.opened(node, self._passthrough(fd, st))
+    def _serve(self, node: Node, fd: int, st: os.stat_result, flags: int, uid: int):
+        """A new open of ``node`` by ``uid`` on the lower ``fd`` (the table
+        takes it): (fh, passthrough backing id), the fh an fd the daemon
+        can read and write where the id is 0."""
+        fh, backing = self.table.opened(node, fd, flags, uid, self._passthrough(fd, st))
         if not backing:
-            _buffered(fd, flags)
-        return backing
+            _buffered(fh, flags)
+        return fh, backing
 
     def _passthrough(self, fd: int, st: os.stat_result):
         """What chooses, at the first open of an inode, whether its opens
@@ -748,6 +757,8 @@ class Operations:
         """(Entry, fh) for a new file; never opens one that exists."""
         parent = self.table.get(parent_id)
         name = self._name(name)
+        uid = self._caller_uid()
+        self.table.admit(uid)  # before the file exists: a refused create makes none
         try:
             fd = self._as_caller(parent, name, mode, lambda m: os.open(
                 name, (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -763,15 +774,12 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        backing = self._serve(node, fd, st, flags)
+        fh, backing = self._serve(node, fd, st, flags, uid)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
-        return self._entry(node, st, False), fd, backing
+        return self._entry(node, st, False), fh, backing
 
     def release(self, node_id: int, fh: int) -> None:
-        os.close(fh)
-        node = self.table._by_id.get(node_id)
-        if node is not None:
-            self.table.closed(node, self._backing_close)
+        self.table.closed(fh, self._backing_close)
 
     def _backing_close(self, backing_id: int) -> None:
         session = self.backing_files or self._offered_backing
@@ -795,6 +803,8 @@ class Operations:
         node = self.table.get(node_id)
         if not node.is_dir():
             raise OSError(errno.ENOTDIR, "not a directory")
+        uid = self._caller_uid()
+        self.table.admit(uid)
         fd = os.open(node.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
@@ -804,6 +814,7 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
+        self.table.dir_opened(fd, uid)
         self._dirs[fd] = DirStream(fd, frozen)
         # the kernel may keep the listing while the watcher invalidates the
         # directory on every change behind the mount (frozen ones: never)
@@ -833,7 +844,7 @@ class Operations:
 
     def releasedir(self, node_id: int, fh: int) -> None:
         self._dirs.pop(fh, None)
-        os.close(fh)
+        self.table.closed(fh)
 
     # ---- extended attributes ----
     def getxattr(self, node_id: int, name: bytes) -> bytes:
