@@ -1,10 +1,24 @@
 """The inode table: FUSE node ids <-> lower inodes.
 
-One node per lower inode, keyed by (st_dev, st_ino), holding an O_PATH fd
+One node per lower inode, found by (st_dev, st_ino), holding an O_PATH fd
 of it. Every request starts from that fd, so the daemon always acts on the
-inode the kernel looked up, whatever the lower names point to now. While
-the fd is held the lower inode cannot be freed, so its (st_dev, st_ino)
-cannot be reused by another file.
+inode the kernel looked up, whatever the lower names point to now.
+
+A node names one lower inode for its whole life. While its fd is held the
+inode cannot be freed, so its number cannot go to another file; but a node
+that gave its fd back (below) no longer pins its inode, and once that is
+freed the lower may give its number to the next new file (ext4 does, at
+once). So the number only finds a candidate: a node is the inode's only if
+its file handle (which carries the generation) is the inode's, or, where
+no handle can be had, if it holds its fd. A node that gave its fd back is
+reopened by its own handle only; when a lookup finds a node whose inode
+was freed, it makes a new node, and the old one answers ESTALE (its file
+is gone: the daemon held nothing that kept it). Where a lower has no handles
+(some FUSE lowers, overlayfs without nfs_export) no node gives its fd
+back, so none can lose its inode. FUSE lowers report the lower daemon's
+inode numbers, which may repeat while the inode we hold lives (bindfs
+passes the underlying file's on); their handles (node id and generation
+in the lower kernel) tell those apart too.
 
 Lookup counts follow the kernel's: every reply that hands a node to the
 kernel (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK, each readdirplus entry
@@ -26,12 +40,34 @@ caches it, so once evicted they give ESTALE) the shrinker instead asks the
 kernel to drop the oldest names
 (notify_inval_entry), which sends their FORGETs. `len(table)`,
 `table.peak` and `table.open_fds` say how many (bench/run.py reports them).
+
+The files and directories callers have open hold lower fds too, which no
+shrinker can give back; and RLIMIT_NOFILE is the daemon's, shared by every
+caller. So they are counted per caller uid (``admit``, ``opened``,
+``dir_opened``, ``closed``): all together may hold ``OPEN_BUDGET`` of the
+limit (ENFILE past it; with the nodes' 60 % that leaves room for the rest),
+and one uid a quarter of that (EMFILE past it). A user that holds files
+until refused is refused long before the others are, and 3/4 of the budget
+stays theirs. A quarter is still more open files than a user's own soft
+limit usually allows (1,024) at any daemon limit above 14,000 (a root
+daemon raises its own to fs.nr_open, 1,048,576 by default: 78,643 files
+per uid). Several uids together (a container's root can take any id of
+its range) can still use up the budget; each then meets ENFILE, as on a
+system whose file table is full, while lookups and stats keep working.
+A passed-through file's reads and writes never reach the daemon (the
+kernel holds the backing file), but FSYNC, FALLOCATE, LSEEK (SEEK_DATA,
+SEEK_HOLE), COPY_FILE_RANGE, and GETATTR and SETATTR of an open file
+still come with its fh, so the fh must stay a real fd of that inode: the
+opens of one passed-through inode with the same flags share one fd,
+counted against the uid whose open made it.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import resource
 import stat
 import threading
 import time
@@ -40,6 +76,11 @@ from . import linux
 
 ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+OPEN_BUDGET = 0.3  # of RLIMIT_NOFILE: the fds all callers' open files may hold
+OPEN_SHARE = 4  # one uid may hold 1/OPEN_SHARE of the budget
+# flags that only matter while opening: opens that differ in them alone may share an fd
+_OPENING = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC | os.O_CLOEXEC
+log = logging.getLogger("shiftfs")
 
 
 class Node:
@@ -55,7 +96,7 @@ class Node:
         self.parent_id, self.name = 0, b""  # the last name it was looked up by
         self.opens = 0  # lower file handles open on it
         self.busy = 0  # running requests that named it: its fd stays while > 0
-        self.handle: bytes | None = None  # to reopen it once its fd was given back
+        self.handle: bytes | None = None  # its inode's identity; reopens it once its fd was given back
         self.used = 0.0  # monotonic time of the last request that named it
         self.stamp = None  # (size, mtime) at the last open: keep the page cache if unchanged
         self.backing = 0  # passthrough backing id while its opens are passed through
@@ -73,12 +114,25 @@ class Node:
         return stat.S_ISREG(self.mode)
 
 
+class OpenFile:
+    """A lower fd the daemon holds for callers' opens: of a file (``node``)
+    or a directory (``node`` None). ``opens``: the opens it serves (more
+    than one only where passed-through opens share it, under ``shared``)."""
+
+    __slots__ = ("fd", "node", "uid", "opens", "shared")
+
+    def __init__(self, fd: int, node: Node | None, uid: int, shared) -> None:
+        self.fd, self.node, self.uid, self.shared = fd, node, uid, shared
+        self.opens = 1
+
+
 class InodeTable:
     def __init__(self, root_fd: int, lower_type: str, root_id: int = ROOT_ID) -> None:
         """``lower_type``: the root's filesystem type as mountinfo names it."""
         st = os.fstat(root_fd)
         root = Node(root_id, root_fd, (st.st_dev, st.st_ino), stat.S_IFMT(st.st_mode))
         root.nlookup = 1 << 62  # never forgotten
+        root.handle = linux.name_to_handle(root_fd)
         self.root = root
         self._by_id: dict[int, Node] = {root_id: root}
         self._by_key: dict[tuple[int, int], Node] = {root.key: root}
@@ -90,6 +144,13 @@ class InodeTable:
         self.shrink_wanted = threading.Event()
         self._placeholder = -1
         self.open_fds = 1
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # as the mount raised it
+        self.file_budget = max(int(limit * OPEN_BUDGET), OPEN_SHARE)
+        self.file_share = self.file_budget // OPEN_SHARE
+        self.file_fds = 0  # held for callers' open files and directories
+        self._files: dict[int, OpenFile] = {}  # by fd (the fh the kernel has)
+        self._uid_files: dict[int, int] = {}  # fds held for each caller uid
+        self._shared: dict[tuple[int, int], OpenFile] = {}  # (node id, flags) -> passed-through fd
         # Idle nodes may give their fd back and be reopened by file handle
         # (needs CAP_DAC_READ_SEARCH and a filesystem with handles).
         self._mount_fd = -1
@@ -163,10 +224,11 @@ class InodeTable:
         How many were given back."""
         if not self.handles:
             return 0
+        dev = self.root.key[0]  # handles reopen through the root's mount: not what is mounted below it
         with self._lock:
             idle_nodes = sorted((n for n in self._by_id.values()
-                                 if n.fd >= 0 and n.handle is not None and not n.opens
-                                 and not n.busy and n is not self.root),
+                                 if n.fd >= 0 and n.handle is not None and n.key[0] == dev
+                                 and not n.opens and not n.busy and n is not self.root),
                                 key=lambda n: n.used)[:count]
             fds = []
             for n in idle_nodes:
@@ -177,9 +239,23 @@ class InodeTable:
             os.close(fd)
         return len(fds)
 
-    def find(self, dev: int, ino: int) -> Node | None:
-        """The node of a lower inode, if the kernel holds one (watch.py)."""
-        return self._by_key.get((dev, ino))
+    def find(self, dev: int, ino: int, handle: bytes | None = None) -> Node | None:
+        """The node of a lower inode, if the kernel holds one; with the
+        inode's ``handle`` (watch.py), not a node whose inode was freed and
+        its number reused."""
+        node = self._by_key.get((dev, ino))
+        if node is not None and handle is not None and not self._names(node, handle):
+            return None
+        return node
+
+    @staticmethod
+    def _names(node: Node, handle: bytes | None) -> bool:
+        """Whether ``node`` names the inode whose handle is ``handle`` (one
+        found by its number): the handles agree, or where one is missing,
+        the node holds its fd, and a held inode's number is not reused."""
+        if node.handle is not None and handle is not None:
+            return node.handle == handle
+        return node.fd >= 0
 
     def nodes(self) -> list[Node]:
         with self._lock:
@@ -217,10 +293,13 @@ class InodeTable:
         """Count one lookup of the inode ``fd`` holds (the table takes the
         fd: kept for a new node, closed for one it already has)."""
         key = (st.st_dev, st.st_ino)
-        # handles reopen through the root's mount: not for what is mounted below it
-        handle = linux.name_to_handle(fd) if self.handles and key[0] == self.root.key[0] else None
+        handle = linux.name_to_handle(fd)
         with self._lock:
             node = self._by_key.get(key)
+            if node is not None and not self._names(node, handle):
+                # its inode was freed and the number reused: the old node
+                # keeps its own inode (and answers ESTALE), this one is new
+                node = None
             if node is None:
                 node = Node(self._next_id, fd, key, stat.S_IFMT(st.st_mode))
                 node.handle = handle
@@ -234,7 +313,7 @@ class InodeTable:
                 if self.open_fds > self.high:
                     self.shrink_wanted.set()
                 fd = -1
-            elif node.fd < 0:  # it had given its fd back: take this one
+            elif node.fd < 0:  # it had given its fd back: take this one (its own inode's)
                 node.fd, fd = fd, -1
                 self.open_fds += 1
             self._hold(node)
@@ -245,28 +324,92 @@ class InodeTable:
             os.close(fd)
         return node
 
-    def opened(self, node: Node, passthrough=None) -> int:
-        """One more lower handle open on ``node``: the passthrough backing
-        id its open reply carries (0: none). The kernel wants every open of
-        an inode served the same way, by one backing file, while any is
-        open; so only the first open chooses, by ``passthrough()`` (an id,
-        or 0), and the others follow it."""
+    def admit(self, uid: int) -> None:
+        """Before a lower file or directory is opened (or made) for caller
+        ``uid``: EMFILE if it holds its share of the daemon's fds for open
+        files, ENFILE if all callers together hold the budget."""
         with self._lock:
-            if not node.opens and passthrough is not None:
-                node.backing = passthrough()
-            node.opens += 1
-            return node.backing
+            if self._uid_files.get(uid, 0) >= self.file_share:
+                raise OSError(errno.EMFILE, f"uid {uid} holds its share of open files"
+                                            f" ({self.file_share})")
+            if self.file_fds >= self.file_budget:
+                raise OSError(errno.ENFILE, f"callers hold the budget of open files"
+                                            f" ({self.file_budget})")
 
-    def closed(self, node: Node, unregister=None) -> None:
-        """One lower handle of ``node`` closed; the last may free its inode,
-        and gives its backing id back by ``unregister(id)``. Not sooner: an
-        open answered with the id looks it up after the reply, and its
-        RELEASE (which comes after that) is what keeps the count up."""
+    def _count(self, f: OpenFile) -> None:
+        # under the lock
+        self._files[f.fd] = f
+        self._uid_files[f.uid] = self._uid_files.get(f.uid, 0) + 1
+        self.file_fds += 1
+
+    def opened(self, node: Node, fd: int, flags: int, uid: int, passthrough=None) -> tuple[int, int]:
+        """A new open of ``node`` by caller ``uid`` on the lower ``fd``
+        (opened with ``flags``; the table takes it): (fh, passthrough
+        backing id, 0 for none). The kernel wants every open of an inode
+        served the same way, by one backing file, while any is open; so
+        only the first open chooses, by ``passthrough()`` (an id, or 0),
+        and the others follow it. A passed-through open shares the fd of
+        an earlier one with the same flags: fd is closed, and that one's is
+        the fh."""
+        try:
+            with self._lock:
+                if not node.opens and passthrough is not None:
+                    node.backing = passthrough()
+                node.opens += 1
+                backing = node.backing
+                shared = (node.node_id, flags & ~_OPENING) if backing else None
+                f = self._shared.get(shared) if shared else None
+                if f is not None:
+                    f.opens += 1
+                else:
+                    f = OpenFile(fd, node, uid, shared)
+                    self._count(f)
+                    if shared:
+                        self._shared[shared] = f
+                    fd = -1
+        except BaseException:
+            os.close(fd)
+            raise
+        if fd >= 0:
+            os.close(fd)
+        return f.fd, backing
+
+    def dir_opened(self, fd: int, uid: int) -> None:
+        """A lower directory ``fd`` held for caller ``uid``'s OPENDIR."""
         with self._lock:
-            node.opens -= 1
-            if node.opens:
+            self._count(OpenFile(fd, None, uid, None))
+
+    def closed(self, fh: int, unregister=None) -> None:
+        """A RELEASE or RELEASEDIR of ``fh``: its fd is closed once no open
+        uses it. A file's last open may free its inode, and gives its
+        backing id back by ``unregister(id)``. Not sooner: an open answered
+        with the id looks it up after the reply, and its RELEASE (which
+        comes after that) is what keeps the count up."""
+        with self._lock:
+            f = self._files.get(fh)
+            if f is None:  # never ours: an fd number must not be closed on a guess
+                log.warning("RELEASE of fh %d, which no open holds", fh)
                 return
-            backing, node.backing = node.backing, 0
+            f.opens -= 1
+            unused = not f.opens
+            if unused:
+                del self._files[fh]
+                self.file_fds -= 1
+                left = self._uid_files.pop(f.uid) - 1
+                if left:
+                    self._uid_files[f.uid] = left
+                if f.shared:
+                    del self._shared[f.shared]
+            node, backing, last = f.node, 0, False
+            if node is not None:
+                node.opens -= 1
+                last = not node.opens
+                if last:
+                    backing, node.backing = node.backing, 0
+        if unused:
+            os.close(fh)
+        if not last:
+            return
         if backing and unregister is not None:
             unregister(backing)
         self.release_if_gone(node)
@@ -276,10 +419,16 @@ class InodeTable:
         open: give its inode back now (the space is freed, as on a local
         filesystem), not at the FORGET that follows. The fd number stays
         taken until then, pointing at an empty memfd, so a request still
-        in flight can never reach another file through a reused number."""
+        in flight can never reach another file through a reused number.
+        A node that gave its fd back holds nothing to give; its inode,
+        freed, can never be looked up again, so its number finds it no
+        more."""
         with self._lock:
-            if (node.opens or node.fd < 0 or not stat.S_ISREG(node.mode)
-                    or node.node_id not in self._by_id):
+            if node.opens or not stat.S_ISREG(node.mode) or node.node_id not in self._by_id:
+                return
+            if node.fd < 0:
+                if self._by_key.get(node.key) is node:
+                    del self._by_key[node.key]
                 return
             try:
                 if os.fstat(node.fd).st_nlink:

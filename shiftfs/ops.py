@@ -686,6 +686,8 @@ class Operations:
         node = self.table.get(node_id)
         if not node.is_reg():  # the kernel opens devices and FIFOs itself
             raise OSError(errno.EACCES, "not a regular file")
+        uid = ctx.uid
+        self.table.admit(uid)
         fd = os.open(node.path, (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
@@ -697,19 +699,20 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        backing = self._serve(node, fd, st, flags)
+        fh, backing = self._serve(node, fd, st, flags, uid)
         stamp = None if backing else (st.st_size, st.st_mtime_ns)  # passthrough skips this cache
         keep = stamp is not None and node.stamp == stamp
         node.stamp = stamp
-        return Opened(fd, keep, backing, _whole_appends(flags, backing))
+        return Opened(fh, keep, backing, _whole_appends(flags, backing))
 
-    def _serve(self, node: Node, fd: int, st: os.stat_result, flags: int) -> int:
-        """A new open of ``node`` on the lower ``fd``: its passthrough
-        backing id, or 0 and an fd the daemon can read and write."""
-        backing = self.table.opened(node, self._passthrough(fd, st))
+    def _serve(self, node: Node, fd: int, st: os.stat_result, flags: int, uid: int):
+        """A new open of ``node`` by ``uid`` on the lower ``fd`` (the table
+        takes it): (fh, passthrough backing id), the fh an fd the daemon
+        can read and write where the id is 0."""
+        fh, backing = self.table.opened(node, fd, flags, uid, self._passthrough(fd, st))
         if not backing:
-            _buffered(fd, flags)
-        return backing
+            _buffered(fh, flags)
+        return fh, backing
 
     def _passthrough(self, fd: int, st: os.stat_result):
         """What chooses, at the first open of an inode, whether its opens
@@ -746,6 +749,8 @@ class Operations:
         """A new file, opened; never opens one that exists."""
         parent = self.table.get(parent_id)
         name = self._name(name)
+        uid = ctx.uid
+        self.table.admit(uid)  # before the file exists: a refused create makes none
         try:
             fd = self._as_caller(ctx, parent, name, mode, lambda m: os.open(
                 name, (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -761,9 +766,9 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        backing = self._serve(node, fd, st, flags)
+        fh, backing = self._serve(node, fd, st, flags, uid)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
-        return self._entry(node, st, False), Opened(fd, False, backing, _whole_appends(flags, backing))
+        return self._entry(node, st, False), Opened(fh, False, backing, _whole_appends(flags, backing))
 
     def tmpfile(self, ctx: Context, parent_id: int, mode: int, flags: int) -> tuple[Entry, Opened]:
         """O_TMPFILE: an unnamed file in ``parent``, born the caller's (as a
@@ -772,6 +777,7 @@ class Operations:
         lower_uid, lower_gid = self._caller_lower_ids(ctx)
         pst = os.fstat(parent.fd)
         policy.check_dir_write(pst, self.uids, self.gids)
+        self.table.admit(ctx.uid)  # before the file exists: a refused one makes none
         dir_fd = os.open(parent.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.umask(ctx.umask)
@@ -790,15 +796,12 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        backing = self._serve(node, fd, st, flags)
+        fh, backing = self._serve(node, fd, st, flags, ctx.uid)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
-        return self._entry(node, st, False), Opened(fd, False, backing, _whole_appends(flags, backing))
+        return self._entry(node, st, False), Opened(fh, False, backing, _whole_appends(flags, backing))
 
     def release(self, node_id: int, fh: int) -> None:
-        os.close(fh)
-        node = self.table._by_id.get(node_id)
-        if node is not None:
-            self.table.closed(node, self._backing_close)
+        self.table.closed(fh, self._backing_close)
 
     def _backing_close(self, backing_id: int) -> None:
         session = self.backing_files or self._offered_backing
@@ -823,6 +826,8 @@ class Operations:
         node = self.table.get(node_id)
         if not node.is_dir():
             raise OSError(errno.ENOTDIR, "not a directory")
+        uid = ctx.uid
+        self.table.admit(uid)
         fd = os.open(node.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
@@ -832,6 +837,7 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
+        self.table.dir_opened(fd, uid)
         self._dirs[fd] = DirStream(fd, frozen)
         # the kernel may keep the listing while the watcher invalidates the
         # directory on every change behind the mount (frozen ones: never)
@@ -862,7 +868,7 @@ class Operations:
 
     def releasedir(self, node_id: int, fh: int) -> None:
         self._dirs.pop(fh, None)
-        os.close(fh)
+        self.table.closed(fh)
 
     # ---- extended attributes ----
     def getxattr(self, ctx: Context, node_id: int, name: bytes) -> bytes:

@@ -116,7 +116,8 @@ class Watcher:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        return self.table.find(st.st_dev, st.st_ino)
+        # the handle too: a node whose inode was freed may still be found by its number
+        return self.table.find(st.st_dev, st.st_ino, handle)
 
     def _run(self) -> None:
         while True:

@@ -188,3 +188,104 @@ def _write_id_maps(pid, uid_extents, gid_extents):
                 f.write(text)  # the kernel wants the whole map in one write
         except OSError as e:
             raise OSError(e.errno, f"writing {name} {text.strip()!r} for pid {pid}: {e.strerror}") from None
+
+
+class Caller:
+    """A caller that lives across calls: a forked child with the given ids
+    that runs ``fn(*args)`` on request, so that what it holds (fds, a cwd)
+    stays held between calls and two callers can act in turns or at once.
+    ``fn`` must be picklable (a module-level function). ``start`` begins a
+    call, ``finish`` collects its result (as call_as returns it), ``call``
+    does both; ``close`` (or leaving a ``with``) ends the child."""
+
+    _parent_ends: set = set()  # of every live Caller: a child closes the others' too
+
+    def __init__(self, uid: int, gid: int, groups=(), call_timeout: float = CALL_TIMEOUT):
+        self.timeout = call_timeout
+        req_r, self._req = os.pipe()
+        self._res, res_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                for fd in (self._req, self._res, *Caller._parent_ends):
+                    os.close(fd)
+                os.setgroups(list(groups))
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+                with os.fdopen(req_r, "rb") as requests:
+                    while True:
+                        try:
+                            fn, args = pickle.load(requests)
+                        except EOFError:
+                            break
+                        try:
+                            out = ("ok", fn(*args))
+                        except OSError as e:
+                            out = ("errno", e.errno)
+                        except BaseException:  # noqa: BLE001 (brought back as text)
+                            out = ("raise", traceback.format_exc())
+                        data = pickle.dumps(out)
+                        _write_all(res_w, len(data).to_bytes(8, "little") + data)
+            finally:
+                os._exit(0)
+        os.close(req_r)
+        os.close(res_w)
+        Caller._parent_ends.update((self._req, self._res))
+
+    def start(self, fn, *args) -> None:
+        _write_all(self._req, pickle.dumps((fn, args)))
+
+    def _read(self, n: int, deadline: float) -> bytes:
+        chunks = []
+        while n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._res], [], [], left)[0]:
+                raise TimeoutError(f"caller {self.pid} did not answer within {self.timeout}s")
+            chunk = os.read(self._res, n)
+            if not chunk:
+                raise ChildError(f"caller {self.pid} died")
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    def finish(self):
+        deadline = time.monotonic() + self.timeout
+        size = int.from_bytes(self._read(8, deadline), "little")
+        kind, value = pickle.loads(self._read(size, deadline))
+        if kind == "ok":
+            return value
+        if kind == "errno":
+            return Errno(value)
+        raise ChildError(f"exception in caller {self.pid}:\n{value}")
+
+    def call(self, fn, *args):
+        self.start(fn, *args)
+        return self.finish()
+
+    def close(self) -> None:
+        if self.pid is None:
+            return
+        Caller._parent_ends.difference_update((self._req, self._res))
+        os.close(self._req)  # EOF: the child leaves its loop
+        os.close(self._res)
+        try:
+            if not _wait_exit(self.pid, 5.0):
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+        finally:
+            self.pid = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _wait_exit(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return True
+        time.sleep(0.01)
+    return False

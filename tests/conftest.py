@@ -87,12 +87,22 @@ def shifted(lower, mounter):
     return mounter(lower)
 
 
+def limited_fds(count: int) -> list[str]:
+    """The command prefix that runs a root daemon under RLIMIT_NOFILE
+    ``count``: without CAP_SYS_RESOURCE (gone from its bounding set) it
+    cannot raise the limit again, as it otherwise does at start."""
+    return ["setpriv", "--bounding-set", "-sys_resource", "--inh-caps", "-sys_resource",
+            "prlimit", f"--nofile={count}:{count}", "--"]
+
+
 @contextlib.contextmanager
-def foreground_daemon(lower, mountpoint, *args, log):
-    """``shiftfs -f`` with its stderr in the file ``log``: yields once the
-    mount is live, and always unmounts and reaps the daemon."""
+def foreground_daemon(lower, mountpoint, *args, log, fd_limit=None):
+    """``shiftfs -f`` with its stderr in the file ``log`` (and RLIMIT_NOFILE
+    ``fd_limit``, if given): yields once the mount is live, and always
+    unmounts and reaps the daemon."""
+    prefix = limited_fds(fd_limit) if fd_limit else []
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "shiftfs", "-f", "-q", *args,
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "shiftfs", "-f", "-q", *args,
                                  str(lower), str(mountpoint)],
                                 stdout=subprocess.DEVNULL, stderr=err)
     try:

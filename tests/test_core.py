@@ -27,8 +27,10 @@ CTX = Context(0, 0, os.getpid())  # a request by root, as the handlers take it
 
 try:
     from tests.callers import call_as
+    from tests.conftest import limited_fds
 except ImportError:
     from callers import call_as
+    from conftest import limited_fds
 
 ROOT_KEPT = [Extent(0, 0, 1), Extent(1, 100001, 65535)]
 USER = 101000  # upper id of lower 1000
@@ -343,8 +345,6 @@ def test_a_walk_larger_than_the_fd_budget_never_runs_out_of_fds(lower, workdir):
     """A daemon limited to 400 fds serves two full walks of a 1,500-file
     tree: the shrinker keeps its fds under the budget (fds given back,
     or the kernel asked to forget), and no caller ever sees EMFILE."""
-    import resource
-
     from shiftfs.mount import is_mounted, unmount
     for d in range(15):
         (lower / f"d{d}").mkdir()
@@ -352,10 +352,11 @@ def test_a_walk_larger_than_the_fd_budget_never_runs_out_of_fds(lower, workdir):
             (lower / f"d{d}" / f"f{f}").write_text("x")
     mnt = workdir / "mnt"
     mnt.mkdir()
+    # not setrlimit alone: a daemon with CAP_SYS_RESOURCE raises it again at start
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shiftfs", "-f", "-q", "--map", "b:0:100000:65536", str(lower), str(mnt)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400)))
+        [*limited_fds(400), sys.executable, "-m", "shiftfs", "-f", "-q", "--map", "b:0:100000:65536",
+         str(lower), str(mnt)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
         while not is_mounted(str(mnt)):

@@ -1,0 +1,246 @@
+"""A node names one lower inode for its whole life (issue 20, item 1).
+
+The daemon gives back the fds of nodes no request names once it holds too
+many (the shrinker, at 60 % of its RLIMIT_NOFILE) and reopens them by file
+handle. An inode whose node gave its fd back can be freed, and ext4 gives
+its number to the next file made in the same directory at once. The
+attack: a mapped user holds an O_PATH fd of its own file (the kernel keeps
+its node, no OPEN is sent), makes the daemon give that node's fd back,
+unlinks the file, and loops on open("/proc/self/fd/K"); another user's new
+file gets the old number. A table that finds nodes by (st_dev, st_ino)
+alone re-binds the old node to the new file: the kernel checked the open
+against the old attributes, and the daemon opens the new file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+
+import pytest
+
+from shiftfs.inodes import ROOT_ID, InodeTable
+
+try:
+    from tests.callers import Caller, Errno
+    from tests.conftest import foreground_daemon
+except ImportError:  # pragma: no cover - run from inside tests/
+    from callers import Caller, Errno
+    from conftest import foreground_daemon
+
+pytestmark = pytest.mark.needs_root
+
+ATTACKER = 101000  # lower 1000
+VICTIM = 101001    # lower 1001
+FILES = 3000
+SECRET = b"the victim's secret\n"
+
+
+@pytest.fixture
+def ext4(workdir):
+    """A private ext4 (a loop image) with tmp/ (1777) and FILES empty files
+    in many/ to look up."""
+    img, path = workdir / "ext4.img", workdir / "ext4"
+    path.mkdir()
+    subprocess.run(["truncate", "-s", "64M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-N", "8192", str(img)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(img), str(path)], check=True)
+    try:
+        os.chmod(path, 0o755)
+        (path / "tmp").mkdir(mode=0o1777)
+        os.chmod(path / "tmp", 0o1777)
+        (path / "many").mkdir()
+        for i in range(FILES):
+            (path / "many" / f"f{i}").touch()
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+# ---- what the callers do (module level: a Caller runs them in its child) ----
+
+def _make_and_hold(path: str) -> int:
+    with open(path, "w") as f:
+        f.write("the attacker's own\n")
+    return os.open(path, os.O_PATH)
+
+
+def _stat_range(mnt: str, first: int, last: int) -> None:
+    for i in range(first, last):
+        os.stat(f"{mnt}/many/f{i}")
+
+
+def _open_until(k: int, stop: str, seconds: float):
+    """Open the held O_PATH fd's file again and again until ``stop``
+    exists: what each open that succeeded reads, and the errnos of the
+    others."""
+    fds, errors = [], {}
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(stop) and time.monotonic() < deadline:
+        try:
+            fds.append(os.open(f"/proc/self/fd/{k}", os.O_RDONLY))
+        except OSError as e:
+            errors[e.errno] = errors.get(e.errno, 0) + 1
+    read = [os.pread(fd, 100, 0) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    return read, errors
+
+
+def _owner_of_fd(k: int):
+    st = os.fstat(k)
+    return st.st_uid, st.st_mode & 0o7777
+
+
+def _create_secret(path: str) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, SECRET)
+    finally:
+        os.close(fd)
+
+
+def _daemon_holds(pid: int, path: str) -> bool:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.mark.parametrize("victim_side", ["through the mount", "behind the mount"])
+def test_a_reused_inode_number_never_rebinds_a_node(ext4, workdir, victim_side):
+    """The attacker's node gives its fd back and its file goes; the
+    victim's new 0600 file gets the same inode number (made through the
+    mount, or on the lower and then looked up). The attacker's O_PATH fd
+    must still name its own (gone) file: no open of it reads the victim's
+    data, and its fstat never shows the victim's owner."""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    x, secret = ext4 / "tmp" / "x", ext4 / "tmp" / "secret"
+    stop = workdir / "stop"
+    with foreground_daemon(ext4, mnt, "-u", "0:100000:65536", log=workdir / "log",
+                           fd_limit=2000) as daemon, \
+            Caller(ATTACKER, ATTACKER) as attacker, Caller(VICTIM, VICTIM) as victim:
+        k = attacker.call(_make_and_hold, f"{mnt}/tmp/x")
+        assert isinstance(k, int), k
+        x_ino = os.stat(x).st_ino
+        stated = 0
+        while _daemon_holds(daemon.pid, str(x)):  # 1,200 fds start the shrinker
+            assert stated < FILES, "the daemon never gave the node's fd back"
+            assert attacker.call(_stat_range, str(mnt), stated, stated + 100) is None
+            stated += 100
+            time.sleep(0.05)  # the shrinker is a thread of its own
+        assert attacker.call(os.unlink, f"{mnt}/tmp/x") is None
+        attacker.start(_open_until, k, str(stop), 10.0)
+        time.sleep(0.1)
+        if victim_side == "through the mount":
+            assert victim.call(_create_secret, f"{mnt}/tmp/secret") is None
+        else:
+            _create_secret(str(secret))
+            os.chown(secret, 1001, 1001)
+            assert victim.call(os.stat, f"{mnt}/tmp/secret").st_uid == VICTIM
+        time.sleep(0.1)
+        stop.touch()
+        read, errors = attacker.finish()
+        assert os.stat(secret).st_ino == x_ino, "precondition: ext4 reused the number"
+        assert SECRET not in read, f"the attacker read the victim's file ({errors})"
+        # the old node answers ESTALE: its inode is gone (the daemon held no fd of it)
+        assert read == [] and set(errors) == {errno.ESTALE}, (read, errors)
+        owner = attacker.call(_owner_of_fd, k)
+        assert owner == Errno(errno.ESTALE) or owner[0] == ATTACKER, owner
+        assert victim.call(_owner_of_fd_path, f"{mnt}/tmp/secret") == (VICTIM, 0o600)
+
+
+def _owner_of_fd_path(path: str):
+    st = os.stat(path)
+    return st.st_uid, st.st_mode & 0o7777
+
+
+# ---- the table's decision, without a mount ----
+
+@pytest.fixture
+def table(workdir):
+    """An InodeTable over workdir/root holding files a and b."""
+    root = workdir / "root"
+    root.mkdir()
+    (root / "a").write_text("a")
+    (root / "b").write_text("b")
+    t = InodeTable(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), "ext4")
+    assert t.handles  # root with CAP_DAC_READ_SEARCH: idle nodes give their fds back
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def _as_number(st: os.stat_result, other: os.stat_result) -> os.stat_result:
+    """``other`` with the inode number of ``st``: what a lookup sees when
+    the lower gave a freed number to a new file."""
+    return os.stat_result((other.st_mode, st.st_ino, st.st_dev, *tuple(other)[3:]))
+
+
+def _add(table, name: bytes, st=None):
+    fd, real = table.open_at(table.root.fd, name)
+    node = table.add(fd, st or real, ROOT_ID, name)
+    table.request_done()
+    return node, real
+
+
+def test_a_node_that_gave_its_fd_back_is_not_rebound_to_a_reused_number(table):
+    """Node n (file a) gives its fd back; a lookup finds file b under a's
+    number. b gets a new node, found by that number from then on; n still
+    reopens a by its own handle, and once a is gone answers ESTALE."""
+    n, st_a = _add(table, b"a")
+    assert table.give_back(10) == 1 and n.fd < 0
+    m, st_b = _add(table, b"b", _as_number(st_a, os.stat(f"/proc/self/fd/{table.root.fd}/b")))
+    assert m is not n and m.fd >= 0
+    assert os.fstat(m.fd).st_ino == st_b.st_ino
+    assert table.find(st_a.st_dev, st_a.st_ino) is m
+    assert n.fd < 0, "the old node took the new file's fd"
+    assert table.find(st_a.st_dev, st_a.st_ino, n.handle) is None  # the watcher's question
+    assert os.fstat(table.get(n.node_id).fd).st_ino == st_a.st_ino  # a, by its own handle
+    table.request_done()
+    assert table.give_back(10) == 2
+    os.unlink(f"/proc/self/fd/{table.root.fd}/a")
+    with pytest.raises(OSError) as info:
+        table.get(n.node_id)
+    assert info.value.errno == errno.ESTALE
+    table.request_done()
+
+
+def test_a_node_found_by_its_own_inode_takes_the_fd_back(table):
+    """The same inode looked up again after its node gave its fd back: the
+    same node, with the new fd (no second node for one inode)."""
+    n, st_a = _add(table, b"a")
+    assert table.give_back(10) == 1 and n.fd < 0
+    again, _st = _add(table, b"a")
+    assert again is n and n.fd >= 0 and n.nlookup == 2
+    assert os.fstat(n.fd).st_ino == st_a.st_ino
+
+
+def test_a_held_node_is_not_given_to_another_inode_with_its_number(table):
+    """A FUSE lower reports its own daemon's inode numbers, which may
+    repeat while the inode the table holds lives (bindfs passes on the
+    underlying file's): another inode under a held node's number gets a
+    node of its own."""
+    n, st_a = _add(table, b"a")
+    m, _st = _add(table, b"b", _as_number(st_a, os.stat(f"/proc/self/fd/{table.root.fd}/b")))
+    assert m is not n
+    assert os.fstat(n.fd).st_ino == st_a.st_ino
+
+
+def test_a_node_whose_fd_was_given_back_leaves_the_numbers_when_its_file_goes(table):
+    """release_if_gone for a node that holds no fd: its file's last name
+    went (the inode is freed), so its number finds it no more."""
+    n, st_a = _add(table, b"a")
+    assert table.give_back(10) == 1
+    os.unlink(f"/proc/self/fd/{table.root.fd}/a")
+    table.release_if_gone(table.find(st_a.st_dev, st_a.st_ino))
+    assert table.find(st_a.st_dev, st_a.st_ino) is None
+    assert table.forget(n.node_id, 1)
