@@ -272,8 +272,6 @@ _sig(_lib.fuse_add_direntry_plus, _size, _req, ctypes.c_void_p, _size, ctypes.c_
 _sig(_lib.fuse_buf_copy, ctypes.c_ssize_t, ctypes.POINTER(FuseBufvec), ctypes.POINTER(FuseBufvec),
      ctypes.c_int)
 _sig(_lib.fuse_buf_size, _size, ctypes.POINTER(FuseBufvec))
-_sig(_lib.fuse_lowlevel_notify_inval_inode, ctypes.c_int, _vp, _ino, _off, _off)
-_sig(_lib.fuse_lowlevel_notify_inval_entry, ctypes.c_int, _vp, _ino, ctypes.c_char_p, _size)
 _sig(_lib.fuse_set_signal_handlers, ctypes.c_int, _vp)
 _sig(_lib.fuse_remove_signal_handlers, None, _vp)
 _libc.free.argtypes = [ctypes.c_void_p]
@@ -568,11 +566,49 @@ class Session:
             self._done.set()
 
     # ---- notify: changes the kernel did not see ----
-    def inval_inode(self, node_id: int) -> int:
-        return _lib.fuse_lowlevel_notify_inval_inode(self.se, node_id, 0, 0)
+    # Written on /dev/fuse as linux/fuse.h lays them out (libfuse 3.14 has no
+    # FUSE_EXPIRE_ONLY nor PRUNE): struct fuse_out_header {u32 len; i32 error
+    # = the notify code; u64 unique = 0}, the code's struct, then the name and
+    # its NUL, in one writev. Each returns 0 or -errno; -ENOENT says the kernel
+    # holds no such node or name, which is no error. The protocol minors come
+    # from the kernel's INIT (conn->proto_minor), not from what libfuse speaks:
+    # an older kernel ignores the flag, and would detach what is mounted there.
+    expire_only = False  # inval_entry(expire_only=True): 7.38, Linux 6.2
+    can_prune = False  # prune(): 7.45, Linux 6.18
 
-    def inval_entry(self, parent_id: int, name: bytes) -> int:
-        return _lib.fuse_lowlevel_notify_inval_entry(self.se, parent_id, name, len(name))
+    def _notify(self, code: int, body: bytes, name: bytes | None = None) -> int:
+        parts = [body] if name is None else [body, name, b"\0"]
+        header = struct.pack("=IiQ", 16 + sum(map(len, parts)), code, 0)
+        se = self.se
+        if not se:
+            return -errno.ENOTCONN
+        try:
+            os.writev(_lib.fuse_session_fd(se), [header, *parts])
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+        return 0
+
+    def inval_inode(self, node_id: int) -> int:
+        """FUSE_NOTIFY_INVAL_INODE: the node's attributes and data."""
+        return self._notify(2, struct.pack("=Qqq", node_id, 0, 0))
+
+    def inval_entry(self, parent_id: int, name: bytes, expire_only: bool = False) -> int:
+        """FUSE_NOTIFY_INVAL_ENTRY: the kernel drops the name, and with it
+        (d_invalidate) every mount on or below it; with ``expire_only``
+        (FUSE_EXPIRE_ONLY) it only expires it, to be looked up at next use."""
+        return self._notify(3, struct.pack("=QII", parent_id, len(name), 1 if expire_only else 0),
+                            name)
+
+    def delete(self, parent_id: int, child_id: int, name: bytes) -> int:
+        """FUSE_NOTIFY_DELETE: the name of ``child_id`` is gone."""
+        return self._notify(6, struct.pack("=QQII", parent_id, child_id, len(name), 0), name)
+
+    def prune(self, node_ids) -> int:
+        """FUSE_NOTIFY_PRUNE: drop the unused names of these nodes (never a
+        name something holds, so never a mount point); the kernel then
+        FORGETs the nodes nothing else holds."""
+        ids = list(node_ids)
+        return self._notify(9, struct.pack(f"=IIQ{len(ids)}Q", len(ids), 0, 0, *ids))
 
     # ---- passthrough backing files (libfuse 3.17, Linux 6.9, CAP_SYS_ADMIN) ----
     def backing_open(self, fd: int) -> int:
@@ -667,6 +703,7 @@ class Session:
             n.time_gran = 1
             if LIBFUSE_VERSION >= (3, 17):
                 self.killpriv_v2 = bool(n.want & FUSE_CAP_HANDLE_KILLPRIV_V2)
+            self.expire_only, self.can_prune = n.proto_minor >= 38, n.proto_minor >= 45
             self.ops.init(n.capable, n.want)
         except BaseException as e:  # noqa: B902
             self.init_error = e
