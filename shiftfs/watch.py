@@ -15,10 +15,11 @@ The shrinker keeps the daemon's fds bounded: past the table's high mark,
 nodes that no running request names and nothing has open give their fd
 back, least recently named first (inodes.give_back; they are reopened by
 file handle when next named); only where that gives too few (no file
-handles on the lower, or most nodes open), it asks the kernel to drop the oldest names it holds
-(notify_inval_entry), and the kernel evicts those inodes that nothing else
-holds (no open file, no cwd, no cached child) and FORGETs them. A dropped
-name costs one LOOKUP the next time it is used.
+handles on the lower, or most nodes open), it asks the kernel to forget the
+oldest nodes (FUSE_NOTIFY_PRUNE, Linux 6.18: it drops only names nothing
+uses, so never a mount point; the kernel then FORGETs them). Before 6.18
+it can only expire their names, which never detaches anything and frees
+little. A dropped name costs one LOOKUP the next time it is used.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Shrinker:
         self.rounds = 0
         self.asked = 0
         self._after = 0
+        self._warned = False
         self._thread = threading.Thread(target=self._run, name="shiftfs-shrinker", daemon=True)
 
     def start(self) -> None:
@@ -62,15 +64,26 @@ class Shrinker:
         excess -= table.give_back(excess)
         if excess <= 0:
             return
-        # too few to give back (no handles, or open): make the kernel forget the oldest
-        # a cursor, so names the kernel cannot drop (busy) do not stop the
+        # too few to give back (no handles, or open): make the kernel forget the oldest;
+        # a cursor, so nodes the kernel cannot drop (busy) do not stop the
         # shrinker from reaching newer ones
         batch = table.oldest(excess, self._after)
         self._after = batch[-1][0] if len(batch) == excess else 0
-        for _node_id, parent_id, name in batch:
-            # ENOENT: the kernel no longer has that name; nothing to do
-            self.session.inval_entry(parent_id, name)
-            self.asked += 1
+        session = self.session
+        if getattr(session, "can_prune", False):  # a session without prune() never can
+            for i in range(0, len(batch), 512):
+                session.prune([node_id for node_id, _parent, _name in batch[i:i + 512]])
+            self.asked += len(batch)
+            return
+        if not self._warned:
+            self._warned = True
+            log.warning("%d fds held: this kernel cannot be asked to forget nodes without detaching"
+                        " what is mounted on them (FUSE_NOTIFY_PRUNE, Linux 6.18); only their names"
+                        " are expired", table.open_fds)
+        if session.expire_only:
+            for _node_id, parent_id, name in batch:
+                session.inval_entry(parent_id, name, expire_only=True)
+                self.asked += 1
 
 
 _MASK = (linux.FAN_MODIFY | linux.FAN_ATTRIB | linux.FAN_CREATE | linux.FAN_DELETE
