@@ -37,8 +37,8 @@ when next named; a request holds every node it got until it ends). Where
 handles cannot be had (no CAP_DAC_READ_SEARCH, a filesystem without them,
 or a FUSE lower: its handles name an inode only while its kernel still
 caches it, so once evicted they give ESTALE) the shrinker instead asks the
-kernel to drop the oldest names
-(notify_inval_entry), which sends their FORGETs. `len(table)`,
+kernel to forget the oldest nodes (FUSE_NOTIFY_PRUNE, which drops only
+names nothing uses), which sends their FORGETs. `len(table)`,
 `table.peak` and `table.open_fds` say how many (bench/run.py reports them).
 
 The files and directories callers have open hold lower fds too, which no
@@ -60,6 +60,10 @@ SEEK_HOLE), COPY_FILE_RANGE, and GETATTR and SETATTR of an open file
 still come with its fh, so the fh must stay a real fd of that inode: the
 opens of one passed-through inode with the same flags share one fd,
 counted against the uid whose open made it.
+
+The watcher (watch.Watcher, ``table.watch``) is told of every node as it is
+added and forgotten, so that its fanotify marks follow what the kernel
+holds; it reaches node fds only under the table's lock (``with_fd``).
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ class Node:
     for an inode), ``fd`` an O_PATH fd of it."""
 
     __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens", "busy",
-                 "handle", "used", "stamp", "backing")
+                 "handle", "used", "stamp", "backing", "fid", "marked")
 
     def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.node_id, self.fd, self.key, self.mode = node_id, fd, key, mode
@@ -100,6 +104,8 @@ class Node:
         self.used = 0.0  # monotonic time of the last request that named it
         self.stamp = None  # (size, mtime) at the last open: keep the page cache if unchanged
         self.backing = 0  # passthrough backing id while its opens are passed through
+        self.fid: bytes | None = None  # fsid + file handle: how fanotify names it (watch.py)
+        self.marked = False  # a fanotify mark of its own reports its changes (watch.py)
 
     @property
     def path(self) -> str:
@@ -142,6 +148,7 @@ class InodeTable:
         self.peak = 1
         self.high, self.low = 1 << 62, 1 << 62  # set by the mount from RLIMIT_NOFILE
         self.shrink_wanted = threading.Event()
+        self.watch = None  # watch.Watcher: told of each node added and forgotten
         self._placeholder = -1
         self.open_fds = 1
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # as the mount raised it
@@ -300,7 +307,8 @@ class InodeTable:
                 # its inode was freed and the number reused: the old node
                 # keeps its own inode (and answers ESTALE), this one is new
                 node = None
-            if node is None:
+            created = node is None
+            if created:
                 node = Node(self._next_id, fd, key, stat.S_IFMT(st.st_mode))
                 node.handle = handle
                 self._next_id += 1
@@ -322,6 +330,8 @@ class InodeTable:
                 node.parent_id, node.name = parent_id, name
         if fd >= 0:
             os.close(fd)
+        if created and self.watch is not None:  # the kernel holds it from this reply on
+            self.watch.added(node, st)
         return node
 
     def admit(self, uid: int) -> None:
@@ -456,9 +466,51 @@ class InodeTable:
             fd, node.fd = node.fd, -1
             if fd >= 0:
                 self.open_fds -= 1
+        if self.watch is not None:
+            self.watch.forgotten(node, fd)
         if fd >= 0:
             os.close(fd)
         return True
+
+    # ---- for the watcher, which holds no node as a request does ----
+    def with_fd(self, node: Node, fn):
+        """fn(fd) with ``node``'s fd, under the lock that keeps it open (None
+        if it has none now: given back, or forgotten)."""
+        with self._lock:
+            if node.fd < 0:
+                return None
+            return fn(node.fd)
+
+    def name_gone(self, parent: Node, name: bytes) -> bool:
+        """Whether ``name`` is absent from ``parent`` now (False if unknown)."""
+        def absent(fd: int) -> bool:
+            try:
+                os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return True
+            except OSError:
+                pass
+            return False
+        return bool(self.with_fd(parent, absent))
+
+    def unlinked(self, node: Node) -> bool:
+        """Whether ``node``'s lower inode has no name left (False if unknown)."""
+        def gone(fd: int) -> bool:
+            try:
+                return os.fstat(fd).st_nlink == 0
+            except OSError:
+                return False
+        return bool(self.with_fd(node, gone))
+
+    def reopen_fd(self, node: Node) -> int:
+        """A new O_PATH fd of a node that gave its fd back (the caller closes
+        it), or -1."""
+        if not self.handles or node.handle is None:
+            return -1
+        try:
+            return linux.open_by_handle(self._mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return -1
 
     def close(self) -> None:
         """Every fd the table holds, the root's included."""

@@ -83,6 +83,15 @@ def keep_caps_across_fsuid() -> bool:
     return _libc.prctl(PR_SET_SECUREBITS, bits | SECBIT_NO_SETUID_FIXUP, 0, 0, 0) == 0
 
 
+PR_SET_NAME = 15
+
+
+def name_thread(name: str) -> None:
+    """This thread's name in /proc (comm, 15 bytes): where its CPU goes."""
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    _libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
+
+
 def private_fs_struct() -> None:
     """A umask of this thread's own (unshare CLONE_FS), so a create can use
     the caller's."""
@@ -222,8 +231,9 @@ FAN_CLOEXEC = 0x1
 FAN_REPORT_FID = 0x200
 FAN_REPORT_DIR_FID = 0x400
 FAN_REPORT_NAME = 0x800
+FAN_REPORT_TARGET_FID = 0x1000  # Linux 5.17: dirent events carry the child's fid too
 FAN_MARK_ADD = 0x1
-FAN_MARK_FILESYSTEM = 0x100
+FAN_MARK_REMOVE = 0x2
 FAN_MODIFY = 0x2
 FAN_ATTRIB = 0x4
 FAN_MOVED_FROM = 0x40
@@ -233,6 +243,7 @@ FAN_DELETE = 0x200
 FAN_DELETE_SELF = 0x400
 FAN_MOVE_SELF = 0x800
 FAN_Q_OVERFLOW = 0x4000
+FAN_EVENT_ON_CHILD = 0x08000000
 FAN_ONDIR = 0x40000000
 FAN_INFO_FID, FAN_INFO_DFID_NAME, FAN_INFO_DFID = 1, 2, 3
 FAN_INFO_OLD_DFID_NAME, FAN_INFO_NEW_DFID_NAME = 10, 12
@@ -248,8 +259,11 @@ def fanotify_init(flags: int) -> int:
     return _check(_libc.fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC))
 
 
-def fanotify_mark(fd: int, flags: int, mask: int, path: str) -> None:
-    _check(_libc.fanotify_mark(fd, flags, mask, AT_FDCWD, path.encode()))
+def fanotify_mark(fd: int, flags: int, mask: int, path: str, dir_fd: int = AT_FDCWD) -> None:
+    """An inode mark (the default kind) on ``path`` (relative to ``dir_fd``).
+    Not an O_PATH fd with no path: fanotify wants a real fd for that, so a
+    held directory is marked as ".", anything else as /proc/self/fd/N."""
+    _check(_libc.fanotify_mark(fd, flags, mask, dir_fd, path.encode()))
 
 
 _libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
@@ -257,13 +271,13 @@ _libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char
 _MAX_HANDLE_SZ = 128
 
 
-def name_to_handle(fd: int) -> bytes | None:
+def name_to_handle(fd: int, flags: int = 0) -> bytes | None:
     """The file handle (struct file_handle) of the inode ``fd`` holds, or
     None where the filesystem has none."""
     buf = ctypes.create_string_buffer(8 + _MAX_HANDLE_SZ)
     struct.pack_into("=I", buf, 0, _MAX_HANDLE_SZ)
     mount_id = ctypes.c_int()
-    if _libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH) < 0:
+    if _libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH | flags) < 0:
         return None
     size = struct.unpack_from("=I", buf, 0)[0]
     return buf.raw[:8 + size]
@@ -282,32 +296,49 @@ def fs_type(dev: int) -> str:
 
 
 def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
-    """``handle`` is a struct file_handle as fanotify reports it."""
+    """``handle`` is a struct file_handle as name_to_handle gives it."""
     return _check(_libc.open_by_handle_at(mount_fd, handle, flags))
 
 
-def fanotify_events(data: bytes):
-    """(mask, pid, [(info type, file handle bytes, name)]) per event."""
+AT_HANDLE_FID = 0x200  # Linux 6.5: the handle fanotify reports, also where none can be opened
+
+
+def fid_of(fd: int, handle: bytes | None = None) -> bytes | None:
+    """The inode's fid as fanotify reports it: its filesystem's fsid (8
+    bytes, as statfs gives it) and its struct file_handle (``handle``, if
+    the caller has it already); None where the filesystem has none."""
+    if handle is None:
+        handle = name_to_handle(fd, AT_HANDLE_FID) or name_to_handle(fd)
+        if handle is None:
+            return None
+    return struct.pack("=Q", os.fstatvfs(fd).f_fsid) + handle
+
+
+def fanotify_events(data: bytes, skip_pid: int = 0):
+    """(mask, pid, [(info type, fid, name)]) per event, the fid as fid_of
+    gives it; events of ``skip_pid`` are passed over unparsed."""
     pos = 0
     while pos + _EVENT.size <= len(data):
         event_len, _vers, _res, meta_len, mask, fd, pid = _EVENT.unpack_from(data, pos)
         if event_len < meta_len:
             break
+        if fd >= 0:
+            os.close(fd)
+        if pid == skip_pid and skip_pid and not mask & FAN_Q_OVERFLOW:
+            pos += event_len
+            continue
         infos = []
         ipos, end = pos + meta_len, pos + event_len
         while ipos + _INFO.size <= end:
             kind, _pad, length = _INFO.unpack_from(data, ipos)
             if length < _INFO.size:
                 break
-            body = data[ipos + _INFO.size + 8:ipos + length]  # past the fsid
-            if len(body) >= 8:
-                hbytes = struct.unpack_from("=I", body)[0]
-                handle = body[:8 + hbytes]
-                name = body[8 + hbytes:].split(b"\0", 1)[0]
-                infos.append((kind, handle, name))
+            body = data[ipos + _INFO.size:ipos + length]  # fsid, then struct file_handle
+            if len(body) >= 16:
+                hbytes = struct.unpack_from("=I", body, 8)[0]
+                fid = body[:16 + hbytes]
+                name = body[16 + hbytes:].split(b"\0", 1)[0]
+                infos.append((kind, fid, name))
             ipos += length
-        if fd >= 0:
-            os.close(fd)
         yield mask, pid, infos
         pos += event_len
-

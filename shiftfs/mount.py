@@ -285,10 +285,11 @@ FOREVER_LIFETIME = 86400.0  # -o cache=forever: the lower does not change behind
 
 
 def _make_watch(operations, session, lower: str, options: MountOptions):
-    """-o cache=auto|watch|timeout|forever: a Watcher (fanotify on the lower
-    filesystem) or None. With one, replies for inodes on that filesystem
-    carry long lifetimes (unless timeouts were given); without, they stay
-    short. cache=watch refuses to mount without it."""
+    """-o cache=auto|watch|timeout|forever: a Watcher (fanotify inode marks
+    on what the kernel holds, root or not) or None. With one, replies for
+    nodes whose changes a mark reports carry long lifetimes (unless
+    timeouts were given), the others short ones; without, all stay short.
+    cache=watch refuses to mount without it."""
     from .ops import Lifetimes
     from .watch import Watcher
     if options.cache == "timeout":
@@ -299,7 +300,7 @@ def _make_watch(operations, session, lower: str, options: MountOptions):
             life.attr = life.entry = life.negative = FOREVER_LIFETIME
         return None
     try:
-        watcher = Watcher(operations.table, session, lower)
+        watcher = Watcher(operations.table, session)
     except OSError as e:
         if options.cache == "watch":
             raise OSError(e.errno, f"-o cache=watch: no fanotify on {lower}: {e.strerror}") from None
@@ -310,7 +311,7 @@ def _make_watch(operations, session, lower: str, options: MountOptions):
     operations.unwatched = Lifetimes(life.attr, life.entry, life.negative)
     if not options.timeouts_given:
         life.attr = life.entry = life.negative = WATCHED_LIFETIME
-    operations.watched_dev = os.stat(lower).st_dev
+    operations.watcher = watcher
     return watcher
 
 

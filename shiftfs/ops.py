@@ -26,11 +26,17 @@ How a request reaches the lower inode:
 What the kernel caches, for how long, and who invalidates it
 (``Lifetimes``):
 - entry (name -> node) and attr replies: ``entry_timeout`` and
-  ``attr_timeout`` (1 s by default; an hour for inodes on the lower's own
-  filesystem while watch.Watcher runs); changes made through this mount are
-  known to the kernel already, changes behind it are invalidated by the
-  watcher or show within the timeout;
-- negative entries (no such name): ``negative_timeout``;
+  ``attr_timeout`` (1 s by default; an hour where watch.Watcher reports the
+  changes: names in a directory with a fanotify mark of its own, attributes
+  of a node with one or in such a directory); changes made through this
+  mount are known to the kernel already, changes behind it are invalidated
+  by the watcher or show within the timeout (``unwatched``, the short ones,
+  where marks ran out or the filesystem cannot be watched; names also on a
+  kernel without FUSE_EXPIRE_ONLY, where invalidating one could detach a
+  mount on it);
+- negative entries (no such name): ``negative_timeout``, under the same
+  rule; the watcher keeps the long-lived ones, to expire them after a
+  queue overflow;
 - frozen inodes (an unmapped lower owner or group) get attr lifetime 0 and
   names inside a frozen directory entry lifetime 0, so the daemon sees
   every access it must decide (policy.py);
@@ -45,9 +51,9 @@ What the kernel caches, for how long, and who invalidates it
   set-gid bit with group exec or a security.capability (the daemon decides
   about those itself), nor lowers stacked on another stacking filesystem
   (overlayfs, a second shiftfs: the kernel refuses them as backing files);
-- directory listings: kept across opens while watched (FOPEN_CACHE_DIR,
-  dropped by the watcher's notify_inval_inode of the directory), never for
-  frozen directories;
+- directory listings: kept across opens while the directory has a mark
+  (FOPEN_CACHE_DIR, dropped by the watcher's inval_inode of the directory;
+  rootless too), never for frozen directories;
 - POSIX ACLs: cached by the kernel with the inode, dropped when its
   attributes change through this mount; the mount root's too, since a root
   daemon mounts the lower's root below the FUSE root (``ROOT_NAME``).
@@ -61,10 +67,11 @@ Caveats (honest ones, as in pyfuse3's passthroughfs):
 - Every node holds an fd while it is in use: the daemon raises
   RLIMIT_NOFILE at start, and watch.Shrinker keeps the fds under 60 % of it
   (nodes no running request names give theirs back and are reopened by
-  file handle; failing that, the kernel is asked to drop its oldest names). A file whose last name goes while nobody has it
-  open gives its inode back at once (inodes.release_if_gone).
-- Without the watcher (rootless, -o cache=timeout) changes behind the
-  mount show within the lifetimes above.
+  file handle; failing that, the kernel is asked to forget its oldest
+  nodes). A file whose last name goes while nobody has it open gives its
+  inode back at once (inodes.release_if_gone).
+- Without the watcher (-o cache=timeout, a lower fanotify cannot watch)
+  changes behind the mount show within the lifetimes above.
 """
 
 from __future__ import annotations
@@ -215,7 +222,7 @@ class Operations:
         self.gids = idmap.gids
         self.life = lifetimes or Lifetimes()
         self.unwatched = self.life  # lifetimes where no watcher sees changes
-        self.watched_dev: int | None = None
+        self.watcher = None  # watch.Watcher, where changes behind the mount are watched
         self.daemon_uid = os.geteuid()
         self.daemon_gid = os.getegid()
         self._dirs: dict[int, DirStream] = {}
@@ -305,24 +312,69 @@ class Operations:
     def _frozen(self, st: os.stat_result) -> bool:
         return policy.is_frozen(st, self.uids, self.gids)
 
-    def _life(self, st: os.stat_result) -> Lifetimes:
-        """Long lifetimes only where the watcher sees changes (the lower's
-        own filesystem, not what is mounted below it)."""
-        if self.watched_dev is None or st.st_dev == self.watched_dev:
+    def _watching(self, node: Node) -> bool:
+        """Whether the watcher reports changes behind the mount to ``node``
+        itself and, for a directory, to its names and listing: a fanotify
+        mark of its own (watch.py)."""
+        w = self.watcher
+        return w is not None and w.running and node.marked
+
+    def _attr_life(self, node: Node | None, st: os.stat_result) -> float:
+        """Long where a mark reports the node's attribute and data changes:
+        its own, or its directory's (which sees a change through that
+        directory only, so not for a file with other links)."""
+        w = self.watcher
+        if w is None:
+            return self.life.attr  # nothing watched: one lifetime for all (cache=timeout|forever)
+        if w.running and node is not None and node.fid is not None:
+            if node.marked:
+                return self.life.attr
+            if st.st_nlink == 1 or stat.S_ISDIR(st.st_mode):
+                parent = self.table._by_id.get(node.parent_id)
+                if parent is not None and parent.marked and parent.key[0] == node.key[0]:
+                    return self.life.attr
+        return self.unwatched.attr
+
+    def _names_life(self, parent: Node) -> Lifetimes:
+        """Long for the names in ``parent`` where its mark reports them and
+        they can be expired without detaching anything (FUSE_EXPIRE_ONLY)."""
+        w = self.watcher
+        if w is None:
+            return self.life
+        if w.running and parent.marked and w.session.expire_only:
             return self.life
         return self.unwatched
 
-    def _attr(self, st: os.stat_result) -> Attr:
+    def _attr(self, st: os.stat_result, node: Node | None) -> Attr:
         uid = self.uids.to_upper(st.st_uid)
         gid = self.gids.to_upper(st.st_gid)
         frozen = uid is None or gid is None
         return Attr(st, self._ovf_uid if uid is None else uid, self._ovf_gid if gid is None else gid,
-                    0.0 if frozen else self._life(st).attr)
+                    0.0 if frozen else self._attr_life(node, st))
 
-    def _entry(self, node: Node, st: os.stat_result, in_frozen_dir: bool) -> Entry:
-        st, uid, gid, attr_timeout = self._attr(st)
-        return Entry(node.node_id, st, uid, gid, attr_timeout,
-                     0.0 if in_frozen_dir else self._life(st).entry)
+    def _entry(self, node: Node, st: os.stat_result, in_frozen_dir: bool,
+               parent: Node | None) -> Entry:
+        """The reply for ``node``'s name in ``parent`` (None: ROOT_NAME in the
+        FUSE root, which nothing else changes)."""
+        st, uid, gid, attr_timeout = self._attr(st, node)
+        if in_frozen_dir:
+            entry_timeout = 0.0
+        elif parent is not None:
+            entry_timeout = self._names_life(parent).entry
+        elif node is self.table.root:
+            entry_timeout = self.life.entry
+        else:
+            entry_timeout = self.unwatched.entry
+        return Entry(node.node_id, st, uid, gid, attr_timeout, entry_timeout)
+
+    def _absent(self, parent: Node, name: bytes) -> float:
+        """The lifetime of a negative entry: long only where the watcher
+        keeps the name, to expire it after a queue overflow."""
+        life = self._names_life(parent)
+        if life is not self.unwatched and self.watcher is not None \
+                and not self.watcher.remember_negative(parent, name):
+            return self.unwatched.negative
+        return life.negative
 
     def _caller_lower_ids(self, ctx: Context) -> tuple[int, int]:
         """The caller's (lower uid, lower gid); EOVERFLOW if either id has
@@ -392,7 +444,7 @@ class Operations:
     def _new_entry(self, parent: Node, name: bytes) -> Entry:
         """The entry just made under ``name``, counted as one lookup."""
         node, st = self.table.lookup_at(parent, name)
-        return self._entry(node, st, False)
+        return self._entry(node, st, False, parent)
 
     def _frozen_access(self, ctx: Context, node: Node, st: os.stat_result, want: int) -> None:
         """EACCES unless the caller may ``want`` this frozen inode as an
@@ -420,7 +472,7 @@ class Operations:
             if name != ROOT_NAME:
                 return NEGATIVE
             root = self.table.root
-            return self._entry(root, os.fstat(root.fd), False)
+            return self._entry(root, os.fstat(root.fd), False, None)
         parent = self.table.get(parent_id)
         pst = os.fstat(parent.fd)
         frozen_dir = self._frozen(pst)
@@ -429,8 +481,8 @@ class Operations:
         try:
             node, st = self.table.lookup_at(parent, self._name(name))
         except FileNotFoundError:
-            return NEGATIVE._replace(entry_timeout=0.0 if frozen_dir else self._life(pst).negative)
-        return self._entry(node, st, frozen_dir)
+            return NEGATIVE._replace(entry_timeout=0.0 if frozen_dir else self._absent(parent, name))
+        return self._entry(node, st, frozen_dir, parent)
 
     def forget(self, pairs) -> None:
         for node_id, nlookup in pairs:
@@ -463,7 +515,7 @@ class Operations:
         os.link(node.path, self._name(name), dst_dir_fd=parent.fd, follow_symlinks=True)
         fd = os.dup(node.fd)
         st = os.fstat(fd)
-        return self._entry(self.table.add(fd, st, parent_id, name), st, False)
+        return self._entry(self.table.add(fd, st, parent_id, name), st, False, parent)
 
     def _delete(self, parent_id: int, name: bytes, remove) -> None:
         parent = self.table.get(parent_id)
@@ -508,11 +560,12 @@ class Operations:
 
     # ---- attributes ----
     def getattr(self, ctx: Context, node_id: int, fh: int | None) -> Attr:
-        if fh is not None:
-            return self._attr(os.fstat(fh))
         if node_id == ROOT_ID and self.root_below:  # the daemon's own, never cached
             return Attr(os.fstat(self.table.root.fd), self.daemon_uid, self.daemon_gid, 0.0)
-        return self._attr(os.fstat(self.table.get(node_id).fd))
+        if fh is not None:  # the open file's node, without reopening its fd
+            return self._attr(os.fstat(fh), self.table._by_id.get(node_id))
+        node = self.table.get(node_id)
+        return self._attr(os.fstat(node.fd), node)
 
     def readlink(self, ctx: Context, node_id: int) -> bytes:
         return os.readlink(b"", dir_fd=self.table.get(node_id).fd)
@@ -576,7 +629,7 @@ class Operations:
                 self._chown(ctx, node, st, UNCHANGED, UNCHANGED)
             else:
                 self._remove_privs(ctx, node, st)
-        return self._attr(os.fstat(fd))
+        return self._attr(os.fstat(fd), node)
 
     def _remove_privs(self, ctx: Context, node: Node, st: os.stat_result) -> None:
         """The empty SETATTR of file_remove_privs (a write, truncate or
@@ -768,7 +821,7 @@ class Operations:
             raise
         fh, backing = self._serve(node, fd, st, flags, uid)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
-        return self._entry(node, st, False), Opened(fh, False, backing, _whole_appends(flags, backing))
+        return self._entry(node, st, False, parent), Opened(fh, False, backing, _whole_appends(flags, backing))
 
     def tmpfile(self, ctx: Context, parent_id: int, mode: int, flags: int) -> tuple[Entry, Opened]:
         """O_TMPFILE: an unnamed file in ``parent``, born the caller's (as a
@@ -798,7 +851,7 @@ class Operations:
             raise
         fh, backing = self._serve(node, fd, st, flags, ctx.uid)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
-        return self._entry(node, st, False), Opened(fh, False, backing, _whole_appends(flags, backing))
+        return self._entry(node, st, False, parent), Opened(fh, False, backing, _whole_appends(flags, backing))
 
     def release(self, node_id: int, fh: int) -> None:
         self.table.closed(fh, self._backing_close)
@@ -841,7 +894,7 @@ class Operations:
         self._dirs[fd] = DirStream(fd, frozen)
         # the kernel may keep the listing while the watcher invalidates the
         # directory on every change behind the mount (frozen ones: never)
-        return Opened(fd, not frozen and self.watched_dev == st.st_dev)
+        return Opened(fd, not frozen and self._watching(node))
 
     def readdir(self, node_id: int, fh: int, off: int) -> DirStream:
         stream = self._dirs[fh]
@@ -864,7 +917,8 @@ class Operations:
         if self._frozen(st):
             os.close(fd)
             return None
-        return self._entry(self.table.add(fd, st, parent_id, name), st, False)
+        return self._entry(self.table.add(fd, st, parent_id, name), st, False,
+                           self.table._by_id.get(parent_id))
 
     def releasedir(self, node_id: int, fh: int) -> None:
         self._dirs.pop(fh, None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 
 KERNEL_MAJOR = 7
-KERNEL_MINOR = 44  # what this file speaks; the kernel says its own at INIT
+KERNEL_MINOR = 45  # what this file speaks; the kernel says its own at INIT
 MIN_MINOR = 31     # Linux 5.4 (HANDLE_KILLPRIV_V2 came in 7.33, EXPIRE_ONLY in 7.38)
 
 # ---- opcodes ----------------------------------------------------------------
@@ -74,7 +74,7 @@ FOPEN_NOFLUSH, FOPEN_PARALLEL_DIRECT_WRITES, FOPEN_PASSTHROUGH = 1 << 5, 1 << 6,
 IOCTL_UNRESTRICTED, IOCTL_DIR = 1 << 1, 1 << 4
 EXPIRE_ONLY = 1 << 0  # fuse_notify_inval_entry_out.flags
 
-NOTIFY_INVAL_INODE, NOTIFY_INVAL_ENTRY, NOTIFY_DELETE, NOTIFY_RESEND = 2, 3, 6, 7
+NOTIFY_INVAL_INODE, NOTIFY_INVAL_ENTRY, NOTIFY_DELETE, NOTIFY_RESEND, NOTIFY_PRUNE = 2, 3, 6, 7, 9
 
 # /dev/fuse ioctls: _IOR(229, 0, uint32_t), _IOW(229, 1, struct fuse_backing_map),
 # _IOW(229, 2, uint32_t)
@@ -127,6 +127,7 @@ DIRENT = struct.Struct("=QQII")               # ino off namelen type
 NOTIFY_INVAL_INODE_OUT = struct.Struct("=Qqq")
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("=QII")
 NOTIFY_DELETE_OUT = struct.Struct("=QQII")
+NOTIFY_PRUNE_OUT = struct.Struct("=IIQ")      # count padding spare, then count node ids (7.45)
 BACKING_MAP = struct.Struct("=iIQ")           # fd flags padding
 
 SIZES = {  # sizeof() in the kernel header, for the layout test

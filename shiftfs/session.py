@@ -29,6 +29,7 @@ import logging
 import os
 import queue
 import signal
+import struct
 import sys
 import threading
 
@@ -293,6 +294,7 @@ class Session:
         minor = min(minor, P.KERNEL_MINOR)
         self.expire_only = bool(got & P.HAS_EXPIRE_ONLY) or (
             minor >= 38 and bool(offered & P.HAS_EXPIRE_ONLY))
+        self.can_prune = minor >= 45
         self.granted = Granted(minor=minor, passthrough=bool(got & P.PASSTHROUGH),
                                killpriv_v2=bool(got & P.HANDLE_KILLPRIV_V2),
                                expire_only=self.expire_only, max_write=MAX_WRITE)
@@ -583,6 +585,14 @@ class Session:
     def delete(self, parent_id: int, child_id: int, name: bytes) -> int:
         return self._notify(P.NOTIFY_DELETE,
                             [P.NOTIFY_DELETE_OUT.pack(parent_id, child_id, len(name), 0), name, b"\0"])
+
+    def prune(self, node_ids) -> int:
+        """FUSE_NOTIFY_PRUNE: the kernel drops the unused names of these
+        nodes (never one something holds, so never a mount point) and then
+        FORGETs the nodes nothing else holds (``can_prune``: 7.45)."""
+        ids = list(node_ids)
+        return self._notify(P.NOTIFY_PRUNE, [P.NOTIFY_PRUNE_OUT.pack(len(ids), 0, 0),
+                                             struct.pack(f"={len(ids)}Q", *ids)])
 
     # ---- passthrough backing files (Linux 6.9, CAP_SYS_ADMIN) ----------------
     def backing_open(self, fd: int) -> int:
