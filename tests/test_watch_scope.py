@@ -155,6 +155,10 @@ if [ "$(stat -c %a /dev/fuse)" != 666 ]; then   # Debian makes it 0666; this mac
 fi
 echo user_allow_other > "$SCRATCH/fuse.conf"    # shiftfs mounts allow_other
 mount --bind "$SCRATCH/fuse.conf" /etc/fuse.conf
+if ! getent passwd "$RUSER" >/dev/null; then     # fusermount3 wants the user's name
+    cp /etc/passwd "$SCRATCH/passwd"; echo "shiftfs-rootless:x:$RUSER:$RUSER::/:/bin/false" >> "$SCRATCH/passwd"
+    mount --bind "$SCRATCH/passwd" /etc/passwd
+fi
 if [ -n "$BLOCKED" ]; then                       # an interpreter under a 0700 /root
     mkdir "$SCRATCH/stash"; mount --bind "$KEEP" "$SCRATCH/stash"
     mount -t tmpfs -o mode=755,size=1m shiftfs-rootless "$BLOCKED"
