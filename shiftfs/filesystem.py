@@ -137,3 +137,4 @@ class Granted(NamedTuple):
     killpriv_v2: bool      # the daemon clears set-id bits on the kernel's word
     expire_only: bool      # inval_entry can expire a name without detaching mounts
     max_write: int
+    resend: bool = False   # FUSE_NOTIFY_RESEND: a new server gets the dead one's requests

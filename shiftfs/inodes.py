@@ -92,7 +92,8 @@ class Node:
     for an inode), ``fd`` an O_PATH fd of it."""
 
     __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens", "busy",
-                 "handle", "used", "stamp", "backing", "fid", "marked")
+                 "handle", "used", "stamp", "backing", "fid", "marked",
+                 "slot")
 
     def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.node_id, self.fd, self.key, self.mode = node_id, fd, key, mode
@@ -106,6 +107,7 @@ class Node:
         self.backing = 0  # passthrough backing id while its opens are passed through
         self.fid: bytes | None = None  # fsid + file handle: how fanotify names it (watch.py)
         self.marked = False  # a fanotify mark of its own reports its changes (watch.py)
+        self.slot = -1  # its slot in the supervisor's journal (supervisor.NodeJournal)
 
     @property
     def path(self) -> str:
@@ -158,6 +160,9 @@ class InodeTable:
         self._files: dict[int, OpenFile] = {}  # by fd (the fh the kernel has)
         self._uid_files: dict[int, int] = {}  # fds held for each caller uid
         self._shared: dict[tuple[int, int], OpenFile] = {}  # (node id, flags) -> passed-through fd
+        # what outlives this process (supervisor.py): the nodes, and the open files' fds
+        self.journal = None
+        self.store = None
         # Idle nodes may give their fd back and be reopened by file handle
         # (needs CAP_DAC_READ_SEARCH and a filesystem with handles).
         self._mount_fd = -1
@@ -312,6 +317,8 @@ class InodeTable:
                 node = Node(self._next_id, fd, key, stat.S_IFMT(st.st_mode))
                 node.handle = handle
                 self._next_id += 1
+                if self.journal is not None:
+                    self.journal.set_next_id(self._next_id)
                 self._by_id[node.node_id] = node
                 self._by_key[key] = node
                 n = len(self._by_id)
@@ -328,6 +335,11 @@ class InodeTable:
             node.nlookup += 1
             if name:
                 node.parent_id, node.name = parent_id, name
+            if self.journal is not None:  # before the reply hands the node to the kernel
+                if node.slot < 0:
+                    self.journal.put(node)
+                else:
+                    self.journal.count(node)
         if fd >= 0:
             os.close(fd)
         if created and self.watch is not None:  # the kernel holds it from this reply on
@@ -365,17 +377,23 @@ class InodeTable:
             with self._lock:
                 if not node.opens and passthrough is not None:
                     node.backing = passthrough()
+                    if node.backing and self.journal is not None:
+                        self.journal.put(node)
                 node.opens += 1
                 backing = node.backing
                 shared = (node.node_id, flags & ~_OPENING) if backing else None
                 f = self._shared.get(shared) if shared else None
                 if f is not None:
                     f.opens += 1
+                    if self.store is not None:
+                        self.store.shared(f.fd)
                 else:
                     f = OpenFile(fd, node, uid, shared)
                     self._count(f)
                     if shared:
                         self._shared[shared] = f
+                    if self.store is not None:
+                        self.store.held(fd, node.node_id, uid, flags)
                     fd = -1
         except BaseException:
             os.close(fd)
@@ -388,6 +406,8 @@ class InodeTable:
         """A lower directory ``fd`` held for caller ``uid``'s OPENDIR."""
         with self._lock:
             self._count(OpenFile(fd, None, uid, None))
+            if self.store is not None:
+                self.store.held(fd, 0, uid, os.O_DIRECTORY)
 
     def closed(self, fh: int, unregister=None) -> None:
         """A RELEASE or RELEASEDIR of ``fh``: its fd is closed once no open
@@ -402,6 +422,8 @@ class InodeTable:
                 return
             f.opens -= 1
             unused = not f.opens
+            if self.store is not None:  # before the fd goes: a resent RELEASE finds no fh
+                self.store.released(fh)
             if unused:
                 del self._files[fh]
                 self.file_fds -= 1
@@ -416,6 +438,8 @@ class InodeTable:
                 last = not node.opens
                 if last:
                     backing, node.backing = node.backing, 0
+                    if backing and self.journal is not None and node.slot >= 0:
+                        self.journal.put(node)
         if unused:
             os.close(fh)
         if not last:
@@ -459,7 +483,11 @@ class InodeTable:
                 return False
             node.nlookup -= nlookup
             if node.nlookup > 0:
+                if self.journal is not None and node.slot >= 0:
+                    self.journal.count(node)
                 return False
+            if self.journal is not None:
+                self.journal.drop(node)
             del self._by_id[node_id]
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
@@ -471,6 +499,33 @@ class InodeTable:
         if fd >= 0:
             os.close(fd)
         return True
+
+    def restore(self, journal, held) -> None:
+        """A server started after another died: every node the journal
+        names (without an fd: reopened by handle when next named), and the
+        open files the supervisor kept (``held``: fh -> supervisor.Held),
+        at the fh numbers the kernel has."""
+        with self._lock:
+            for slot, node_id, nlookup, parent_id, key, mode, backing, handle in journal.records():
+                node = Node(node_id, -1, key, mode)
+                node.slot, node.nlookup, node.parent_id = slot, nlookup, parent_id
+                node.handle, node.backing = handle, backing
+                self._by_id[node_id] = node
+                self._by_key.setdefault(key, node)
+                self._next_id = max(self._next_id, node_id + 1)
+            self._next_id = max(self._next_id, journal.next_id())
+            for fh, h in held.items():
+                node = self._by_id.get(h.node_id) if h.node_id else None
+                shared = (node.node_id, h.flags & ~_OPENING) if node is not None and node.backing \
+                    else None
+                f = OpenFile(fh, node, h.uid, shared)
+                f.opens = h.opens
+                self._count(f)
+                if shared:
+                    self._shared[shared] = f
+                if node is not None:
+                    node.opens += h.opens
+            self.journal = journal
 
     # ---- for the watcher, which holds no node as a request does ----
     def with_fd(self, node: Node, fn):

@@ -92,6 +92,12 @@ def name_thread(name: str) -> None:
     _libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
 
 
+def die_with_parent() -> None:
+    """PR_SET_PDEATHSIG SIGKILL: this process ends when the one that forked
+    it does (a server without its supervisor holds no mount)."""
+    _libc.prctl(1, 9, 0, 0, 0)
+
+
 def private_fs_struct() -> None:
     """A umask of this thread's own (unshare CLONE_FS), so a create can use
     the caller's."""

@@ -4,7 +4,9 @@ is live, unmount cleanly, and a context manager for Python callers."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import json
 import logging
 import logging.handlers
 import os
@@ -225,25 +227,6 @@ def _unmount_own(mnt_id: int) -> None:
         os.close(fd)
 
 
-def _kernel_mount(fd: int, lower: str, mp_fd: int, options: MountOptions) -> int:
-    """mount(2) of a FUSE filesystem served on ``fd``, as libfuse's own
-    mount does for root, on the directory ``mp_fd`` holds; the mount shows
-    the FUSE root. Returns the new mount's id."""
-    flags = 0
-    data = [f"rootmode={stat.S_IFMT(os.stat(lower).st_mode):o}"]
-    for w in _fuse_words(fd, lower, options):
-        if w in linux.MS_FLAGS:
-            flags |= linux.MS_FLAGS[w]
-        else:
-            data.append(w)
-    target = f"/proc/self/fd/{mp_fd}"  # the magic link: the held directory itself
-    linux.mount(lower, target, FSTYPE, flags, ",".join(data))
-    parent, where = linux.mount_id(mp_fd), os.readlink(target)
-    ids = [int(fields[0]) for fields in _mountinfo_fields()
-           if int(fields[1]) == parent and _unescape(fields[4]) == where]
-    return ids[-1]  # the topmost there: ours, just made
-
-
 def _mount_below(fd: int, lower: str, mp_fd: int, options: MountOptions) -> int:
     """A FUSE filesystem served on ``fd`` made with fsopen/fsmount, and its
     directory ops.ROOT_NAME (the lower's root) bind-mounted on the directory
@@ -322,111 +305,236 @@ _SLOW_LOWERS = ("fuse", "nfs", "cifs", "smb3", "9p", "ceph", "glusterfs", "sshfs
 
 def serve(lower: str, mountpoint: str, idmap: IdMap, options: MountOptions) -> int:
     """Mount and serve until unmounted. Without ``foreground`` the process
-    forks once the mount is live, so the caller returns only then."""
-    from .ops import Lifetimes, Operations
-    from .session import Session
+    forks once the mount is live, so the caller returns only then. The
+    process that returns is the mount's supervisor (supervisor.py): it
+    holds /dev/fuse and the mount, and forks the server that does the
+    work, again whenever one dies."""
+    from .supervisor import GRANT_PASSTHROUGH, Supervisor, status_path
 
     setup_logging(options.foreground)
     linux.limit_mmap_threshold()
     _raise_nofile()
-    root = os.geteuid() == 0
-    if root and not linux.keep_caps_across_fsuid():
+    if os.geteuid() == 0 and not linux.keep_caps_across_fsuid():
         print("shiftfs: cannot set SECBIT_NO_SETUID_FIXUP; new files may get the wrong owner",
               file=sys.stderr)
-    root_below = mounts_itself()
-    operations = Operations(lower, idmap, Lifetimes(options.attr_timeout, options.entry_timeout,
-                                                    options.negative_timeout), root_below)
-    lacks = operations.lacks()
-    if lacks:
-        log.warning("the lower %s (%s) lacks %s", lower, operations.lower_type or "?",
-                    "; ".join(lacks))
+    own = mounts_itself()
     mp = os.path.realpath(mountpoint)
+    status = status_path(mp)  # now: once mounted, a stat of the mount point waits for INIT
     mp_fd = None
-    if root:  # we mount ourselves: held from here on (_open_mount_point)
+    if own:  # we mount ourselves: held from here on (_open_mount_point)
         try:
             mp_fd = _open_mount_point(mp)
         except OSError as e:
             print(f"shiftfs: mount point {mountpoint}: {e.strerror or e}", file=sys.stderr)
             return 1
     report = None if options.foreground else _daemonize()
-    device_fd, sync_init = _own_device()
-    if root_below and device_fd is None:  # cannot happen as root; never serve node 1 wrong
-        print(f"shiftfs: mount of {mountpoint} failed: cannot open /dev/fuse", file=sys.stderr)
+
+    def fail(what: str) -> int:
+        print(f"shiftfs: mount of {mountpoint} failed: {what}", file=sys.stderr)
+        if report:
+            report(False)
         return 1
+
     fusermount = None
-    if device_fd is None:  # no privilege: fusermount3 mounts (through libfuse) and hands us the fd
+    if own:
+        device_fd, sync_init = _own_device()
+        if device_fd is None:
+            return fail("cannot open /dev/fuse")
+    else:  # no privilege: fusermount3 mounts (through libfuse) and hands us the fd
         from .libfuse import FusermountMount
         try:
             fusermount = FusermountMount(mp, options.mount_options(lower))
         except OSError as e:
-            print(f"shiftfs: mount of {mountpoint} failed: {e.strerror or e}", file=sys.stderr)
-            if report:
-                report(False)
-            return 1
-        device_fd = fusermount.fd
+            return fail(e.strerror or str(e))
+        device_fd, sync_init = fusermount.fd, False
+    resume = {"lower": lower, "mountpoint": mountpoint, "own": own, "mountpoint_real": mp,
+              "uidmap": [str(e) for e in idmap.uids.extents],
+              "gidmap": [str(e) for e in idmap.gids.extents],
+              "options": dataclasses.asdict(options), "mnt_id": None}
+    sup = Supervisor(device_fd, mp, _server_starter(lower, mountpoint, idmap, options, device_fd,
+                                                    own), lambda: None, resume, status=status)
+    sup.fork_server(restored=False)  # it answers INIT (and the lookup of the root below)
+    if own:
+        try:
+            try:
+                mnt_id = _mount_below(device_fd, lower, mp_fd, options)
+            finally:
+                os.close(mp_fd)
+        except OSError as e:
+            _end_server(sup)
+            return fail(e.strerror or str(e))
+        resume["mnt_id"] = mnt_id
+        sup.unmount = lambda: _unmount_own(mnt_id)
+    else:
+        sup.unmount = fusermount.unmount
+    try:
+        if not sup.wait_ready(20):
+            raise OSError(errno.EIO, "the server did not answer INIT")
+    except BaseException as e:  # noqa: B902 (never a mount left without its server)
+        sup.unmount()
+        _end_server(sup)
+        sup.remove_status()
+        return fail(e.strerror if isinstance(e, OSError) else repr(e))
+    set_read_ahead(mp, READ_AHEAD_KB)
+    log.info("serving %s at %s%s", lower, mountpoint, " (file data passed through)"
+             if sup.journal.grants()[1] & GRANT_PASSTHROUGH else "")
+    if options.debug:
+        log.info("INIT was %s", "synchronous (FUSE_DEV_IOC_SYNC_INIT)" if sync_init
+                 else "asynchronous (no FUSE_DEV_IOC_SYNC_INIT here)")
+        log.info("the mount shows %s", "the FUSE root's directory 'root' (ACLs of the root cached)"
+                 if own else "the FUSE root")
+    if report:
+        report(True)
+    return sup.run()
+
+
+def resume(fd: int) -> int:
+    """``shiftfs --resume FD``: a supervisor re-executed by an upgrade
+    takes over the mount from the state its predecessor left in ``fd``."""
+    from .supervisor import Held, NodeJournal, Supervisor
+
+    with os.fdopen(fd, "rb") as f:
+        state = json.load(f)
+    options = MountOptions(**state["options"])
+    setup_logging(options.foreground)
+    idmap = build_idmap(parse_extents(" ".join(state["uidmap"])),
+                        parse_extents(" ".join(state["gidmap"])))
+    lower, mountpoint, own = state["lower"], state["mountpoint"], state["own"]
+    device_fd = state["device_fd"]
+    held = {int(fh): Held(*v) for fh, v in state["held"].items()}
+    for fd_ in [device_fd, state["journal_fd"]] + [h.fd for h in held.values()]:
+        os.set_inheritable(fd_, False)
+    mp = state["mountpoint_real"]  # never resolved again: the mount has no server now
+    if own:
+        mnt_id = state["mnt_id"]
+        unmount = lambda: _unmount_own(mnt_id)  # noqa: E731
+    else:
+        unmount = lambda: unmount_path(mp)  # noqa: E731
+    sup = Supervisor(device_fd, mp, _server_starter(lower, mountpoint, idmap, options, device_fd,
+                                                    own), unmount, state,
+                     journal=NodeJournal(state["journal_fd"]), held=held,
+                     restarts=state["restarts"], status=state["status"])
+    sup.fork_server(restored=True)
+    log.warning("upgraded: server %d serves %s", sup.server_pid, mountpoint)
+    return sup.run()
+
+
+def unmount_path(mp: str) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+
+
+def _end_server(sup) -> None:
+    try:
+        os.kill(sup.server_pid, signal.SIGKILL)
+        os.waitpid(sup.server_pid, 0)
+    except OSError:
+        pass
+
+
+def _watch_restored(table, watcher) -> None:
+    """A new server's watcher marks the directories (and linked files) the
+    kernel still holds, as the dead server's did: each reopened by handle."""
+    for node in table.nodes():
+        if not (node.is_dir() or node.opens):
+            continue
+        try:
+            if node.fd < 0:
+                table._reopen(node)
+            watcher.added(node, os.fstat(node.fd))
+        except OSError:
+            continue  # gone: it answers ESTALE when named
+
+
+def _server_starter(lower, mountpoint, idmap, options, device_fd, own):
+    def start(journal, sock, held, restored) -> int:
+        return _server(lower, mountpoint, idmap, options, device_fd, own, journal, sock, held,
+                       restored)
+    return start
+
+
+def _server(lower, mountpoint, idmap, options, device_fd, own, journal, sock, held,
+            restored) -> int:
+    """A server (in a child of the supervisor): serve the mount until it
+    ends (exit 0) or this process dies (the supervisor starts another).
+    ``restored``: take over from a dead server, whose nodes ``journal``
+    names and whose open files ``held`` are (at their fh numbers)."""
+    from .filesystem import Granted
+    from .ops import Lifetimes, Operations
+    from .session import MAX_WRITE, Session
+    from .supervisor import (GRANT_EXPIRE_ONLY, GRANT_KILLPRIV_V2, GRANT_PASSTHROUGH,
+                             GRANT_RESEND, FdStore)
+
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if not options.foreground:  # a daemon's server speaks to syslog only (setup_logging)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+    root = os.geteuid() == 0
+    operations = Operations(lower, idmap, Lifetimes(options.attr_timeout, options.entry_timeout,
+                                                    options.negative_timeout), own)
+    if not restored:
+        lacks = operations.lacks()
+        if lacks:
+            log.warning("the lower %s (%s) lacks %s", lower, operations.lower_type or "?",
+                        "; ".join(lacks))
+    table = operations.table
+    granted = None
+    if restored:
+        table.restore(journal, held)
+        for fh, h in held.items():
+            if not h.node_id:
+                operations.resume_dir(fh)
+        minor, grants = journal.grants()
+        granted = Granted(minor, bool(grants & GRANT_PASSTHROUGH), bool(grants & GRANT_KILLPRIV_V2),
+                          bool(grants & GRANT_EXPIRE_ONLY), MAX_WRITE, bool(grants & GRANT_RESEND))
+    else:
+        table.journal = journal
+    store = FdStore(sock)
+    table.store = store
     passthrough = options.passthrough != "off" and root
-    # FUSE_HANDLE_KILLPRIV_V2 (as root): the daemon clears set-id bits
-    # on the kernel's word, so the kernel stops asking for
-    # security.capability before every write (ops.Operations.setattr)
     session = Session(operations, device_fd, passthrough=passthrough, killpriv_v2=root,
                       max_readahead=READ_AHEAD_KB * 1024, debug=options.debug,
                       slow=operations.lower_type.startswith(_SLOW_LOWERS),
-                      pool_threads=WORKERS if options.threads else 1)
+                      pool_threads=WORKERS if options.threads else 1, granted=granted)
     if passthrough:
         operations.offer_passthrough(session)
     try:
         watcher = _make_watch(operations, session, lower, options)
     except OSError as e:
-        print(f"shiftfs: {e.strerror}", file=sys.stderr)
-        if fusermount is not None:
-            fusermount.unmount()
-        if report:
-            report(False)
-        return 1
-    session.catch_signals()
-    session.start()  # the reader answers INIT (and the lookup of the root below)
-    unmount = fusermount.unmount if fusermount is not None else None
-    if fusermount is None:
-        try:
-            try:
-                mnt_id = (_mount_below if root_below else _kernel_mount)(
-                    device_fd, lower, mp_fd, options)
-            finally:
-                os.close(mp_fd)
-        except OSError as e:
-            print(f"shiftfs: mount of {mountpoint} failed: {e.strerror or e}", file=sys.stderr)
-            if report:
-                report(False)
-            return 1
-        unmount = lambda: _unmount_own(mnt_id)  # noqa: E731
-    if not session.inited.wait(20) or session.init_error is not None:
-        print(f"shiftfs: mount of {mountpoint} failed: no INIT from the kernel"
-              f"{': ' + str(session.init_error) if session.init_error else ''}", file=sys.stderr)
-        unmount()
-        if report:
-            report(False)
-        return 1
-    set_read_ahead(mp, READ_AHEAD_KB)
-    log.info("serving %s at %s%s", lower, mountpoint,
-             " (file data passed through)" if operations.backing_files is not None else "")
-    if report:
-        report(True)
-    if options.debug:
-        log.info("INIT was %s", "synchronous (FUSE_DEV_IOC_SYNC_INIT)" if sync_init
-                 else "asynchronous (no FUSE_DEV_IOC_SYNC_INIT here)")
-        log.info("the mount shows %s", "the FUSE root's directory 'root' (ACLs of the root cached)"
-                 if root_below else "the FUSE root")
-        log.info("set-id bits on write and truncate cleared by %s",
-                 "the daemon (FUSE_HANDLE_KILLPRIV_V2)" if session.granted.killpriv_v2
-                 else "the kernel")
+        log.error("%s", e.strerror)
+        return 2
+    if restored and watcher is not None:
+        _watch_restored(table, watcher)
+    session.start()
+    if restored:
+        if watcher is not None:  # what changed while no server watched
+            watcher.expire_all()
+        if granted.resend and session.resend() == 0:
+            log.info("server %d took over: requests the dead one had read are resent", os.getpid())
+        else:
+            log.warning("server %d took over; this kernel cannot resend the requests the dead "
+                        "one had read (Linux 6.9+): their callers wait until killed", os.getpid())
+    else:
+        if not session.inited.wait(30) or session.init_error is not None:
+            log.error("no INIT from the kernel: %s", session.init_error)
+            return 2
+        g = session.granted
+        journal.set_grants(g.minor, GRANT_PASSTHROUGH * g.passthrough
+                           + GRANT_KILLPRIV_V2 * g.killpriv_v2 + GRANT_EXPIRE_ONLY * g.expire_only
+                           + GRANT_RESEND * g.resend)
+        if options.debug:
+            log.info("set-id bits on write and truncate cleared by %s",
+                     "the daemon (FUSE_HANDLE_KILLPRIV_V2)" if g.killpriv_v2 else "the kernel")
+    store.ready()
     if watcher is not None:
         watcher.start()
     # the table's fds stay well inside RLIMIT_NOFILE (open files need some too)
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    operations.table.high, operations.table.low = int(limit * 0.6), int(limit * 0.4)
-    Shrinker(operations.table, session).start()
-    session.wait(unmount)
-    return 0
+    table.high, table.low = int(limit * 0.6), int(limit * 0.4)
+    Shrinker(table, session).start()
+    session.wait(None, signals=False)
+    return 0 if session.unmounted else 1
 
 
 # ---- looking at mounts ---------------------------------------------------------

@@ -488,6 +488,23 @@ class Operations:
         for node_id, nlookup in pairs:
             self.table.forget(node_id, nlookup)
 
+    def made_by(self, ctx: Context, parent_id: int, name: bytes) -> Entry | None:
+        """For a resent request that makes ``name`` and now finds it: its
+        entry (one lookup) if it is the caller's, whose first try made it
+        before its server died; else None (someone else's: EEXIST stands)."""
+        entry = self.lookup(ctx, parent_id, name)
+        if not entry.node_id:
+            return None
+        if entry.uid == ctx.uid:
+            return entry
+        self.table.forget(entry.node_id, 1)
+        return None
+
+    def resume_dir(self, fh: int) -> None:
+        """An open directory a dead server held (the supervisor kept it):
+        its stream, from the offsets the kernel sends."""
+        self._dirs[fh] = DirStream(fh, self._frozen(os.fstat(fh)))
+
     def mknod(self, ctx, parent_id, name, mode, rdev) -> Entry:
         parent = self.table.get(parent_id)
         self._as_caller(ctx, parent, self._name(name), mode,

@@ -75,6 +75,7 @@ IOCTL_UNRESTRICTED, IOCTL_DIR = 1 << 1, 1 << 4
 EXPIRE_ONLY = 1 << 0  # fuse_notify_inval_entry_out.flags
 
 NOTIFY_INVAL_INODE, NOTIFY_INVAL_ENTRY, NOTIFY_DELETE, NOTIFY_RESEND, NOTIFY_PRUNE = 2, 3, 6, 7, 9
+UNIQUE_RESEND = 1 << 63  # in a resent request's unique (FUSE_NOTIFY_RESEND)
 
 # /dev/fuse ioctls: _IOR(229, 0, uint32_t), _IOW(229, 1, struct fuse_backing_map),
 # _IOW(229, 2, uint32_t)

@@ -62,22 +62,24 @@ class Session:
 
     def __init__(self, fs, fd: int, *, passthrough: bool = False, killpriv_v2: bool = False,
                  max_readahead: int = 1 << 20, slow: bool = False, debug: bool = False,
-                 pool_threads: int = POOL_THREADS) -> None:
+                 pool_threads: int = POOL_THREADS, granted: Granted | None = None) -> None:
         self.fs, self.fd = fs, fd
         self._want_passthrough, self._want_killpriv_v2 = passthrough, killpriv_v2
         self.max_readahead = max_readahead
         self.slow, self.debug = slow, debug
-        self.granted: Granted | None = None
+        self.granted: Granted | None = granted  # given: INIT was answered by an earlier server
         self.init_error: BaseException | None = None
         self.inited = threading.Event()
         self._done = threading.Event()
+        self.unmounted = False  # the reader saw the connection end
         self._free: list[bytearray] = []
         self._free_lock = threading.Lock()
         self._pool: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._pool_threads = max(1, pool_threads)
         self._old_signals: dict | None = None
-        self.expire_only = False
+        self.expire_only = bool(granted and granted.expire_only)
+        self.can_prune = bool(granted and granted.minor >= 45)  # FUSE_NOTIFY_PRUNE, Linux 6.18
         self._ops = {
             P.LOOKUP: self._lookup, P.GETATTR: self._getattr, P.SETATTR: self._setattr,
             P.READLINK: self._readlink, P.SYMLINK: self._symlink, P.MKNOD: self._mknod,
@@ -97,7 +99,12 @@ class Session:
 
     # ---- lifecycle ----------------------------------------------------------
     def start(self) -> None:
-        """Start the reader and the pool (they answer INIT, too)."""
+        """Start the reader and the pool (they answer INIT, too; a server
+        taking over from a dead one starts with what INIT settled, and
+        should then ``resend()``)."""
+        if self.granted is not None:
+            self.fs.init(self.granted)
+            self.inited.set()
         for i in range(self._pool_threads):
             self._spawn(self._pool_worker, f"shiftfs-pool-{i}")
         self._spawn(self._reader, "shiftfs-reader")
@@ -121,11 +128,14 @@ class Session:
                              for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
-    def wait(self, unmount=None) -> None:
-        """Serve until unmounted (the reader sees ENODEV) or a signal; then
-        ``unmount()`` (the mount's own way) and stop the threads."""
-        self.catch_signals()
-        old, self._old_signals = self._old_signals, None
+    def wait(self, unmount=None, signals: bool = True) -> None:
+        """Serve until unmounted (the reader sees ENODEV) or, with
+        ``signals``, a SIGTERM/SIGINT/SIGHUP; then ``unmount()`` (the
+        mount's own way) and stop the threads. A supervised server takes
+        no signals: its supervisor ends the mount."""
+        if signals:
+            self.catch_signals()
+        old, self._old_signals = self._old_signals or {}, None
         try:
             while not self._done.wait(0.5):
                 pass
@@ -174,7 +184,9 @@ class Session:
                 except OSError as e:
                     if e.errno in (errno.ENOENT, errno.EAGAIN):  # an interrupted request: gone
                         continue
-                    if e.errno != errno.ENODEV:  # ENODEV: unmounted
+                    if e.errno == errno.ENODEV:  # unmounted
+                        self.unmounted = True
+                    else:
                         log.error("reading /dev/fuse failed: %s", e.strerror)
                     return
                 length, op, unique, nodeid, uid, gid, pid, _ext, _pad = header(buf, 0)
@@ -232,8 +244,11 @@ class Session:
                 result = "ENOENT"  # a negative entry
         except OSError as e:
             code = e.errno or errno.EIO
-            result = errno.errorcode.get(code, str(code))
-            self._error(unique, code)
+            if unique & P.UNIQUE_RESEND and self._replayed(op, ctx, nodeid, body, unique, code):
+                code = 0
+            result = errno.errorcode.get(code, str(code)) if code else "ok (resent)"
+            if code:
+                self._error(unique, code)
         except Exception as e:  # noqa: BLE001 (a bug must still answer)
             log.error("%s failed", P.NAMES.get(op, op), exc_info=e)
             result = "EIO"
@@ -242,6 +257,38 @@ class Session:
             self.fs.request_done()
         if self.debug:
             self._log(op, nodeid, body, ctx, result)
+
+    def _replayed(self, op, ctx, nodeid, body, unique, code) -> bool:
+        """A resent request (its server died before answering) that had
+        taken effect already: answered as it would have been the first
+        time, not with the EEXIST or ENOENT its repetition gives. True if
+        so answered."""
+        try:
+            if code == errno.ENOENT and op in (P.UNLINK, P.RMDIR, P.RENAME, P.RENAME2):
+                return self._reply(unique, b"") or True
+            if code != errno.EEXIST or op not in (P.CREATE, P.MKDIR, P.MKNOD, P.SYMLINK, P.LINK):
+                return False
+            name = _described(op, nodeid, body)
+            parent, name = (name[1], name[2]) if op in (P.SYMLINK, P.LINK) else name[:2]
+            entry = self.fs.made_by(ctx, parent, name)
+            if entry is None:  # someone else's: the EEXIST stands
+                return False
+            if op == P.CREATE:
+                flags = P.CREATE_IN.unpack_from(body)[0] & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+                o = self.fs.open(ctx, entry.node_id, flags)
+                reply, undo = self._created(entry, o)
+            else:
+                reply, undo = self._entry_reply(entry)
+            if not self._reply(unique, reply) and undo is not None:
+                undo()
+            return True
+        except OSError:
+            return False
+
+    def resend(self) -> int:
+        """FUSE_NOTIFY_RESEND: the kernel puts every request a server had
+        read and not answered back in the queue (Linux 6.9+)."""
+        return self._notify(P.NOTIFY_RESEND, [])
 
     def _reply(self, unique: int, parts) -> bool:
         """Send a reply (a bytes-like or a list of them); False if the
@@ -297,7 +344,8 @@ class Session:
         self.can_prune = minor >= 45
         self.granted = Granted(minor=minor, passthrough=bool(got & P.PASSTHROUGH),
                                killpriv_v2=bool(got & P.HANDLE_KILLPRIV_V2),
-                               expire_only=self.expire_only, max_write=MAX_WRITE)
+                               expire_only=self.expire_only, max_write=MAX_WRITE,
+                               resend=bool(offered & P.HAS_RESEND))
         try:
             self.fs.init(self.granted)
         except BaseException as e:  # noqa: B902
@@ -312,6 +360,8 @@ class Session:
         self._reply(unique, reply)
         if self.debug:
             shown = ", ".join(n.lower() for n in _INIT_NAMES if got & getattr(P, n)) or "nothing"
+            if offered & P.HAS_RESEND:
+                shown += ", has_resend"
             print(f"shiftfs: INIT: protocol 7.{minor}, max_write {MAX_WRITE}, granted {shown}",
                   file=sys.stderr, flush=True)
         self.inited.set()

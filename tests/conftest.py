@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shiftfs.idmap import Extent
 from shiftfs.mount import is_mounted, mount, unmount
+from shiftfs.supervisor import read_status
 
 from fuse_requests import RequestCounter
 
@@ -93,6 +94,15 @@ def limited_fds(count: int) -> list[str]:
     cannot raise the limit again, as it otherwise does at start."""
     return ["setpriv", "--bounding-set", "-sys_resource", "--inh-caps", "-sys_resource",
             "prlimit", f"--nofile={count}:{count}", "--"]
+
+
+def server_pid(mountpoint) -> int:
+    """The pid of the server serving ``mountpoint`` now: the process that
+    holds the node fds, marks and open files (the one a test signals or
+    measures); the process a test starts is its supervisor."""
+    status = read_status(str(mountpoint))
+    assert status is not None and status["server"] > 0, f"no server for {mountpoint}"
+    return status["server"]
 
 
 @contextlib.contextmanager

@@ -27,10 +27,10 @@ CTX = Context(0, 0, os.getpid())  # a request by root, as the handlers take it
 
 try:
     from tests.callers import call_as
-    from tests.conftest import limited_fds
+    from tests.conftest import limited_fds, server_pid
 except ImportError:
     from callers import call_as
-    from conftest import limited_fds
+    from conftest import limited_fds, server_pid
 
 ROOT_KEPT = [Extent(0, 0, 1), Extent(1, 100001, 65535)]
 USER = 101000  # upper id of lower 1000
@@ -367,7 +367,7 @@ def test_a_walk_larger_than_the_fd_budget_never_runs_out_of_fds(lower, workdir):
             walk = subprocess.run(["find", str(mnt), "-ls"], capture_output=True, text=True)
             assert walk.returncode == 0, walk.stderr[-500:]
             assert walk.stdout.count("\n") == 1 + 15 + 1500
-            most = max(most, len(os.listdir(f"/proc/{proc.pid}/fd")))
+            most = max(most, len(os.listdir(f"/proc/{server_pid(mnt)}/fd")))
         assert most <= 400
     finally:
         if is_mounted(str(mnt), None):

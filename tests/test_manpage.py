@@ -62,7 +62,7 @@ def test_every_o_option_is_documented():
 
 @pytest.mark.parametrize("section", ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "SAFETY",
                                      "EXIT STATUS", "FILES", "DIFFERENCES FROM KERNEL IDMAPPED MOUNTS",
-                                     "SEE ALSO", "EXAMPLES", "SCAN", "FSTAB AND MOUNT"])
+                                     "SEE ALSO", "EXAMPLES", "SCAN", "FSTAB AND MOUNT", "SUPERVISOR"])
 def test_sections(section):
     assert re.search(rf"^\.SH \"?{section}\"?$", MAN.read_text(), re.M)
 

@@ -25,10 +25,10 @@ from shiftfs.inodes import ROOT_ID, InodeTable
 
 try:
     from tests.callers import Caller, Errno
-    from tests.conftest import foreground_daemon
+    from tests.conftest import foreground_daemon, server_pid
 except ImportError:  # pragma: no cover - run from inside tests/
     from callers import Caller, Errno
-    from conftest import foreground_daemon
+    from conftest import foreground_daemon, server_pid
 
 pytestmark = pytest.mark.needs_root
 
@@ -131,7 +131,7 @@ def test_a_reused_inode_number_never_rebinds_a_node(ext4, workdir, victim_side):
         assert isinstance(k, int), k
         x_ino = os.stat(x).st_ino
         stated = 0
-        while _daemon_holds(daemon.pid, str(x)):  # 1,200 fds start the shrinker
+        while _daemon_holds(server_pid(mnt), str(x)):  # 1,200 fds start the shrinker
             assert stated < FILES, "the daemon never gave the node's fd back"
             assert attacker.call(_stat_range, str(mnt), stated, stated + 100) is None
             stated += 100

@@ -32,9 +32,9 @@ import shiftfs
 from shiftfs.mount import is_mounted, unmount
 
 try:
-    from tests.conftest import ROOT_KEPT, foreground_daemon
+    from tests.conftest import ROOT_KEPT, foreground_daemon, server_pid
 except ImportError:
-    from conftest import ROOT_KEPT, foreground_daemon
+    from conftest import ROOT_KEPT, foreground_daemon, server_pid
 
 pytestmark = pytest.mark.needs_root
 
@@ -92,19 +92,8 @@ def kept(path) -> bool:
 
 
 def daemon_pid(mountpoint) -> int:
-    """The shiftfs daemon serving ``mountpoint`` (started by the mounter)."""
-    want = str(mountpoint).encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"shiftfs" in argv and want in argv:
-            return int(pid)
-    raise AssertionError(f"no daemon for {mountpoint}")
+    """The shiftfs server serving ``mountpoint`` (its supervisor forked it)."""
+    return server_pid(mountpoint)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -310,14 +299,14 @@ def test_queue_overflow_expires_every_name_and_detaches_nothing(lower, workdir, 
         assert os.listdir(mp / "d") == []  # the kernel holds d: it is watched
         assert not os.path.exists(mp / "new")  # a cached absent name
         with tmpfs_on(mp / "vol"):
-            os.kill(proc.pid, signal.SIGSTOP)  # the daemon reads nothing: the queue overflows
+            os.kill(server_pid(mp), signal.SIGSTOP)  # the daemon reads nothing: the queue overflows
             try:
                 for i in range(500):
                     (lower / "d" / f"n{i}").write_text("")
                 os.chmod(lower / "f", 0o600)
                 (lower / "new").write_text("")
             finally:
-                os.kill(proc.pid, signal.SIGCONT)
+                os.kill(server_pid(mp), signal.SIGCONT)
             assert seen_within(lambda: "overflow" in log.read_text(), 5.0) is not None
             assert seen_within(lambda: os.stat(mp / "f").st_mode & 0o777 == 0o600
                                and os.path.exists(mp / "new"), 1.0) is not None
@@ -360,7 +349,7 @@ def test_shrinker_pressure_keeps_mounts_stacked_on_the_tree(lower, workdir):
             most = 0
             for _ in range(2):
                 assert walk(mnt) == 1 + 1 + 1 + 15 * 101  # the root, vol, its data, the tree
-                most = max(most, len(os.listdir(f"/proc/{proc.pid}/fd")))
+                most = max(most, len(os.listdir(f"/proc/{server_pid(mnt)}/fd")))
             assert most <= 400
             assert kept(mnt / "vol")
     finally:

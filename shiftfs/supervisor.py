@@ -1,0 +1,443 @@
+"""A daemon that can die: the /dev/fuse file outlives the process that
+serves it.
+
+The **supervisor** is the long-lived process of a mount. It holds the
+/dev/fuse fd, the mount (to unmount it at the end), and what names nodes
+and open files, and it forks a **server** (session.py + ops.py) that does
+all the work. When a server dies, for any reason, the supervisor forks a
+new one on the same fd; that one rebuilds its tables from what survived
+and asks the kernel to resend the requests the dead one had read and not
+answered (FUSE_NOTIFY_RESEND, Linux 6.9). Callers see nothing: no
+ENOTCONN, no EIO; their open files and cwds keep working. The supervisor
+runs no handler code and no threads: a bug in a handler cannot kill it.
+
+What survives a server:
+- the node table (node id -> lower inode by file handle, lookup count,
+  passthrough backing id), kept by the server in a shared memfd of fixed
+  slots (``NodeJournal``: memory writes only, no syscall); the new server
+  reopens each node by its handle when next named, and a node whose inode
+  is gone answers ESTALE, as after a server reboot on NFS;
+- the open files: each lower fd the server holds for a caller's open (the
+  fh the kernel has) is passed to the supervisor when it is opened
+  (SCM_RIGHTS) and given back when it is released; a new server gets them
+  at the same fd numbers, so every fh the kernel holds stays valid, also
+  for files unlinked while open;
+- what INIT settled (protocol minor, passthrough, KILLPRIV_V2), in the
+  journal's header.
+
+An upgrade (``shiftfs upgrade MNT``, SIGUSR2 to the supervisor) is the
+same step with a new program: the supervisor checks that the installed
+version can read the journal (it refuses and keeps the old server where
+it cannot), ends the server, and re-executes itself with every fd kept.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import json
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+from . import linux
+
+log = logging.getLogger("shiftfs")
+
+STATE_VERSION = 1
+MAGIC = b"shiftfs\0"
+# magic, version, next node id, slots in use (high-water mark), protocol minor, INIT grants
+HEADER = struct.Struct("=8sIQQII")
+GRANT_PASSTHROUGH, GRANT_KILLPRIV_V2, GRANT_EXPIRE_ONLY, GRANT_RESEND = 1, 2, 4, 8
+# node id, nlookup, parent id, st_dev, st_ino, mode, backing id, handle length, handle
+SLOT = struct.Struct("=QQQQQIiH138s")
+SLOT_SIZE = 192
+JOURNAL_BYTES = 1 << 30  # sparse: pages exist only where slots were written
+# server -> supervisor: kind (OPEN, SHARE, CLOSE, READY), fh, node id, uid, flags
+MSG = struct.Struct("=BqQII")
+OPEN, SHARE, CLOSE, READY = 1, 2, 3, 4
+RESTART_PAUSE = 0.05  # between restarts of a server that keeps dying at once
+
+
+class NodeJournal:
+    """The node table as slots in a shared memfd, written by the server as
+    it changes (``put``, ``count``, ``drop``) and read by the next one
+    (``records``). A slot is written before the reply that hands its node
+    to the kernel, so a count is never lower than the kernel's (at worst
+    one higher after a resent LOOKUP: a node kept a little longer)."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            fd = os.memfd_create("shiftfs-nodes", 0)  # not CLOEXEC: kept across an upgrade
+            os.ftruncate(fd, JOURNAL_BYTES)
+            self.map = mmap.mmap(fd, JOURNAL_BYTES)
+            HEADER.pack_into(self.map, 0, MAGIC, STATE_VERSION, 0, 0, 0, 0)
+        else:
+            self.map = mmap.mmap(fd, JOURNAL_BYTES)
+            magic, version = HEADER.unpack_from(self.map, 0)[:2]
+            if magic != MAGIC or version != STATE_VERSION:
+                raise ValueError(f"journal version {version} is not {STATE_VERSION}")
+        self.fd = fd
+        self.reload()
+
+    def reload(self) -> None:
+        """Take up what an earlier server wrote (a forked server starts
+        with the supervisor's view of the header, which it never writes)."""
+        _, _, _, self.high, _, _ = HEADER.unpack_from(self.map, 0)
+        self._free = [i for i in range(self.high) if not self._node_at(i)]
+
+    def _node_at(self, i: int) -> int:
+        return struct.unpack_from("=Q", self.map, SLOT_SIZE * (i + 1))[0]
+
+    def grants(self) -> tuple[int, int]:
+        _, _, _, _, minor, grants = HEADER.unpack_from(self.map, 0)
+        return minor, grants
+
+    def set_grants(self, minor: int, grants: int) -> None:
+        struct.pack_into("=II", self.map, 28, minor, grants)
+
+    def set_next_id(self, next_id: int) -> None:
+        struct.pack_into("=Q", self.map, 12, next_id)
+
+    def next_id(self) -> int:
+        return struct.unpack_from("=Q", self.map, 12)[0]
+
+    def put(self, node) -> None:
+        """Write the whole slot of ``node`` (taking one if it has none)."""
+        slot = node.slot
+        if slot < 0:
+            if self._free:
+                slot = self._free.pop()
+            else:
+                slot, self.high = self.high, self.high + 1
+                struct.pack_into("=Q", self.map, 20, self.high)
+            node.slot = slot
+        handle = node.handle or b""
+        SLOT.pack_into(self.map, SLOT_SIZE * (slot + 1), node.node_id, node.nlookup,
+                       node.parent_id, node.key[0], node.key[1], node.mode, node.backing,
+                       len(handle), handle)
+
+    def count(self, node) -> None:
+        struct.pack_into("=Q", self.map, SLOT_SIZE * (node.slot + 1) + 8, node.nlookup)
+
+    def drop(self, node) -> None:
+        if node.slot >= 0:
+            struct.pack_into("=Q", self.map, SLOT_SIZE * (node.slot + 1), 0)
+            self._free.append(node.slot)
+            node.slot = -1
+
+    def records(self):
+        """(slot, node id, nlookup, parent id, (dev, ino), mode, backing, handle) in use."""
+        self.reload()
+        for i in range(self.high):
+            node_id, nlookup, parent, dev, ino, mode, backing, hlen, handle = SLOT.unpack_from(
+                self.map, SLOT_SIZE * (i + 1))
+            if node_id:
+                yield i, node_id, nlookup, parent, (dev, ino), mode, backing, handle[:hlen] or None
+
+
+class FdStore:
+    """The server's side of the open-file store: each lower fd held for a
+    caller's open goes to the supervisor, which keeps a copy until the
+    fh is released."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def held(self, fh: int, node_id: int, uid: int, flags: int) -> None:
+        self.sock.sendmsg([MSG.pack(OPEN, fh, node_id, uid, flags)],
+                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fh]))])
+
+    def shared(self, fh: int) -> None:
+        self.sock.send(MSG.pack(SHARE, fh, 0, 0, 0))
+
+    def released(self, fh: int) -> None:
+        self.sock.send(MSG.pack(CLOSE, fh, 0, 0, 0))
+
+    def ready(self) -> None:
+        self.sock.send(MSG.pack(READY, 0, 0, 0, 0))
+
+
+class Held:
+    """One open file as the supervisor keeps it: its own copy of the fd,
+    and what the server needs to take the fh up again."""
+
+    __slots__ = ("fd", "node_id", "uid", "flags", "opens")
+
+    def __init__(self, fd: int, node_id: int, uid: int, flags: int, opens: int = 1) -> None:
+        self.fd, self.node_id, self.uid, self.flags, self.opens = fd, node_id, uid, flags, opens
+
+
+def _status_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/shiftfs"
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/shiftfs-{os.geteuid()}",
+                        "shiftfs")
+
+
+def status_path(mountpoint: str) -> str:
+    """Where the supervisor of the mount at ``mountpoint`` says who it is."""
+    name = os.path.realpath(mountpoint).encode().hex()
+    return os.path.join(_status_dir(), name[:200] + ".json")
+
+
+def read_status(mountpoint: str) -> dict | None:
+    try:
+        with open(status_path(mountpoint), encoding="utf-8") as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(status["supervisor"], 0)
+    except OSError:
+        return None  # left by a supervisor that is gone
+    return status
+
+
+class Supervisor:
+    """Holds the mount's /dev/fuse ``device_fd`` and forks servers:
+    ``start_server(journal, sock, held, restored)`` runs in each forked
+    child and never returns (it exits 0 when the mount is gone).
+    ``unmount()`` ends the mount at SIGTERM/SIGINT/SIGHUP; ``resume_args``
+    is what an upgraded supervisor needs to take over (JSON-able)."""
+
+    def __init__(self, device_fd: int, mountpoint: str, start_server, unmount,
+                 resume_args: dict, journal: NodeJournal | None = None,
+                 held: dict[int, Held] | None = None, restarts: int = 0,
+                 status: str = "") -> None:
+        self.device_fd, self.mountpoint = device_fd, mountpoint
+        self.start_server, self.unmount, self.resume_args = start_server, unmount, resume_args
+        self.journal = journal or NodeJournal()
+        self.held: dict[int, Held] = held or {}
+        self.restarts = restarts
+        self.server_pid = 0
+        # resolved now, before the mount is there: the supervisor never
+        # touches the mount (a request to it would wait for a server that
+        # may be the dead one it is about to replace)
+        self._status = status  # resolved before the mount was there (status_path)
+        self._sock: socket.socket | None = None
+        self._ending = False
+        self._upgrade = False
+        self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._unmounted = False
+        # from the start: a signal sent as soon as the mount is live never
+        # finds the default action (death, the mount left behind)
+        signal.set_wakeup_fd(self._signal_w)
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, self._on_end)
+        signal.signal(signal.SIGUSR2, self._on_upgrade)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select
+
+    # ---- servers ----------------------------------------------------------
+    def fork_server(self, restored: bool) -> None:
+        """Fork a server; it reports READY once it serves."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                linux.die_with_parent()
+                if os.getppid() == 1:  # the supervisor died before that took effect
+                    os._exit(1)
+                ours.close()
+                os.close(self._signal_r)
+                os.close(self._signal_w)
+                # above every fh a held fd goes to: the socket's number may
+                # be one the dead server had given an open file
+                top = max([theirs.fileno(), *self.held, *(h.fd for h in self.held.values())]) + 1
+                low = theirs.detach()
+                theirs = socket.socket(fileno=fcntl.fcntl(low, fcntl.F_DUPFD_CLOEXEC, top))
+                os.close(low)
+                for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2,
+                          signal.SIGCHLD):
+                    signal.signal(s, signal.SIG_DFL)
+                signal.set_wakeup_fd(-1)
+                held = _place(self.held)
+                code = self.start_server(self.journal, theirs, held, restored)
+            except BaseException:  # noqa: B902 (a child never returns into the supervisor)
+                log.exception("server failed")
+                code = 70
+            os._exit(code)
+        theirs.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = ours
+        self.server_pid = pid
+        self.write_status()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Serve the server's messages until it says READY (or dies)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self._sock], [], [], max(0.0, deadline - time.monotonic()))
+            if r and self._receive() == READY:
+                return True
+            pid, _status = os.waitpid(self.server_pid, os.WNOHANG)
+            if pid:
+                self.server_pid = 0
+                return False
+        return False
+
+    def _receive(self) -> int:
+        """One message from the server (its open files); the message kind,
+        0 when the server is gone."""
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self._sock, MSG.size, 1)
+        except OSError:
+            return 0
+        if not data:
+            return 0
+        kind, fh, node_id, uid, flags = MSG.unpack(data)
+        if kind == OPEN and fds:
+            old = self.held.pop(fh, None)
+            if old is not None:  # the fh was closed without a word (cannot happen)
+                os.close(old.fd)
+            self.held[fh] = Held(fds[0], node_id, uid, flags)
+        elif kind == SHARE and fh in self.held:
+            self.held[fh].opens += 1
+        elif kind == CLOSE and fh in self.held:
+            h = self.held[fh]
+            h.opens -= 1
+            if not h.opens:
+                del self.held[fh]
+                os.close(h.fd)
+        for fd in fds[1:] if kind == OPEN else fds:
+            os.close(fd)
+        return kind
+
+    # ---- the loop ---------------------------------------------------------
+    def run(self) -> int:
+        """Until the mount is gone: keep its open files, restart servers
+        that die, end the mount on SIGTERM/SIGINT/SIGHUP, upgrade on
+        SIGUSR2. Returns the exit status."""
+        try:
+            while True:
+                if self._ending and not self._unmounted:
+                    self._unmounted = True
+                    try:
+                        self.unmount()  # the server then sees ENODEV and exits 0
+                    except OSError as e:
+                        log.warning("unmount failed: %s", e)
+                if self._upgrade:
+                    self._upgrade = False
+                    self.upgrade()
+                try:
+                    r, _, _ = select.select([self._sock, self._signal_r], [], [], 1.0)
+                except InterruptedError:
+                    r = []
+                if self._signal_r in r:
+                    while True:
+                        try:
+                            if not os.read(self._signal_r, 64):
+                                break
+                        except BlockingIOError:
+                            break
+                if self._sock in r:
+                    self._receive()
+                pid, status = os.waitpid(self.server_pid, os.WNOHANG)
+                if not pid:
+                    continue
+                while self._receive():  # what it said before it went
+                    pass
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                    return 0  # unmounted: the server saw the connection end
+                if self._ending:
+                    return 0
+                self._restart(status)
+        finally:
+            self.remove_status()
+
+    def _restart(self, status: int) -> None:
+        self.restarts += 1
+        how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"status {os.WEXITSTATUS(status)}")
+        log.warning("server %d ended (%s); restart %d on the same /dev/fuse", self.server_pid,
+                    how, self.restarts)
+        if self.restarts > 1 and time.monotonic() - getattr(self, "_last", 0.0) < 1.0:
+            time.sleep(RESTART_PAUSE)
+        self._last = time.monotonic()
+        self.fork_server(restored=True)
+
+    def _on_end(self, signum, frame) -> None:
+        self._ending = True
+
+    def _on_upgrade(self, signum, frame) -> None:
+        self._upgrade = True
+
+    # ---- upgrade ----------------------------------------------------------
+    def upgrade(self) -> None:
+        """Hand the mount to the installed version of shiftfs: refuse (and
+        keep serving) unless it can read this journal; else end the server
+        and re-execute with every fd kept."""
+        check = subprocess.run([sys.executable, "-c",
+                                "import sys, shiftfs.supervisor as s; "
+                                f"sys.exit(0 if s.STATE_VERSION == {STATE_VERSION} else 1)"],
+                               capture_output=True, timeout=60)
+        if check.returncode != 0:
+            log.error("upgrade refused: the installed shiftfs cannot read this mount's state "
+                      "(version %d); the running server stays", STATE_VERSION)
+            return
+        os.kill(self.server_pid, signal.SIGKILL)
+        os.waitpid(self.server_pid, 0)
+        while self._receive():
+            pass
+        state = dict(self.resume_args, device_fd=self.device_fd, journal_fd=self.journal.fd,
+                     status=self._status,
+                     restarts=self.restarts + 1,
+                     held={fh: [h.fd, h.node_id, h.uid, h.flags, h.opens]
+                           for fh, h in self.held.items()})
+        keep = [self.device_fd, self.journal.fd] + [h.fd for h in self.held.values()]
+        for fd in keep:
+            os.set_inheritable(fd, True)
+        blob = os.memfd_create("shiftfs-resume", 0)
+        os.write(blob, json.dumps(state).encode())
+        os.lseek(blob, 0, os.SEEK_SET)
+        log.warning("upgrading: server %d ended, re-executing %s", self.server_pid, sys.executable)
+        self.remove_status()
+        os.execv(sys.executable, [sys.executable, "-m", "shiftfs", "--resume", str(blob)])
+
+    # ---- status -----------------------------------------------------------
+    def write_status(self) -> None:
+        path = self._status
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"supervisor": os.getpid(), "server": self.server_pid,
+                           "restarts": self.restarts, "mountpoint": self.mountpoint,
+                           "open_files": len(self.held)}, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("status not written (%s): %s", path, e.strerror)
+
+    def remove_status(self) -> None:
+        try:
+            os.unlink(self._status)
+        except OSError:
+            pass
+
+
+def _place(held: dict[int, Held]) -> dict[int, Held]:
+    """In a new server: each held fd at its fh number, the number the
+    kernel has (first out of the way, so no placement clobbers another)."""
+    if not held:
+        return {}
+    top = max(max(held), max(h.fd for h in held.values())) + 1
+    moved = {}
+    for fh, h in held.items():
+        moved[fh] = fcntl.fcntl(h.fd, fcntl.F_DUPFD_CLOEXEC, top)
+        os.close(h.fd)
+    out = {}
+    for fh, h in held.items():
+        os.dup2(moved[fh], fh, inheritable=False)
+        os.close(moved[fh])
+        out[fh] = Held(fh, h.node_id, h.uid, h.flags, h.opens)
+    return out
+
+

@@ -1,0 +1,167 @@
+"""A daemon that can die (issue 21): SIGKILL of the server, or an upgrade,
+costs the callers on the mount nothing. The supervisor keeps /dev/fuse,
+the node journal and the open files; a new server takes over and the
+kernel resends what the dead one had read (FUSE_NOTIFY_RESEND, Linux 6.9).
+
+The workload is the issue's: a mapped user creates a 64 KiB file, writes
+it, fsyncs, reads it back and compares, and stats it, in a loop, while it
+holds one file open and has its cwd in the mount."""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from callers import call_as
+from conftest import ROOT_KEPT
+from shiftfs.supervisor import read_status
+
+pytestmark = [
+    pytest.mark.needs_root,
+    pytest.mark.skipif(tuple(int(x) for x in platform.release().split(".")[:2]) < (6, 9),
+                       reason=f"FUSE_NOTIFY_RESEND needs Linux 6.9 (here {platform.release()})"),
+]
+
+USER = 101000  # lower 1000 under ROOT_KEPT
+KIB64 = 64 * 1024
+
+
+def _loop(mnt: str, seconds: float) -> dict:
+    """The caller's side: counts iterations and failures (with their errors)."""
+    os.chdir(os.path.join(mnt, "w"))  # cwd in the mount
+    held = os.open("held", os.O_RDWR | os.O_CREAT, 0o644)
+    done = failed = 0
+    errors = []
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        i += 1
+        data = os.urandom(KIB64)
+        name = f"f{i % 50}"
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+                if os.pread(fd, KIB64, 0) != data:
+                    raise AssertionError("read back differs")
+            finally:
+                os.close(fd)
+            if os.stat(name).st_size != KIB64:
+                raise AssertionError("size differs")
+            os.pwrite(held, data[:16], 0)
+            if os.pread(held, 16, 0) != data[:16]:
+                raise AssertionError("held fd differs")
+            done += 1
+        except (OSError, AssertionError) as e:
+            failed += 1
+            errors.append(repr(e))
+    os.close(held)
+    return {"done": done, "failed": failed, "errors": errors[:5], "cwd": os.getcwd()}
+
+
+def _running_loop(mnt, seconds):
+    out = {}
+    t = threading.Thread(target=lambda: out.update(
+        call_as(_loop, str(mnt), seconds, uid=USER, gid=USER, call_timeout=seconds + 60)))
+    t.start()
+    return t, out
+
+
+@pytest.fixture
+def served(lower, mounter):
+    (lower / "w").mkdir()
+    os.chown(lower / "w", 1000, 1000)
+    mnt = mounter(lower, uidmap=ROOT_KEPT)
+    status = read_status(str(mnt))
+    assert status is not None and status["server"] > 0, "no supervisor status"
+    return mnt, status
+
+
+def _kill_server(mnt) -> int:
+    pid = read_status(str(mnt))["server"]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def _check_after(lower, mnt, status, out, restarts):
+    assert out["failed"] == 0, out
+    assert out["done"] > 0
+    now = read_status(str(mnt))
+    assert now["supervisor"] == status["supervisor"] and now["restarts"] >= restarts, now
+    assert os.listdir(mnt / "w")  # the mount is alive
+    for name in os.listdir(lower / "w"):  # every file on the lower whole
+        if name.startswith("f"):
+            assert os.stat(lower / "w" / name).st_size in (0, KIB64), name
+
+
+def test_a_killed_server_is_replaced_and_callers_see_nothing(lower, served):
+    mnt, status = served
+    t, out = _running_loop(mnt, 8)
+    time.sleep(2)
+    killed = _kill_server(mnt)
+    t.join(90)
+    _check_after(lower, mnt, status, out, 1)
+    assert read_status(str(mnt))["server"] != killed
+
+
+def test_twenty_kills_in_a_row(lower, served):
+    mnt, status = served
+    t, out = _running_loop(mnt, 8)
+    time.sleep(0.5)
+    for _ in range(20):
+        _kill_server(mnt)
+        time.sleep(0.3)
+    t.join(90)
+    _check_after(lower, mnt, status, out, 20)
+
+
+def test_upgrade_changes_the_server_and_nothing_else(lower, served):
+    mnt, status = served
+    t, out = _running_loop(mnt, 6)
+    time.sleep(2)
+    r = subprocess.run([sys.executable, "-m", "shiftfs", "upgrade", str(mnt)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    t.join(90)
+    _check_after(lower, mnt, status, out, 1)
+    now = read_status(str(mnt))
+    assert now["server"] != status["server"]
+    r = subprocess.run([sys.executable, "-m", "shiftfs", "status", str(mnt)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0 and f"supervisor {status['supervisor']}" in r.stdout, r
+
+
+def _write_big(path: str, size: int) -> int:
+    block = bytes(range(256)) * 4096  # 1 MiB, a pattern each offset can be checked against
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        os.fsync(f.fileno())
+    return size
+
+
+@pytest.mark.parametrize("passthrough", ["auto", "off"])
+def test_a_kill_during_a_big_write_loses_and_doubles_nothing(lower, mounter, passthrough):
+    (lower / "w").mkdir()
+    os.chown(lower / "w", 1000, 1000)
+    mnt = mounter(lower, uidmap=ROOT_KEPT, options=["-o", f"passthrough={passthrough}"])
+    size = 256 << 20
+    out = {}
+    t = threading.Thread(target=lambda: out.update(n=call_as(
+        _write_big, str(mnt / "w" / "big"), size, uid=USER, gid=USER, call_timeout=300)))
+    t.start()
+    time.sleep(1.0)
+    _kill_server(mnt)
+    t.join(300)
+    assert out["n"] == size, out
+    data = (lower / "w" / "big").read_bytes()
+    assert len(data) == size
+    assert data == bytes(range(256)) * 4096 * (size >> 20)
