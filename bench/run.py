@@ -433,13 +433,29 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from fuse_requests import RequestCounter  # noqa: E402 (the tests count requests the same way)
 
 
+def family(pid: int) -> list[int]:
+    """The daemon and its children: a shiftfs mount is served by its
+    supervisor and the server it forked; both count."""
+    out = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            for child in f.read().split():
+                out += family(int(child))
+    except OSError:
+        pass
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in family(pid):
+        fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def nfds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    return sum(len(os.listdir(f"/proc/{p}/fd")) for p in family(pid))
 
 
 def nreq(counts) -> int:
@@ -447,10 +463,12 @@ def nreq(counts) -> int:
 
 
 def rss_kib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    total = 0
+    for p in family(pid):
+        for line in open(f"/proc/{p}/status"):
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
 
 
 def settle(pid: int, timeout=5.0) -> None:
