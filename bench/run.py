@@ -437,12 +437,15 @@ def family(pid: int) -> list[int]:
     """The daemon and its children: a shiftfs mount is served by its
     supervisor and the server it forked; both count."""
     out = [pid]
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            for child in f.read().split():
-                out += family(int(child))
-    except OSError:
-        pass
+    for entry in os.listdir("/proc"):  # (no /proc/PID/task/TID/children on every kernel)
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                out += family(int(entry))
     return out
 
 

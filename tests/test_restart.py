@@ -9,6 +9,7 @@ holds one file open and has its cwd in the mount."""
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import signal
@@ -165,3 +166,88 @@ def test_a_kill_during_a_big_write_loses_and_doubles_nothing(lower, mounter, pas
     data = (lower / "w" / "big").read_bytes()
     assert len(data) == size
     assert data == bytes(range(256)) * 4096 * (size >> 20)
+
+
+def _rename_storm(mnt: str, tag: str, seconds: float) -> dict:
+    """Move this caller's files between two directories, back and forth;
+    count the renames that succeeded (each either took effect or failed)."""
+    done = failed = 0
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        i += 1
+        src, dst = ("a", "b") if i % 2 else ("b", "a")
+        for k in range(5):
+            try:
+                os.rename(f"{mnt}/{src}/{tag}{k}", f"{mnt}/{dst}/{tag}{k}")
+                done += 1
+            except OSError as e:
+                failed += 1
+                if e.errno != errno.ENOENT:
+                    raise
+    return {"done": done, "failed": failed}
+
+
+def test_a_kill_during_a_rename_storm_leaves_a_sequential_state(lower, mounter):
+    """Two callers move their own files between two directories while the
+    server is killed: every file exists exactly once, in one of the two
+    (the state some sequential order of the renames gives), and no rename
+    failed for a reason other than a name the caller itself moved away."""
+    for d in ("a", "b"):
+        (lower / d).mkdir()
+        os.chown(lower / d, 1000, 1000)
+    for tag in ("p", "q"):
+        for k in range(5):
+            (lower / "a" / f"{tag}{k}").write_text(tag)
+            os.chown(lower / "a" / f"{tag}{k}", 1000, 1000)
+    mnt = mounter(lower, uidmap=ROOT_KEPT)
+    out = {}
+    threads = [threading.Thread(target=lambda tag=tag: out.update({tag: call_as(
+        _rename_storm, str(mnt), tag, 4.0, uid=USER, gid=USER, call_timeout=90)}))
+        for tag in ("p", "q")]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    _kill_server(mnt)
+    for t in threads:
+        t.join(90)
+    assert all(isinstance(v, dict) and v["done"] > 0 for v in out.values()), out
+    for tag in ("p", "q"):
+        for k in range(5):
+            where = [d for d in ("a", "b") if (lower / d / f"{tag}{k}").exists()]
+            assert len(where) == 1, (tag, k, where)
+    assert sorted(os.listdir(mnt / "a") + os.listdir(mnt / "b")) == sorted(
+        f"{t}{k}" for t in ("p", "q") for k in range(5))
+
+
+def test_a_rootless_mount_survives_a_killed_server(lower, workdir):
+    """The same where fusermount3 mounted (uid 1000, no privilege): the
+    supervisor holds the fd fusermount3 passed, and a new server takes
+    over; a file held open through the kill keeps working."""
+    from test_watch_scope import RUSER, rootless_mount
+    os.chown(lower, RUSER, RUSER)
+    (lower / "kept").write_text("before")
+    os.chown(lower / "kept", RUSER, RUSER)
+    with rootless_mount(lower, workdir) as (supervisor, view, log):
+        held = os.open(view / "kept", os.O_RDWR)
+        try:
+            servers = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                       and _ppid(int(p)) == supervisor]
+            assert len(servers) == 1, servers
+            os.kill(servers[0], signal.SIGKILL)
+            os.pwrite(held, b"after!", 0)  # served by the next server, on the kept fh
+            assert os.pread(held, 6, 0) == b"after!"
+            (lower / "new").write_text("n")  # a name the kernel never looked up: a LOOKUP
+            assert sorted(os.listdir(view)) == ["kept", "new"] and os.path.exists(view / "new")
+        finally:
+            os.close(held)
+        assert (lower / "kept").read_text() == "after!"
+        assert "restart 1" in log.read_text()
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
