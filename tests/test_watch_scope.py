@@ -557,3 +557,35 @@ def test_rootless_a_warm_walk_is_served_by_the_kernel(rootless_lower, workdir, c
     assert acl == counts.pop("xattr:system.posix_acl_access", 0)  # the root's ACL, nothing else
     assert sum(n for op, n in counts.items() if op.startswith("FUSE_")) / paths <= 0.02, counts
     assert not {"FUSE_LOOKUP", "FUSE_READDIR", "FUSE_READDIRPLUS"} & set(counts)
+
+
+def test_a_containers_proc_survives_a_flood_on_the_same_filesystem(lower, workdir, tiny_queue):
+    """A container-like process: /proc mounted on the tree's proc directory
+    (as a runtime mounts it), then a flood of creates and removes on the
+    lower's filesystem, inside a directory the kernel holds and beside the
+    lower, with a queue of 8 events (it overflows at once): /proc is still
+    mounted and still the procfs, and the changes show."""
+    (lower / "proc").mkdir()
+    (lower / "tmp").mkdir()
+    beside = workdir / "beside"
+    beside.mkdir()
+    mp = workdir / "mnt"
+    mp.mkdir()
+    log = workdir / "daemon.log"
+    with foreground_daemon(lower, mp, "--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536",
+                           log=log):
+        tiny_queue()
+        assert os.listdir(mp / "tmp") == []  # the kernel holds tmp: it is watched
+        subprocess.run(["mount", "-t", "proc", "proc", str(mp / "proc")], check=True)
+        try:
+            for i in range(3000):
+                for d in (lower / "tmp", beside):
+                    (d / f"f{i}").write_text("")
+                    if i % 2:
+                        (d / f"f{i}").unlink()
+            assert seen_within(lambda: len(os.listdir(mp / "tmp")) == 1500, 5.0) is not None
+            assert str(mp / "proc") in _points_of(os.getpid())
+            assert (mp / "proc" / "self" / "status").read_text().startswith("Name:")
+            assert "overflow" in log.read_text(), log.read_text()  # the flood did overflow
+        finally:
+            subprocess.run(["umount", "-l", str(mp / "proc")], capture_output=True)
