@@ -1,5 +1,5 @@
 """Mounted checks of the documented differences from kernel idmapped
-mounts (the README (Differences from kernel idmapped mounts)) that the differential suite cannot show by
+mounts (docs/semantics.md, Differences from kernel idmapped mounts) that the differential suite cannot show by
 itself: what shiftfs does *instead*, on its own defaults."""
 
 import errno

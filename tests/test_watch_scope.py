@@ -549,7 +549,7 @@ def test_rootless_a_warm_walk_is_served_by_the_kernel(rootless_lower, workdir, c
     """As root, but for the FUSE root's ACL: a mount made by fusermount3
     shows the FUSE root, whose inode the kernel made before INIT turned
     POSIX ACLs on, so it never caches its ACL, and a path walk from the
-    mount root asks for it (README, Caching)."""
+    mount root asks for it (docs/caching.md)."""
     make_tree(rootless_lower, *WARM_TREE)
     with rootless_mount(rootless_lower, workdir) as (_pid, view, _log):
         counts, paths = _warm_walk(counter, view)

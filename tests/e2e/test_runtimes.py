@@ -1,4 +1,4 @@
-"""The README's recipes for real container runtimes, as tested: systemd-nspawn,
+"""The recipes for real container runtimes (docs/use-cases.md, 6), as tested: systemd-nspawn,
 podman (runc) and LXC (lxc-execute), each over a shiftfs mount of a real
 Debian minbase root (tests/e2e/debian.py, built once per machine and cached).
 
@@ -45,7 +45,7 @@ WWW, MAIL = 33, 8  # www-data, group mail: ids the image's own passwd/group know
 TIMEOUT = 120
 
 
-# ---- the runtimes, as the README gives them ------------------------------------------
+# ---- the runtimes, as docs/use-cases.md gives them -----------------------------------
 
 class Runtime:
     name = ""
@@ -67,7 +67,7 @@ class Runtime:
 class Nspawn(Runtime):
     name = "nspawn"
     binary = "systemd-nspawn"
-    # what each flag is for: the README's "systemd-nspawn" recipe
+    # what each flag is for: the "systemd-nspawn" recipe in docs/use-cases.md
     SAFE = ["--link-journal=no",   # else: mkdir /var/log/journal as host root -> EOVERFLOW
             "--resolv-conf=off",   # else: copies the host's resolv.conf over the image's
             "--timezone=off"]      # else: unlinks /etc/localtime, fails to make it again
@@ -130,7 +130,7 @@ class Lxc(Runtime):
                 lxc.autodev = 1
                 """))
         # LXC as root maps ids with newuidmap when it is installed, which
-        # insists on root's ranges in /etc/subuid and /etc/subgid (README:
+        # insists on root's ranges in /etc/subuid and /etc/subgid (docs/use-cases.md:
         # add them). The test does not edit the host's files: it binds its
         # own over them in a private mount namespace of the launcher.
         subid = os.path.join(self.work, "subid")
@@ -373,7 +373,7 @@ def work(e2e_dir):
 def test_nspawn_defaults_write_into_the_image(work, image, mounts):
     """Without the recipe's flags nspawn fails on EOVERFLOW (host root
     creating through a table that does not map upper 0), or writes into the
-    image by itself. Each case is what a README flag is for."""
+    image by itself. Each case is what a flag of docs/use-cases.md is for."""
     runtime = Nspawn(work)
     # an image whose time zone is not the host's (nspawn leaves a matching one alone)
     localtime = os.path.join(image, "etc/localtime")

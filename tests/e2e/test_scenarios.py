@@ -2,7 +2,7 @@
 nothing changed on disk. Each runs real containers (user + mount + pid
 namespaces, chrooted into the mount) over a busybox rootfs built in setup.
 
-The README's "Use cases" section shows each scenario as a recipe for people.
+docs/use-cases.md ("Use cases") shows each scenario as a recipe for people.
 """
 
 from __future__ import annotations
@@ -491,7 +491,7 @@ def test_scenario5_rootless(e2e_dir):
 
 @pytest.mark.skipif(not shutil.which("newuidmap"), reason="needs newuidmap (Debian package uidmap)")
 def test_recipe_with_util_linux_unshare(rootfs, e2e_dir):
-    """The README's use case 1, as a user types it: the daemonizing CLI and
+    """Use case 1 (docs/use-cases.md), as a user types it: the daemonizing CLI and
     `unshare --map-users`. util-linux hands maps to newuidmap(1), which wants
     /etc/subuid and /etc/subgid lines for root: they are bind-mounted over the
     real files in a private mount namespace, so the host's files are never touched."""

@@ -329,7 +329,7 @@ def upper_snapshot(mnt_base: str, rels: list[str]) -> dict:
     return snap
 
 
-# Documented differences (the README (Differences from kernel idmapped mounts)), as rewrites of the kernel's
+# Documented differences (docs/semantics.md, Differences from kernel idmapped mounts), as rewrites of the kernel's
 # value into what shiftfs shows instead. A row that only differs by one of
 # these is not a failure; it is counted under the difference's name.
 def _acl_unmapped_id(value):

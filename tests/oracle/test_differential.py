@@ -6,7 +6,7 @@ kernel idmapped bind mount of an identical lower tree with the same table
 the result or errno, what the mount shows afterwards, what the lower tree
 holds afterwards. The kernel is the specification; the few places where a
 FUSE daemon cannot match it are cases in KNOWN_DIFFERENCES, each of which
-must still differ (so a fix shows up) and is described in the README (Differences from kernel idmapped mounts).
+must still differ (so a fix shows up) and is described in docs/semantics.md (Differences from kernel idmapped mounts).
 """
 from __future__ import annotations
 
@@ -401,7 +401,7 @@ EXEC_OPS = {
 }
 
 # (operation, caller) pairs where shiftfs cannot give the kernel's answer,
-# by the difference in the README (Differences from kernel idmapped mounts) that explains it. Such a case
+# by the difference in docs/semantics.md (Differences from kernel idmapped mounts) that explains it. Such a case
 # must still differ, and only in the way its difference allows (see
 # ALLOWED), so a fix or a new difference shows up.
 NON_ROOT = ("user", "member", "unmapped", "gid_unmapped", "container_root")
