@@ -86,8 +86,14 @@ def served(lower, mounter):
     return mnt, status
 
 
-def _kill_server(mnt) -> int:
-    pid = read_status(str(mnt))["server"]
+def _kill_server(mnt, after: int = 0) -> int:
+    """SIGKILL the mount's server; ``after``: the one killed before, whose
+    successor is awaited first (on a loaded machine a restart can take
+    longer than the test's spacing)."""
+    deadline = time.monotonic() + 10
+    while (pid := read_status(str(mnt))["server"]) in (after, 0):
+        assert time.monotonic() < deadline, "no new server within 10 s"
+        time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     return pid
 
@@ -117,8 +123,9 @@ def test_twenty_kills_in_a_row(lower, served):
     mnt, status = served
     t, out = _running_loop(mnt, 8)
     time.sleep(0.5)
+    killed = 0
     for _ in range(20):
-        _kill_server(mnt)
+        killed = _kill_server(mnt, after=killed)
         time.sleep(0.3)
     t.join(90)
     _check_after(lower, mnt, status, out, 20)
