@@ -74,6 +74,7 @@ import fcntl
 import logging
 import os
 import stat
+import threading
 from dataclasses import dataclass
 
 from . import linux, policy, xattrs
@@ -222,6 +223,13 @@ class Operations:
         self._ovf_uid, self._ovf_gid = idmap.overflow_uid, idmap.overflow_gid
         self.backing_files = None  # the session, once INIT granted passthrough
         self._offered_backing = None
+        # Each serving thread's fsuid, fsgid and umask (worker_started): a
+        # create sets them only where they differ, and leaves them the
+        # caller's, where the thread keeps its capabilities whatever its
+        # fsuid (SECBIT_NO_SETUID_FIXUP, set before the threads start);
+        # otherwise the daemon's ids come back after each create.
+        self._thread = threading.local()
+        self._keep_ids = self.daemon_uid == 0 and linux.caps_kept_across_fsuid()
 
     # ---- lifecycle ----
     def offer_passthrough(self, session) -> None:
@@ -239,7 +247,37 @@ class Operations:
         self.table.request_done()
 
     def worker_started(self) -> None:
-        linux.private_fs_struct()
+        if linux.private_fs_struct():  # a umask of its own: it may be left as a create set it
+            self._thread.ids = [self.daemon_uid, self.daemon_gid, -1]
+
+    def _ids_of(self, lower_uid: int, lower_gid: int, umask: int) -> None:
+        """This thread's fsuid, fsgid and umask for a new entry (each set
+        only if it differs from what the thread has)."""
+        ids = getattr(self._thread, "ids", None)
+        if ids is None:  # not a serving thread: its umask is the process's
+            os.umask(umask)
+            linux.set_fsids(lower_uid, lower_gid)
+            return
+        if ids[2] != umask:
+            os.umask(umask)
+            ids[2] = umask
+        if ids[0] != lower_uid or ids[1] != lower_gid:
+            linux.set_fsids(lower_uid, lower_gid)
+            ids[0], ids[1] = lower_uid, lower_gid
+
+    def _daemon_ids(self, always: bool = False) -> None:
+        """The daemon's own fsuid and fsgid back on this thread: after a
+        create where the thread would lose its capabilities otherwise
+        (``always``: before anything that makes an inode outside a
+        create, a rename's whiteout)."""
+        ids = getattr(self._thread, "ids", None)
+        if ids is None:  # not a serving thread: as it was
+            linux.set_fsids(self.daemon_uid, self.daemon_gid)
+        elif self._keep_ids and not always:
+            return
+        elif ids[0] != self.daemon_uid or ids[1] != self.daemon_gid:
+            linux.set_fsids(self.daemon_uid, self.daemon_gid)
+            ids[0], ids[1] = self.daemon_uid, self.daemon_gid
 
     def destroy(self) -> None:
         for d in list(self._dirs.values()):
@@ -348,12 +386,11 @@ class Operations:
         # where a new entry needs a chown (which clears set-id bits), the
         # bits come after it: never a set-uid file with the wrong owner
         setid = mode & (stat.S_ISUID | stat.S_ISGID) if self.chown_new else 0
-        os.umask(ctx.umask)
-        linux.set_fsids(lower_uid, lower_gid)
+        self._ids_of(lower_uid, lower_gid, ctx.umask)
         try:
             made = make(mode & ~setid)
         finally:
-            linux.set_fsids(self.daemon_uid, self.daemon_gid)
+            self._daemon_ids()
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else lower_gid
         try:
             self._own_new(made if opened else None, parent, name, lower_uid, gid, setid)
@@ -500,6 +537,8 @@ class Operations:
         policy.check_rename(old_st, os.fstat(old_dir.fd), new_st, os.fstat(new_dir.fd),
                             new_st is not None or self._caller_mapped(ctx), self.uids, self.gids)
         if flags:
+            if flags & linux.RENAME_WHITEOUT:  # the whiteout is the daemon's, as before
+                self._daemon_ids(always=True)
             linux.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
         else:
             os.rename(name, newname, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
@@ -780,13 +819,12 @@ class Operations:
         self.table.admit(ctx.uid)  # before the file exists: a refused one makes none
         dir_fd = os.open(parent.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.umask(ctx.umask)
-            linux.set_fsids(lower_uid, lower_gid)
+            self._ids_of(lower_uid, lower_gid, ctx.umask)
             try:
                 fd = os.open(".", (flags & ~(os.O_NOCTTY | os.O_CREAT | os.O_EXCL))
                              | os.O_TMPFILE | os.O_CLOEXEC, mode, dir_fd=dir_fd)
             finally:
-                linux.set_fsids(self.daemon_uid, self.daemon_gid)
+                self._daemon_ids()
         finally:
             os.close(dir_fd)
         try:
