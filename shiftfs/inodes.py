@@ -18,7 +18,11 @@ is gone: the daemon held nothing that kept it). Where a lower has no handles
 back, so none can lose its inode. FUSE lowers report the lower daemon's
 inode numbers, which may repeat while the inode we hold lives (bindfs
 passes the underlying file's on); their handles (node id and generation
-in the lower kernel) tell those apart too.
+in the lower kernel) tell those apart too. Handles are taken only where
+they are needed: by a node about to give its fd back (from that fd, which
+still holds the inode), by a lookup that meets a node again under its
+number (the new fd's and the node's), and by the watcher's question (the
+node's); a node a create or a first lookup makes takes none.
 
 Lookup counts follow the kernel's: every reply that hands a node to the
 kernel (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK, each readdirplus entry
@@ -88,7 +92,7 @@ class Node:
     for an inode), ``fd`` an O_PATH fd of it."""
 
     __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens", "busy",
-                 "handle", "used", "stamp", "backing")
+                 "handle", "used", "stamp", "backing", "released")
 
     def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.node_id, self.fd, self.key, self.mode = node_id, fd, key, mode
@@ -100,6 +104,7 @@ class Node:
         self.used = 0.0  # monotonic time of the last request that named it
         self.stamp = None  # (size, mtime) at the last open: keep the page cache if unchanged
         self.backing = 0  # passthrough backing id while its opens are passed through
+        self.released = False  # its fd was pointed at a placeholder (release_if_gone)
 
     @property
     def path(self) -> str:
@@ -227,11 +232,15 @@ class InodeTable:
         dev = self.root.key[0]  # handles reopen through the root's mount: not what is mounted below it
         with self._lock:
             idle_nodes = sorted((n for n in self._by_id.values()
-                                 if n.fd >= 0 and n.handle is not None and n.key[0] == dev
-                                 and not n.opens and not n.busy and n is not self.root),
+                                 if n.fd >= 0 and n.key[0] == dev and not n.opens and not n.busy
+                                 and n is not self.root and not n.released),
                                 key=lambda n: n.used)[:count]
             fds = []
             for n in idle_nodes:
+                if n.handle is None:  # taken now, from the fd that still holds the inode
+                    n.handle = linux.name_to_handle(n.fd)
+                    if n.handle is None:
+                        continue
                 fds.append(n.fd)
                 n.fd = -1
             self.open_fds -= len(fds)
@@ -244,9 +253,13 @@ class InodeTable:
         inode's ``handle`` (watch.py), not a node whose inode was freed and
         its number reused."""
         node = self._by_key.get((dev, ino))
-        if node is not None and handle is not None and not self._names(node, handle):
-            return None
-        return node
+        if node is None or handle is None:
+            return node
+        if node.handle is None:
+            with self._lock:  # taken from its fd; under the lock no one closes it
+                if node.handle is None and node.fd >= 0 and not node.released:
+                    node.handle = linux.name_to_handle(node.fd)
+        return node if self._names(node, handle) else None
 
     @staticmethod
     def _names(node: Node, handle: bytes | None) -> bool:
@@ -291,18 +304,19 @@ class InodeTable:
 
     def add(self, fd: int, st: os.stat_result, parent_id: int = 0, name: bytes = b"") -> Node:
         """Count one lookup of the inode ``fd`` holds (the table takes the
-        fd: kept for a new node, closed for one it already has)."""
+        fd: kept for a new node, closed for one it already has). File
+        handles are taken only where a node is met again by its number
+        (to tell its inode from another under a reused number) and when a
+        node gives its fd back (give_back): a new node needs none."""
         key = (st.st_dev, st.st_ino)
-        handle = linux.name_to_handle(fd)
         with self._lock:
             node = self._by_key.get(key)
-            if node is not None and not self._names(node, handle):
+            if node is not None and not self._same_inode(node, fd):
                 # its inode was freed and the number reused: the old node
                 # keeps its own inode (and answers ESTALE), this one is new
                 node = None
             if node is None:
                 node = Node(self._next_id, fd, key, stat.S_IFMT(st.st_mode))
-                node.handle = handle
                 self._next_id += 1
                 self._by_id[node.node_id] = node
                 self._by_key[key] = node
@@ -323,6 +337,16 @@ class InodeTable:
         if fd >= 0:
             os.close(fd)
         return node
+
+    @staticmethod
+    def _same_inode(node: Node, fd: int) -> bool:
+        """Under the lock: whether ``node`` (found by the number of the
+        inode ``fd`` holds) names that inode, by their file handles. The
+        node's own handle is taken from its fd on first need (under the
+        lock no one closes it)."""
+        if node.handle is None and node.fd >= 0:
+            node.handle = linux.name_to_handle(node.fd)
+        return InodeTable._names(node, linux.name_to_handle(fd))
 
     def admit(self, uid: int) -> None:
         """Before a lower file or directory is opened (or made) for caller
@@ -438,6 +462,7 @@ class InodeTable:
             if self._placeholder < 0:
                 self._placeholder = os.memfd_create("shiftfs-released", os.MFD_CLOEXEC)
             os.dup2(self._placeholder, node.fd)
+            node.released = True
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
 
