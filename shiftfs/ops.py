@@ -375,11 +375,12 @@ class Operations:
         return self.uids.to_lower(ctx.uid) is not None and self.gids.to_lower(ctx.gid) is not None
 
     def _as_caller(self, ctx: Context, parent: Node, name: bytes, mode: int, make,
-                   opened: bool = False):
+                   opened: bool = False) -> tuple[int, os.stat_result]:
         """``make(mode)`` with the thread's fsuid/fsgid set to the caller's
         lower ids and its umask to the caller's; the parent must not be
-        frozen. Then the new entry ``name`` (``opened``: the fd make
-        returned) is checked to be the caller's (_own_new)."""
+        frozen. Then the new entry ``name`` is checked to be the caller's
+        (_own_new). Returns an fd of it (``opened``: the fd make returned;
+        otherwise an O_PATH fd of the name, taken at once) and its stat."""
         lower_uid, lower_gid = self._caller_lower_ids(ctx)
         pst = os.fstat(parent.fd)
         policy.check_dir_write(pst, self.uids, self.gids)
@@ -392,44 +393,40 @@ class Operations:
         finally:
             self._daemon_ids()
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else lower_gid
+        fd = made if opened else os.open(name, _O_PATH_NOFOLLOW, dir_fd=parent.fd)
         try:
-            self._own_new(made if opened else None, parent, name, lower_uid, gid, setid)
+            return fd, self._own_new(fd, lower_uid, gid, setid)
         except BaseException:
-            if opened:
-                os.close(made)
+            os.close(fd)
             raise
-        return made
 
-    def _own_new(self, fd: int | None, parent: Node, name: bytes, uid: int, gid: int,
-                 setid: int) -> None:
+    def _own_new(self, fd: int, uid: int, gid: int, setid: int) -> os.stat_result:
         """A lower that ignores the creator's fsuid (sshfs: the sftp
-        server's user owns what it makes) gets the new entry chowned to
-        the caller and its set-id bits put back. Only the uid tells: a
-        lower's own group rules (grpid, set-gid directories) are kept."""
-        own = fd if fd is not None else os.open(name, _O_PATH_NOFOLLOW, dir_fd=parent.fd)
-        try:
-            st = os.fstat(own)
-            if st.st_uid == uid and not setid:
-                return
-            if stat.S_ISLNK(st.st_mode) and not self.symlink_attrs:
-                return  # its chown would reach the target: it stays the server's
-            if not self.chown_new:
-                log.warning("the lower (%s) does not give new entries their creator's owner: "
-                            "each is chowned after it is made", self.lower_type)
-                self.chown_new = True
-            if st.st_uid != uid:
-                linux.chown_fd(own, uid, gid if st.st_gid != gid else -1)
-            mode = stat.S_IMODE(st.st_mode) | setid
-            if mode != stat.S_IMODE(os.fstat(own).st_mode):
-                os.chmod(f"/proc/self/fd/{own}", mode)
-        finally:
-            if fd is None:
-                os.close(own)
+        server's user owns what it makes) gets the new entry ``fd`` holds
+        chowned to the caller and its set-id bits put back. Only the uid
+        tells: a lower's own group rules (grpid, set-gid directories) are
+        kept. Its stat, after that."""
+        st = os.fstat(fd)
+        if st.st_uid == uid and not setid:
+            return st
+        if stat.S_ISLNK(st.st_mode) and not self.symlink_attrs:
+            return st  # its chown would reach the target: it stays the server's
+        if not self.chown_new:
+            log.warning("the lower (%s) does not give new entries their creator's owner: "
+                        "each is chowned after it is made", self.lower_type)
+            self.chown_new = True
+        if st.st_uid != uid:
+            linux.chown_fd(fd, uid, gid if st.st_gid != gid else -1)
+        mode = stat.S_IMODE(st.st_mode) | setid
+        if mode != stat.S_IMODE(os.fstat(fd).st_mode):
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        return os.fstat(fd)
 
-    def _new_entry(self, parent: Node, name: bytes) -> Entry:
-        """The entry just made under ``name``, counted as one lookup."""
-        node, st = self.table.lookup_at(parent, name)
-        return self._entry(node, st, False)
+    def _new_entry(self, parent_id: int, name: bytes, made: tuple[int, os.stat_result]) -> Entry:
+        """The entry just made under ``name`` (_as_caller's fd and stat),
+        counted as one lookup."""
+        fd, st = made
+        return self._entry(self.table.add(fd, st, parent_id, name), st, False)
 
     def _frozen_access(self, ctx: Context, node: Node, st: os.stat_result, want: int) -> None:
         """EACCES unless the caller may ``want`` this frozen inode as an
@@ -475,21 +472,18 @@ class Operations:
 
     def mknod(self, ctx, parent_id, name, mode, rdev) -> Entry:
         parent = self.table.get(parent_id)
-        self._as_caller(ctx, parent, self._name(name), mode,
-                        lambda m: os.mknod(name, m, rdev, dir_fd=parent.fd))
-        return self._new_entry(parent, name)
+        return self._new_entry(parent_id, name, self._as_caller(
+            ctx, parent, self._name(name), mode, lambda m: os.mknod(name, m, rdev, dir_fd=parent.fd)))
 
     def mkdir(self, ctx, parent_id, name, mode) -> Entry:
         parent = self.table.get(parent_id)
-        self._as_caller(ctx, parent, self._name(name), mode,
-                        lambda m: os.mkdir(name, m, dir_fd=parent.fd))
-        return self._new_entry(parent, name)
+        return self._new_entry(parent_id, name, self._as_caller(
+            ctx, parent, self._name(name), mode, lambda m: os.mkdir(name, m, dir_fd=parent.fd)))
 
     def symlink(self, ctx, target, parent_id, name) -> Entry:
         parent = self.table.get(parent_id)
-        self._as_caller(ctx, parent, self._name(name), 0,
-                        lambda _m: os.symlink(target, name, dir_fd=parent.fd))
-        return self._new_entry(parent, name)
+        return self._new_entry(parent_id, name, self._as_caller(
+            ctx, parent, self._name(name), 0, lambda _m: os.symlink(target, name, dir_fd=parent.fd)))
 
     def link(self, ctx, node_id, parent_id, name) -> Entry:
         node = self.table.get(node_id)
@@ -744,16 +738,18 @@ class Operations:
         node.stamp = stamp
         return Opened(fh, keep, backing, _whole_appends(flags, backing))
 
-    def _serve(self, node: Node, fd: int, st: os.stat_result, flags: int, uid: int):
+    def _serve(self, node: Node, fd: int, st: os.stat_result, flags: int, uid: int,
+               fresh: bool = False):
         """A new open of ``node`` by ``uid`` on the lower ``fd`` (the table
         takes it): (fh, passthrough backing id), the fh an fd the daemon
-        can read and write where the id is 0."""
-        fh, backing = self.table.opened(node, fd, flags, uid, self._passthrough(fd, st))
+        can read and write where the id is 0. ``fresh``: a file this
+        request made (it has no security.capability)."""
+        fh, backing = self.table.opened(node, fd, flags, uid, self._passthrough(fd, st, fresh))
         if not backing:
             _buffered(fh, flags)
         return fh, backing
 
-    def _passthrough(self, fd: int, st: os.stat_result):
+    def _passthrough(self, fd: int, st: os.stat_result, fresh: bool = False):
         """What chooses, at the first open of an inode, whether its opens
         are passed through (InodeTable.opened): not when the daemon must see
         the writes (set-id bits a write clears, file capabilities) or every
@@ -767,12 +763,13 @@ class Operations:
                 return 0
             if self._frozen(st):
                 return 0
-            try:
-                os.getxattr(fd, "security.capability")
-                return 0
-            except OSError as e:
-                if e.errno != errno.ENODATA:
+            if not fresh:  # a file just made has none
+                try:
+                    os.getxattr(fd, "security.capability")
                     return 0
+                except OSError as e:
+                    if e.errno != errno.ENODATA:
+                        return 0
             try:
                 return self.backing_files.backing_open(fd)
             except OSError as e:
@@ -791,7 +788,7 @@ class Operations:
         uid = ctx.uid
         self.table.admit(uid)  # before the file exists: a refused create makes none
         try:
-            fd = self._as_caller(ctx, parent, name, mode, lambda m: os.open(
+            fd, st = self._as_caller(ctx, parent, name, mode, lambda m: os.open(
                 name, (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                 m, dir_fd=parent.fd), opened=True)
         except FileExistsError:
@@ -799,13 +796,12 @@ class Operations:
                 raise
             raise OSError(errno.ESTALE, "the name exists: look it up again") from None
         try:
-            st = os.fstat(fd)
             node = self.table.add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC), st,
                                   parent_id, name)
         except BaseException:
             os.close(fd)
             raise
-        fh, backing = self._serve(node, fd, st, flags, uid)
+        fh, backing = self._serve(node, fd, st, flags, uid, fresh=True)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
         return self._entry(node, st, False), Opened(fh, False, backing, _whole_appends(flags, backing))
 
@@ -834,7 +830,7 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        fh, backing = self._serve(node, fd, st, flags, ctx.uid)
+        fh, backing = self._serve(node, fd, st, flags, ctx.uid, fresh=True)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
         return self._entry(node, st, False), Opened(fh, False, backing, _whole_appends(flags, backing))
 
