@@ -158,16 +158,28 @@ _NS = 1000000000
 
 def attr_fields(st, uid: int, gid: int) -> tuple:
     """fuse_attr from a lower stat result, with the upper ids."""
-    a, an = divmod(st.st_atime_ns, _NS)
-    m, mn = divmod(st.st_mtime_ns, _NS)
-    c, cn = divmod(st.st_ctime_ns, _NS)
-    return (st.st_ino, st.st_size, st.st_blocks, a, m, c, an, mn, cn, st.st_mode, st.st_nlink,
+    # st[7:10] are the whole seconds of atime, mtime, ctime
+    a, m, c = st[7], st[8], st[9]
+    return (st.st_ino, st.st_size, st.st_blocks, a, m, c, st.st_atime_ns - a * _NS,
+            st.st_mtime_ns - m * _NS, st.st_ctime_ns - c * _NS, st.st_mode, st.st_nlink,
             uid, gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
 
 
+_SPLIT: dict[float, tuple[int, int]] = {}
+
+
 def split_timeout(seconds: float) -> tuple[int, int]:
+    """(seconds, nanoseconds) of a lifetime; the few values a mount uses
+    are split once."""
+    try:
+        return _SPLIT[seconds]
+    except KeyError:
+        pass
     s = int(seconds)
-    return s, int((seconds - s) * _NS)
+    out = (s, int((seconds - s) * _NS))
+    if len(_SPLIT) < 64:
+        _SPLIT[seconds] = out
+    return out
 
 
 def pack_entry(node_id: int, st, uid: int, gid: int, attr_timeout: float,

@@ -45,6 +45,7 @@ _POOLED = frozenset((P.FSYNC, P.FSYNCDIR, P.FALLOCATE, P.COPY_FILE_RANGE))
 # no reply at all; every opcode without a handler is answered ENOSYS (FLUSH,
 # ACCESS, locks, BMAP, POLL, STATX: the kernel then does without, or by itself)
 _NO_REPLY = frozenset((P.FORGET, P.BATCH_FORGET, P.INTERRUPT))
+_OUT_HEADER = P.OUT_HEADER.pack
 _INIT_NAMES = ("ASYNC_READ", "BIG_WRITES", "POSIX_ACL", "DONT_MASK", "DO_READDIRPLUS",
                "READDIRPLUS_AUTO", "PARALLEL_DIROPS", "CACHE_SYMLINKS", "AUTO_INVAL_DATA",
                "MAX_PAGES", "HAS_IOCTL_DIR", "HANDLE_KILLPRIV_V2", "PASSTHROUGH",
@@ -77,6 +78,7 @@ class Session:
         self._pool_threads = max(1, pool_threads)
         self._old_signals: dict | None = None
         self.expire_only = False
+        self._request_done = fs.request_done
         self._ops = {
             P.LOOKUP: self._lookup, P.GETATTR: self._getattr, P.SETATTR: self._setattr,
             P.READLINK: self._readlink, P.SYMLINK: self._symlink, P.MKNOD: self._mknod,
@@ -227,7 +229,7 @@ class Session:
             reply, undo = handler(ctx, nodeid, body)
             if not self._reply(unique, reply) and undo is not None:
                 undo()
-            if op == P.LOOKUP and undo is None:
+            if undo is None and op == P.LOOKUP:
                 result = "ENOENT"  # a negative entry
         except OSError as e:
             code = e.errno or errno.EIO
@@ -238,18 +240,18 @@ class Session:
             result = "EIO"
             self._error(unique, errno.EIO)
         finally:
-            self.fs.request_done()
+            self._request_done()
         if self.debug:
             self._log(op, nodeid, body, ctx, result)
 
     def _reply(self, unique: int, parts) -> bool:
         """Send a reply (a bytes-like or a list of them); False if the
         kernel no longer waits for it."""
-        if not isinstance(parts, list):
-            parts = [parts]
-        size = 16 + sum(len(p) for p in parts)
         try:
-            os.writev(self.fd, [P.OUT_HEADER.pack(size, 0, unique), *parts])
+            if type(parts) is list:
+                os.writev(self.fd, [_OUT_HEADER(16 + sum(map(len, parts)), 0, unique), *parts])
+            else:
+                os.writev(self.fd, (_OUT_HEADER(16 + len(parts), 0, unique), parts))
             return True
         except OSError as e:
             if e.errno != errno.ENOENT:
