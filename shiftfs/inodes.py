@@ -74,7 +74,6 @@ import os
 import resource
 import stat
 import threading
-import time
 
 from . import linux
 
@@ -101,7 +100,7 @@ class Node:
         self.opens = 0  # lower file handles open on it
         self.busy = 0  # running requests that named it: its fd stays while > 0
         self.handle: bytes | None = None  # its inode's identity; reopens it once its fd was given back
-        self.used = 0.0  # monotonic time of the last request that named it
+        self.used = 0  # when a request last named it (InodeTable's count of holds)
         self.stamp = None  # (size, mtime) at the last open: keep the page cache if unchanged
         self.backing = 0  # passthrough backing id while its opens are passed through
         self.released = False  # its fd was pointed at a placeholder (release_if_gone)
@@ -144,6 +143,7 @@ class InodeTable:
         self._lock = threading.Lock()
         self._held = threading.local()  # the nodes this thread's request has named
         self._next_id = root_id + 1
+        self._holds = 0  # holds so far: the clock that orders nodes by last use
         self.peak = 1
         self.high, self.low = 1 << 62, 1 << 62  # set by the mount from RLIMIT_NOFILE
         self.shrink_wanted = threading.Event()
@@ -189,7 +189,8 @@ class InodeTable:
     def _hold(self, node: Node) -> None:
         # under the lock: from here give_back() leaves this node's fd alone
         node.busy += 1
-        node.used = time.monotonic()
+        self._holds += 1
+        node.used = self._holds
         try:
             self._held.nodes.append(node)
         except AttributeError:

@@ -221,6 +221,8 @@ class Operations:
         self.daemon_gid = os.getegid()
         self._dirs: dict[int, DirStream] = {}
         self._ovf_uid, self._ovf_gid = idmap.overflow_uid, idmap.overflow_gid
+        self._uid_up, self._gid_up = self.uids.to_upper, self.gids.to_upper
+        self.request_done = self.table.request_done  # the method below, one call fewer
         self.backing_files = None  # the session, once INIT granted passthrough
         self._offered_backing = None
         # Each serving thread's fsuid, fsgid and umask (worker_started): a
@@ -351,16 +353,25 @@ class Operations:
         return self.unwatched
 
     def _attr(self, st: os.stat_result) -> Attr:
-        uid = self.uids.to_upper(st.st_uid)
-        gid = self.gids.to_upper(st.st_gid)
-        frozen = uid is None or gid is None
-        return Attr(st, self._ovf_uid if uid is None else uid, self._ovf_gid if gid is None else gid,
-                    0.0 if frozen else self._life(st).attr)
+        uid = self._uid_up(st.st_uid)
+        gid = self._gid_up(st.st_gid)
+        if uid is None or gid is None:  # frozen: never cached
+            return Attr(st, self._ovf_uid if uid is None else uid,
+                        self._ovf_gid if gid is None else gid, 0.0)
+        watched = self.watched_dev
+        return Attr(st, uid, gid, (self.life if watched is None or st.st_dev == watched
+                                   else self.unwatched).attr)
 
     def _entry(self, node: Node, st: os.stat_result, in_frozen_dir: bool) -> Entry:
-        st, uid, gid, attr_timeout = self._attr(st)
-        return Entry(node.node_id, st, uid, gid, attr_timeout,
-                     0.0 if in_frozen_dir else self._life(st).entry)
+        uid = self._uid_up(st.st_uid)
+        gid = self._gid_up(st.st_gid)
+        watched = self.watched_dev
+        life = self.life if watched is None or st.st_dev == watched else self.unwatched
+        if uid is None or gid is None:  # frozen: never cached
+            return Entry(node.node_id, st, self._ovf_uid if uid is None else uid,
+                         self._ovf_gid if gid is None else gid, 0.0,
+                         0.0 if in_frozen_dir else life.entry)
+        return Entry(node.node_id, st, uid, gid, life.attr, 0.0 if in_frozen_dir else life.entry)
 
     def _caller_lower_ids(self, ctx: Context) -> tuple[int, int]:
         """The caller's (lower uid, lower gid); EOVERFLOW if either id has
@@ -463,7 +474,7 @@ class Operations:
         try:
             node, st = self.table.lookup_at(parent, self._name(name))
         except FileNotFoundError:
-            return NEGATIVE._replace(entry_timeout=0.0 if frozen_dir else self._life(pst).negative)
+            return NEGATIVE if frozen_dir else Entry(0, None, 0, 0, 0.0, self._life(pst).negative)
         return self._entry(node, st, frozen_dir)
 
     def forget(self, pairs) -> None:
