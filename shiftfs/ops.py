@@ -74,7 +74,9 @@ import fcntl
 import logging
 import os
 import stat
+import functools
 import threading
+import weakref
 from dataclasses import dataclass
 
 from . import linux, policy, xattrs
@@ -155,6 +157,18 @@ def _caller_in_chown(ctx: Context) -> bool:
         return False
 
 
+def _forget_proc_fd(ops_ref) -> None:
+    """In a forked child: the held /proc/self/fd is the parent's fd table,
+    which must never name an inode here (a new server opens its own)."""
+    ops = ops_ref()
+    if ops is not None and ops._proc_fd is not None:
+        fd, ops._proc_fd = ops._proc_fd, None
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class DirStream:
     """An open lower directory, read in getdents batches and resumed at the
     offsets the lower gives: memory per handle is one batch, whatever the
@@ -231,6 +245,8 @@ class Operations:
         # fsuid (SECBIT_NO_SETUID_FIXUP, set before the threads start);
         # otherwise the daemon's ids come back after each create.
         self._thread = threading.local()
+        self._proc_fd: int | None = None  # /proc/self/fd, held from INIT on (_reopen)
+        os.register_at_fork(after_in_child=functools.partial(_forget_proc_fd, weakref.ref(self)))
         self._keep_ids = self.daemon_uid == 0 and linux.caps_kept_across_fsuid()
 
     # ---- lifecycle ----
@@ -240,6 +256,8 @@ class Operations:
 
     def init(self, granted: Granted) -> None:
         """What INIT settled (passthrough granted or not)."""
+        if self._proc_fd is None:  # after the daemon's fork: /proc/self is the serving process
+            self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if self._offered_backing is not None and granted.passthrough:
             self.backing_files = self._offered_backing
 
@@ -281,11 +299,22 @@ class Operations:
             linux.set_fsids(self.daemon_uid, self.daemon_gid)
             ids[0], ids[1] = self.daemon_uid, self.daemon_gid
 
+    def _reopen(self, fd: int, flags: int) -> int:
+        """A new open of the inode ``fd`` holds (its magic link in
+        /proc/self/fd, which the kernel resolves to the inode itself),
+        looked up from the held /proc/self/fd: one path step, not four."""
+        if self._proc_fd is None:
+            return os.open(f"/proc/self/fd/{fd}", flags)
+        return os.open(str(fd), flags, dir_fd=self._proc_fd)
+
     def destroy(self) -> None:
         for d in list(self._dirs.values()):
             os.close(d.fd)
         self._dirs.clear()
         self.table.close()
+        if self._proc_fd is not None:
+            os.close(self._proc_fd)
+            self._proc_fd = None
 
     def lacks(self) -> list[str]:
         """What the lower cannot do that a local filesystem can, for the
@@ -732,7 +761,7 @@ class Operations:
             raise OSError(errno.EACCES, "not a regular file")
         uid = ctx.uid
         self.table.admit(uid)
-        fd = os.open(node.path, (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
+        fd = self._reopen(node.fd, (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             if self._frozen(st):
@@ -807,7 +836,7 @@ class Operations:
                 raise
             raise OSError(errno.ESTALE, "the name exists: look it up again") from None
         try:
-            node = self.table.add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC), st,
+            node = self.table.add(self._reopen(fd, os.O_PATH | os.O_CLOEXEC), st,
                                   parent_id, name)
         except BaseException:
             os.close(fd)
@@ -836,7 +865,7 @@ class Operations:
             os.close(dir_fd)
         try:
             st = os.fstat(fd)
-            node = self.table.add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC), st,
+            node = self.table.add(self._reopen(fd, os.O_PATH | os.O_CLOEXEC), st,
                                   parent_id, b"")
         except BaseException:
             os.close(fd)
@@ -873,7 +902,7 @@ class Operations:
             raise OSError(errno.ENOTDIR, "not a directory")
         uid = ctx.uid
         self.table.admit(uid)
-        fd = os.open(node.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self._reopen(node.fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             frozen = self._frozen(st)
