@@ -31,9 +31,13 @@ What the kernel caches, for how long, and who invalidates it
   known to the kernel already, changes behind it are invalidated by the
   watcher or show within the timeout;
 - negative entries (no such name): ``negative_timeout``;
-- frozen inodes (an unmapped lower owner or group) get attr lifetime 0 and
-  names inside a frozen directory entry lifetime 0, so the daemon sees
-  every access it must decide (policy.py);
+- names inside a frozen directory (an unmapped lower owner or group) get
+  entry lifetime 0, so every lookup there, a search of that directory,
+  reaches the daemon; the other accesses it decides on frozen inodes
+  (OPEN, OPENDIR, GETXATTR of user.* names) always reach it. Their
+  attributes (and with them their ACLs) are cached as any inode's: no
+  decision is made on a GETATTR, and a lifetime 0 only made the kernel
+  ask the attributes and the ACL again before each of its own checks;
 - page cache: kept across opens while the lower file's size and mtime are
   unchanged (keep_cache), dropped by the kernel when it sees them change
   (FUSE_CAP_AUTO_INVAL_DATA);
@@ -155,6 +159,25 @@ def _caller_in_chown(ctx: Context) -> bool:
             return int(f.read().split(None, 1)[0]) in _CHOWN_SYSCALLS
     except (OSError, ValueError, IndexError):
         return False
+
+
+class _CallerGroups:
+    """The caller's groups (fsgid and supplementary, upper ids) as
+    policy.frozen_permitted asks for them: ``gid in groups``. The
+    supplementary ones are read from /proc only when a question needs them
+    (a frozen inode whose group class or ACL group entries decide)."""
+
+    __slots__ = ("ctx", "_more")
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx, self._more = ctx, None
+
+    def __contains__(self, gid) -> bool:
+        if gid == self.ctx.gid:
+            return True
+        if self._more is None:
+            self._more = frozenset(self.ctx.groups())
+        return gid in self._more
 
 
 def _forget_proc_fd(ops_ref) -> None:
@@ -384,23 +407,18 @@ class Operations:
     def _attr(self, st: os.stat_result) -> Attr:
         uid = self._uid_up(st.st_uid)
         gid = self._gid_up(st.st_gid)
-        if uid is None or gid is None:  # frozen: never cached
-            return Attr(st, self._ovf_uid if uid is None else uid,
-                        self._ovf_gid if gid is None else gid, 0.0)
         watched = self.watched_dev
-        return Attr(st, uid, gid, (self.life if watched is None or st.st_dev == watched
-                                   else self.unwatched).attr)
+        return Attr(st, self._ovf_uid if uid is None else uid, self._ovf_gid if gid is None else gid,
+                    (self.life if watched is None or st.st_dev == watched else self.unwatched).attr)
 
     def _entry(self, node: Node, st: os.stat_result, in_frozen_dir: bool) -> Entry:
         uid = self._uid_up(st.st_uid)
         gid = self._gid_up(st.st_gid)
         watched = self.watched_dev
         life = self.life if watched is None or st.st_dev == watched else self.unwatched
-        if uid is None or gid is None:  # frozen: never cached
-            return Entry(node.node_id, st, self._ovf_uid if uid is None else uid,
-                         self._ovf_gid if gid is None else gid, 0.0,
-                         0.0 if in_frozen_dir else life.entry)
-        return Entry(node.node_id, st, uid, gid, life.attr, 0.0 if in_frozen_dir else life.entry)
+        return Entry(node.node_id, st, self._ovf_uid if uid is None else uid,
+                     self._ovf_gid if gid is None else gid, life.attr,
+                     0.0 if in_frozen_dir else life.entry)
 
     def _caller_lower_ids(self, ctx: Context) -> tuple[int, int]:
         """The caller's (lower uid, lower gid); EOVERFLOW if either id has
@@ -478,7 +496,7 @@ class Operations:
                 acl = os.getxattr(node.path, _ACL_ACCESS)
             except OSError:
                 pass
-        groups = {ctx.gid, *ctx.groups()}
+        groups = _CallerGroups(ctx)  # read from /proc only where a decision needs them
         if not policy.frozen_permitted(st, self.uids, self.gids, ctx.uid, groups, want, acl):
             raise OSError(errno.EACCES, "inode has an unmapped owner")
 
@@ -925,18 +943,15 @@ class Operations:
     def readdir_entry(self, ctx: Context, parent_id: int, fh: int, name: bytes,
                       d_type: int) -> Entry | None:
         """A readdirplus entry with attributes (one lookup), or None: the
-        dot entries, a vanished name, and frozen entries or all entries of
-        a frozen directory (the kernel then looks each up when it needs it,
-        and lookup decides)."""
+        dot entries, a vanished name, and all entries of a frozen directory
+        (the kernel then looks each up when it needs it, and lookup decides
+        whether the caller may search the directory)."""
         stream = self._dirs[fh]
         if stream.frozen or name in (b".", b".."):
             return None
         try:
             fd, st = self.table.open_at(fh, name)
         except OSError:
-            return None
-        if self._frozen(st):
-            os.close(fd)
             return None
         return self._entry(self.table.add(fd, st, parent_id, name), st, False)
 
