@@ -195,6 +195,15 @@ def pack_entry(node_id: int, st, uid: int, gid: int, attr_timeout: float,
 _NO_ATTR = (0,) * 16
 
 
+def pack_entry_into(buf, pos: int, node_id: int, st, uid: int, gid: int, attr_timeout: float,
+                    entry_timeout: float) -> None:
+    """fuse_entry_out of a positive entry written at ``pos`` (a readdirplus
+    reply)."""
+    es, ens = split_timeout(entry_timeout)
+    at, atn = split_timeout(attr_timeout)
+    ENTRY_OUT.pack_into(buf, pos, node_id, 0, es, at, ens, atn, *attr_fields(st, uid, gid))
+
+
 def pack_attr(st, uid: int, gid: int, timeout: float) -> bytes:
     at, atn = split_timeout(timeout)
     return ATTR_OUT.pack(at, atn, 0, *attr_fields(st, uid, gid))
@@ -204,13 +213,16 @@ def dirent_size(namelen: int, plus: bool) -> int:
     return (namelen + (ENTRY_OUT.size if plus else 0) + DIRENT.size + 7) & ~7
 
 
-def pack_dirent(buf: bytearray, pos: int, ino: int, off: int, name: bytes, dtype: int) -> int:
-    """One fuse_dirent at ``pos``; returns the next position (8-aligned)."""
+def pack_dirent(buf: bytearray, pos: int, ino: int, off: int, name: bytes, dtype: int,
+                zeroed: bool = False) -> int:
+    """One fuse_dirent at ``pos``; returns the next position (8-aligned).
+    ``zeroed``: the buffer holds zeros past ``pos`` (no padding to write)."""
     DIRENT.pack_into(buf, pos, ino, off, len(name), dtype)
     start = pos + DIRENT.size
     buf[start:start + len(name)] = name
     end = (start + len(name) + 7) & ~7
-    buf[start + len(name):end] = bytes(end - start - len(name))
+    if not zeroed:
+        buf[start + len(name):end] = bytes(end - start - len(name))
     return end
 
 

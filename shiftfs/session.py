@@ -500,31 +500,35 @@ class Session:
         counts as a lookup, so one left out must not be counted). An error
         after the first entry ends the reply; it comes again next time."""
         fh, off, size, _rf, _lo, _fl, _ = P.READ_IN.unpack_from(body)
-        out = bytearray(size)
+        out = bytearray(size)  # zeros: no padding to write
         pos = 0
         stream = self.fs.readdir(nodeid, fh, off)
         counted = []
+        peek, advance, dirent = stream.peek, stream.advance, P.pack_dirent
+        extra = P.DIRENT.size + 7 + (P.ENTRY_OUT.size if plus else 0)
         try:
+            if plus:
+                entry = self.fs.readdir_entry
+                entry_into, esize = P.pack_entry_into, P.ENTRY_OUT.size
             while True:
-                item = stream.peek()
+                item = peek()
                 if item is None:
                     break
                 name, d_ino, d_type, d_off = item
-                need = P.dirent_size(len(name), plus)
-                if pos + need > size:
+                if pos + ((len(name) + extra) & ~7) > size:
                     break
                 if plus:
-                    e = self.fs.readdir_entry(ctx, nodeid, fh, name, d_type)
+                    e = entry(ctx, nodeid, fh, name, d_type)
                     if e is None:  # no attributes: the kernel looks it up when it needs them
                         P.ENTRY_OUT.pack_into(out, pos, 0, 0, 0, 0, 0, 0, d_ino, 0, 0, 0, 0, 0,
                                               0, 0, 0, d_type << 12, 0, 0, 0, 0, 0, 0)
                     else:
                         counted.append(e.node_id)
-                        out[pos:pos + P.ENTRY_OUT.size] = self._entry(e)
-                    pos = P.pack_dirent(out, pos + P.ENTRY_OUT.size, d_ino, d_off, name, d_type)
+                        entry_into(out, pos, *e)
+                    pos = dirent(out, pos + esize, d_ino, d_off, name, d_type, True)
                 else:
-                    pos = P.pack_dirent(out, pos, d_ino, d_off, name, d_type)
-                stream.advance()
+                    pos = dirent(out, pos, d_ino, d_off, name, d_type, True)
+                advance()
         except OSError:
             if pos == 0:
                 raise
