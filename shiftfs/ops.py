@@ -103,6 +103,11 @@ log = logging.getLogger("shiftfs")
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
 _DIRBUF = 32768
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# lowers whose calls are decided by the calling thread's capabilities alone
+# (not by a server or daemon that sees its fsuid): a create may leave the
+# caller's fsuid on a serving thread there (Operations._keep_ids)
+_LOCAL_TYPES = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "bcachefs",
+                          "jfs", "reiserfs", "nilfs2", "zfs"))
 
 
 def _buffered(fd: int, flags: int) -> None:
@@ -264,13 +269,17 @@ class Operations:
         self._offered_backing = None
         # Each serving thread's fsuid, fsgid and umask (worker_started): a
         # create sets them only where they differ, and leaves them the
-        # caller's, where the thread keeps its capabilities whatever its
-        # fsuid (SECBIT_NO_SETUID_FIXUP, set before the threads start);
-        # otherwise the daemon's ids come back after each create.
+        # caller's where nothing else reads them: the thread keeps its
+        # capabilities whatever its fsuid (SECBIT_NO_SETUID_FIXUP, set
+        # before the threads start), and the lower is a local filesystem,
+        # which decides by those capabilities (an NFS server, or a FUSE
+        # lower's daemon, would see the caller's ids on every later call).
+        # Otherwise the daemon's ids come back after each create.
         self._thread = threading.local()
+        self._keep_ids = (self.daemon_uid == 0 and self.lower_type in _LOCAL_TYPES
+                          and linux.caps_kept_across_fsuid())
         self._proc_fd: int | None = None  # /proc/self/fd, held from INIT on (_reopen)
         os.register_at_fork(after_in_child=functools.partial(_forget_proc_fd, weakref.ref(self)))
-        self._keep_ids = self.daemon_uid == 0 and linux.caps_kept_across_fsuid()
 
     # ---- lifecycle ----
     def offer_passthrough(self, session) -> None:

@@ -4,6 +4,7 @@ they asked for."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -18,9 +19,9 @@ from shiftfs.idmap import Extent, read_overflow_id
 from shiftfs.mount import is_mounted, mounts, unmount
 
 try:
-    from tests.conftest import ROOT_KEPT
+    from tests.conftest import ROOT_KEPT, foreground_daemon
 except ImportError:
-    from conftest import ROOT_KEPT
+    from conftest import ROOT_KEPT, foreground_daemon
 
 try:
     from tests.callers import Errno, call_as
@@ -172,6 +173,40 @@ def test_a_whiteout_is_the_daemons_after_a_callers_create(lower, mounter):
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
     assert (st.st_uid, st.st_gid) == (0, 0)
     assert lower_ids(lower / "shared" / "moved") == (1000, 1000)
+
+
+def _fsuids(pid: int) -> set[int]:
+    """The fsuid of each thread of ``pid`` (the fourth Uid: field)."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            out |= {int(line.split()[4]) for line in f if line.startswith("Uid:")}
+    return out
+
+
+@pytest.mark.parametrize("lower_kind", ["local", "FUSE"])
+def test_a_create_leaves_the_callers_fsuid_only_over_a_local_lower(lower, workdir, lower_kind):
+    """Over a local lower a serving thread keeps the fsuid of the last
+    create (the lower decides by the daemon's capabilities); over a FUSE
+    (or network) lower, whose daemon (or server) sees the fsuid of every
+    call, the daemon's own ids come back after each create."""
+    import shutil
+    if lower_kind == "FUSE" and not shutil.which("bindfs"):
+        pytest.skip("bindfs not installed")
+    make_tree(lower)
+    served, mnt = lower, workdir / "mnt"
+    mnt.mkdir()
+    with contextlib.ExitStack() as stack:
+        if lower_kind == "FUSE":
+            served = workdir / "fuse-lower"
+            served.mkdir()
+            subprocess.run(["bindfs", "-o", "allow_other", str(lower), str(served)], check=True)
+            stack.callback(lambda: subprocess.run(["umount", "-l", str(served)], check=False))
+        daemon = stack.enter_context(foreground_daemon(served, mnt, "--map", "b:0:100000:65536",
+                                                       log=workdir / "log"))
+        as_user(lambda: open(mnt / "shared" / "new", "w").close())
+        assert lower_ids(lower / "shared" / "new") == (1000, 1000)
+        assert _fsuids(daemon.pid) == ({0, 1000} if lower_kind == "local" else {0})
 
 
 def test_default_acl_of_the_parent_is_inherited(lower, shifted):
