@@ -859,6 +859,11 @@ def report(results, workloads, fss, dstats, rcounts, coh, aprobe, notes, args, p
             ratios = [fmt_r(s_ / vals[n] if s_ and vals.get(n) else None)
                       for n in fuse_present if n != "shiftfs"]
             out.append(f"| {row} | {'path' if per_path else 'request'} | " + " | ".join(cells + ratios) + " |")
+            # issue 18's goals: per path on the cold walk, per request on create+write
+            if s_ and vals.get("bindfs") and (row == "find -ls cold" or row.startswith("create+write")):
+                limit = 1.0 if per_path else 1.5
+                verdicts.append((f"daemon CPU per {'path' if per_path else 'request'}, {row}",
+                                 f"≤ {limit} × bindfs", s_ / vals["bindfs"], s_ / vals["bindfs"] <= limit))
     if sysc:
         out += ["", "Syscalls per request on create+write (one more run, the daemon under `strace -f -y`, "
                 "every thread; /dev/fuse I/O = reading requests and writing replies and notifications, "
