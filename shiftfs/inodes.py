@@ -21,8 +21,12 @@ passes the underlying file's on); their handles (node id and generation
 in the lower kernel) tell those apart too. Handles are taken only where
 they are needed: by a node about to give its fd back (from that fd, which
 still holds the inode), by a lookup that meets a node again under its
-number (the new fd's and the node's), and by the watcher's question (the
-node's); a node a create or a first lookup makes takes none.
+number (the new fd's and the node's; a new node made there keeps its own).
+A node a create or a first lookup makes takes none, and the watcher's
+question (find) takes none either: a node without a handle holds its fd,
+so its number names its inode (or, on a FUSE lower whose numbers repeat,
+an event for another inode under it invalidates this node too, which is
+harmless).
 
 Lookup counts follow the kernel's: every reply that hands a node to the
 kernel (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK, each readdirplus entry
@@ -254,13 +258,9 @@ class InodeTable:
         inode's ``handle`` (watch.py), not a node whose inode was freed and
         its number reused."""
         node = self._by_key.get((dev, ino))
-        if node is None or handle is None:
-            return node
-        if node.handle is None:
-            with self._lock:  # taken from its fd; under the lock no one closes it
-                if node.handle is None and node.fd >= 0 and not node.released:
-                    node.handle = linux.name_to_handle(node.fd)
-        return node if self._names(node, handle) else None
+        if node is not None and handle is not None and not self._names(node, handle):
+            return None
+        return node
 
     @staticmethod
     def _names(node: Node, handle: bytes | None) -> bool:
@@ -310,14 +310,24 @@ class InodeTable:
         (to tell its inode from another under a reused number) and when a
         node gives its fd back (give_back): a new node needs none."""
         key = (st.st_dev, st.st_ino)
+        # a node met again under this number: the new fd's handle, taken
+        # before the lock (the node's own, from its fd, under it)
+        handle = linux.name_to_handle(fd) if key in self._by_key else None
         with self._lock:
             node = self._by_key.get(key)
-            if node is not None and not self._same_inode(node, fd):
-                # its inode was freed and the number reused: the old node
-                # keeps its own inode (and answers ESTALE), this one is new
-                node = None
+            if node is not None:
+                if handle is None:
+                    handle = linux.name_to_handle(fd)
+                if node.handle is None and node.fd >= 0:  # under the lock no one closes it
+                    node.handle = linux.name_to_handle(node.fd)
+                if not self._names(node, handle):
+                    # its inode was freed and the number reused (or a FUSE
+                    # lower shows one number for two inodes): the old node
+                    # keeps its own inode (and answers ESTALE), this one is new
+                    node = None
             if node is None:
                 node = Node(self._next_id, fd, key, stat.S_IFMT(st.st_mode))
+                node.handle = handle  # None unless it shares a number: then what tells them apart
                 self._next_id += 1
                 self._by_id[node.node_id] = node
                 self._by_key[key] = node
@@ -338,16 +348,6 @@ class InodeTable:
         if fd >= 0:
             os.close(fd)
         return node
-
-    @staticmethod
-    def _same_inode(node: Node, fd: int) -> bool:
-        """Under the lock: whether ``node`` (found by the number of the
-        inode ``fd`` holds) names that inode, by their file handles. The
-        node's own handle is taken from its fd on first need (under the
-        lock no one closes it)."""
-        if node.handle is None and node.fd >= 0:
-            node.handle = linux.name_to_handle(node.fd)
-        return InodeTable._names(node, linux.name_to_handle(fd))
 
     def admit(self, uid: int) -> None:
         """Before a lower file or directory is opened (or made) for caller
