@@ -40,7 +40,7 @@ The table's fds are bounded: the kernel forgets a node when it evicts the
 inode (FUSE evicts an inode as soon as no dentry or open file holds it),
 and once more than ``high`` fds are held, ``shrink_wanted`` is set and
 watch.Shrinker gives back the fds of nodes no running request names (each
-node keeps its file handle, and get() reopens it with open_by_handle_at
+takes its file handle from that fd first, and get() reopens it with open_by_handle_at
 when next named; a request holds every node it got until it ends). Where
 handles cannot be had (no CAP_DAC_READ_SEARCH, a filesystem without them,
 or a FUSE lower: its handles name an inode only while its kernel still
