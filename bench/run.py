@@ -4,6 +4,11 @@ shiftfs vs a kernel idmapped mount, one markdown table.
 
     python3 bench/run.py --rounds 3 --out bench/results.md     # full (~20k files, 1 GiB)
     python3 bench/run.py --quick                               # small smoke run
+    python3 bench/run.py --loop 6G --all-mapped --strace ...   # on a private ext4 the run makes
+
+``--loop SIZE`` makes a sparse ext4 image (WORKDIR.img) and mounts it,
+private, at the workdir: no other writer or watcher on the filesystem the
+mounts serve (kept for the next run; unmounted on the way out).
 
 Needs root, /dev/fuse, fuse3, bindfs, fuse-overlayfs (a missing one is left
 out of the table, with a note); runs under --workdir (default
@@ -16,6 +21,13 @@ Each workload runs on every filesystem in turn (A B C D A B C D ...) for
 ``sync; echo 3 > /proc/sys/vm/drop_caches`` before the run; "warm" means the
 same command ran just before (untimed). Writes run as a mapped, non-root user
 (lower uid 1000 = upper 101000; native runs as 1000).
+
+Daemon CPU in the timed runs: the daemon's utime+stime (/proc/PID/stat,
+all threads) over each timed run, medians; per path walked for the walks
+(readdirplus answers ~40 paths in one request, so per request misleads
+there), per request for the writes. ``--strace``: syscalls per request
+over one more create+write run (strace -f -y; /dev/fuse I/O told apart by
+the fd).
 
 Daemon CPU per request = the daemon's utime+stime (/proc/PID/stat, all
 threads) over a cold walk (find -ls + tar | cat), divided by the number of
@@ -39,6 +51,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -51,7 +64,19 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # shiftfs itself (versions()); test helpers are loaded by file (_helper)
+
+
+def _helper(name: str, rel: str):
+    """A module of the test suite, loaded from its file (bench/ does not put
+    tests/ on sys.path)."""
+    mod = sys.modules.get(name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, rel))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return mod
 
 OFFSET = 100000
 USER_LOWER = 1000                 # the mapped user, as stored
@@ -148,6 +173,52 @@ def build_tree(work: str, p: dict) -> None:
     sh("sync")
     with open(stamp, "w") as f:
         f.write(want)
+
+
+# ---- a private filesystem for the run -------------------------------------------
+
+@contextlib.contextmanager
+def loop_fs(work: str, size: str):
+    """A private ext4 on a loop image (``WORK.img``, sparse, SIZE like 6G)
+    mounted at ``work``: no other writer or watcher on the filesystem the
+    mounts serve. The image (and the tree built in it) is kept for the next
+    run with the same size; unmounted on the way out."""
+    img = work.rstrip("/") + ".img"
+    want = subprocess.run(["numfmt", "--from=iec", size.upper().removesuffix("B")],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    if is_mounted(work):
+        raise RuntimeError(f"{work} is already a mount point (a previous run left it?)")
+    if not os.path.exists(img) or str(os.path.getsize(img)) != want:
+        log(f"making a {size} ext4 in {img} ...")
+        with open(img, "wb") as f:
+            f.truncate(int(want))
+        sh(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", img])
+    os.makedirs(work, exist_ok=True)
+    sh(["mount", "-o", "loop", img, work])
+    try:
+        sh(["mount", "--make-private", work])
+        os.chmod(work, 0o755)
+        yield img
+    finally:
+        os.sync()
+        if subprocess.run(["umount", work], capture_output=True).returncode:
+            time.sleep(1)
+            if subprocess.run(["umount", work], capture_output=True).returncode:
+                log(f"{work} still busy: detached lazily")
+                subprocess.run(["umount", "-l", work], capture_output=True)
+
+
+def where(work: str) -> str:
+    """What filesystem the run's tree is on, for the report."""
+    st = os.stat(work)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == dev:
+                rest = fields[fields.index("-") + 1:]
+                return f"{rest[0]} on {rest[1]} (mounted at {fields[4]})"
+    return "?"
 
 
 # ---- the mounts ---------------------------------------------------------------
@@ -255,8 +326,8 @@ def mount_all(stack: contextlib.ExitStack, work: str, shiftfs_args: list[str], s
         mnt = os.path.join(work, "mnt-kernel")
         os.makedirs(mnt, exist_ok=True)
         try:
-            sys.path.insert(0, os.path.join(ROOT, "tests"))
-            from oracle.kernel_idmap import idmapped_mount
+            idmapped_mount = _helper("shiftfs_bench_kernel_idmap",
+                                     "tests/oracle/kernel_idmap.py").idmapped_mount
             ext = [(0, OFFSET, 65536)]
             stack.enter_context(idmapped_mount(lower, mnt, ext, ext))
             fss["kernel"] = dict(path=mnt, uid=USER_UPPER, pid=None)
@@ -429,8 +500,8 @@ def make_workloads(work: str, p: dict):
 
 # ---- daemon CPU per request, RSS -------------------------------------------------
 
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from fuse_requests import RequestCounter  # noqa: E402 (the tests count requests the same way)
+# the tests count requests the same way
+RequestCounter = _helper("shiftfs_bench_fuse_requests", "tests/fuse_requests.py").RequestCounter
 
 
 def family(pid: int) -> list[int]:
@@ -535,6 +606,51 @@ def request_counts(fss: dict, workloads, counter: RequestCounter) -> dict:
             clean(fs)
             out[(row, name)] = dict(ops=counts, cpu_s=cpu, secs=dt)
             log(f"{row:40s} counted  {name:14s} {nreq(counts):8d} requests")
+    return out
+
+
+def syscall_counts(fss: dict, workloads, counter: RequestCounter, notes: list) -> dict:
+    """One more run of the create+write workload on each FUSE mount with its
+    daemon under ``strace -f -y`` (every thread; the trace goes to /dev/shm,
+    not to a measured filesystem) and its requests counted: syscalls by
+    name, and those on /dev/fuse (reading requests, writing replies and
+    notifications) told apart by the fd strace names."""
+    import shutil
+    if not shutil.which("strace"):
+        notes.append("strace not installed: no syscall counts")
+        return {}
+    rows = [w for w in workloads if w[0].startswith("create+write")]
+    out = {}
+    for row, prep, run, clean, _goal in rows:
+        for name in FUSE_FS:
+            fs = fss.get(name)
+            if not fs:
+                continue
+            trace = f"/dev/shm/shiftfs-bench-strace-{os.getpid()}-{name}"
+            prep(fs)
+            tracer = subprocess.Popen(["strace", "-f", "-qq", "-y", "-o", trace, "-p", str(fs["pid"])],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # attached to every thread
+            counter.start(fs["dev"])
+            run(fs)
+            counts = counter.stop()
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=60)
+            clean(fs)
+            calls, fuse_io = collections.Counter(), 0
+            with open(trace, errors="replace") as f:
+                for line in f:
+                    parts = line.split(None, 1)
+                    if len(parts) < 2 or "(" not in parts[1] or parts[1].startswith(("+++", "---", "<...")):
+                        continue
+                    call, _, args = parts[1].partition("(")
+                    calls[call] += 1
+                    if "</dev/fuse>" in args.split(",", 1)[0]:
+                        fuse_io += 1
+            os.unlink(trace)
+            n = nreq(counts)
+            out[(row, name)] = dict(requests=n, calls=calls, fuse_io=fuse_io)
+            log(f"{row:40s} strace   {name:14s} {sum(calls.values())} syscalls, {n} requests")
     return out
 
 
@@ -665,7 +781,6 @@ def versions() -> str:
             return (r.stdout or r.stderr).strip().splitlines()[0]
         except (OSError, IndexError):
             return "?"
-    sys.path.insert(0, ROOT)
     from shiftfs import libfuse as sfuse
     rev = REV_AT_MOUNT or revision()
     ovl = first_line(["sh", "-c", "fuse-overlayfs --version 2>&1 | grep -i 'fuse-overlayfs'"])
@@ -687,7 +802,11 @@ def fmt_xattr(counts) -> str:
     return f"{n} ({', '.join(parts)})"
 
 
-def report(results, workloads, fss, dstats, rcounts, coh, aprobe, notes, args, p, elapsed) -> str:
+WALKS = ("find", "du", "tar", "stat")  # rows whose daemon CPU is reported per path walked
+
+
+def report(results, workloads, fss, dstats, rcounts, coh, aprobe, notes, args, p, elapsed,
+           cpu=None, sysc=None) -> str:
     present = [n for n in FSNAMES if n in fss]
     nfiles = p["top"] * p["sub"] * p["files"]
     npaths = sum(1 for _ in open(os.path.join(args.work, "paths.txt"))) + 1   # + the root
@@ -700,6 +819,7 @@ def report(results, workloads, fss, dstats, rcounts, coh, aprobe, notes, args, p
            f"owners varied ({'all mapped' if p.get('all_mapped') else 'one in twelve unmapped'}), one {p['big_mib']} MiB file; "
            f"{args.rounds} round(s), workloads interleaved across filesystems, medians; "
            f"run took {elapsed / 60:.1f} min",
+           f"- filesystem: {getattr(args, 'where', '?')}",
            "- mounts: bindfs `--uid-offset=100000 --gid-offset=100000` (defaults otherwise); "
            "fuse-overlayfs `-o lowerdir=TREE,upperdir=U,workdir=W,uidmapping=0:100000:65536,"
            "gidmapping=0:100000:65536,allow_other` (U, W empty at start; writes land in U); "
@@ -731,6 +851,60 @@ def report(results, workloads, fss, dstats, rcounts, coh, aprobe, notes, args, p
             tgt, met = "–", "–"
         out.append("| " + " | ".join([row] + [fmt_t(med[n]) for n in present]
                                      + [fmt_r(ratios[n]) for n in others] + [fmt_r(rk), tgt, met]) + " |")
+    def walked(row):   # the stat script stats every path twice (warm-up + timed), both counted
+        return npaths * (2 if row.startswith("stat every path") else 1)
+    fuse_present = [n for n in FUSE_FS if n in fss]
+    if cpu and any(cpu[row].get("shiftfs") for row in cpu):
+        out += ["", "Daemon CPU in the timed runs (the daemon's user+system time, /proc/PID/stat, "
+                "medians over the rounds): per path walked for the walks (per path: readdirplus "
+                "answers many paths in one request), per request for the rest (requests from the "
+                "counted run below):", "",
+                "| workload | per | " + " | ".join(SHORT.get(n, n) for n in fuse_present)
+                + " | " + " | ".join(f"shiftfs ÷ {SHORT.get(n, n)}" for n in fuse_present if n != "shiftfs")
+                + " |", "|---|---|" + "---|" * (2 * len(fuse_present) - 1)]
+        for row, *_ in workloads:
+            per_path = row.startswith(WALKS)
+            vals = {}
+            for name in fuse_present:
+                xs = cpu[row].get(name)
+                if not xs:
+                    continue
+                if per_path:
+                    vals[name] = statistics.median(xs) / walked(row) * 1e6
+                else:
+                    c = (rcounts or {}).get((row, name))
+                    n = nreq(c["ops"]) if c else 0
+                    vals[name] = statistics.median(xs) / n * 1e6 if n else None
+            s_ = vals.get("shiftfs")
+            cells = [f"{vals[n]:.1f} µs" if vals.get(n) is not None else "–" for n in fuse_present]
+            ratios = [fmt_r(s_ / vals[n] if s_ and vals.get(n) else None)
+                      for n in fuse_present if n != "shiftfs"]
+            out.append(f"| {row} | {'path' if per_path else 'request'} | " + " | ".join(cells + ratios) + " |")
+            # issue 18's goals: per path on the cold walk, per request on create+write
+            if s_ and vals.get("bindfs") and (row == "find -ls cold" or row.startswith("create+write")):
+                limit = 1.0 if per_path else 1.5
+                verdicts.append((f"daemon CPU per {'path' if per_path else 'request'}, {row}",
+                                 f"≤ {limit} × bindfs", s_ / vals["bindfs"], s_ / vals["bindfs"] <= limit))
+    if sysc:
+        out += ["", "Syscalls per request on create+write (one more run, the daemon under `strace -f -y`, "
+                "every thread; /dev/fuse I/O = reading requests and writing replies and notifications, "
+                "told apart by the fd; futex = waits and wake-ups between threads):", "",
+                "| daemon | requests | syscalls / request | /dev/fuse I/O | futex | besides /dev/fuse I/O "
+                "| besides /dev/fuse I/O and futex | the others, per request |",
+                "|---|---|---|---|---|---|---|---|"]
+        for (row, name), c in sysc.items():
+            n = c["requests"] or 1
+            total = sum(c["calls"].values())
+            futex = c["calls"].get("futex", 0)
+            rest = collections.Counter(c["calls"])
+            rest.pop("futex", None)
+            top = ", ".join(f"{k} {v / n:.2f}" for k, v in rest.most_common(12))
+            out.append(f"| {name} | {c['requests']} | {total / n:.2f} | {c['fuse_io'] / n:.2f} | "
+                       f"{futex / n:.2f} | {(total - c['fuse_io']) / n:.2f} | "
+                       f"{(total - c['fuse_io'] - futex) / n:.2f} | {top} |")
+            if name == "shiftfs":
+                v = (total - c["fuse_io"]) / n
+                verdicts.append(("syscalls per request on create besides /dev/fuse I/O", "≤ 4", v, v <= 4))
     if dstats:
         out += ["", "Daemon cost over a cold walk (`find -ls` + `tar cf - | cat` of the whole tree, after "
                 "drop_caches); requests counted with the `fuse:fuse_request_send` tracepoint. Inode-table "
@@ -752,8 +926,6 @@ def report(results, workloads, fss, dstats, rcounts, coh, aprobe, notes, args, p
             out += ["", f"Goal: daemon CPU per request ≤ 1.5 × bindfs's: shiftfs ÷ bindfs = {r:.2f} "
                     f"({'met' if r <= 1.5 else '**missed**'})."]
             verdicts.append(("daemon CPU per request (cold walk)", "≤ 1.5 × bindfs", r, r <= 1.5))
-    def walked(row):   # the stat script stats every path twice (warm-up + timed), both counted
-        return npaths * (2 if row.startswith("stat every path") else 1)
     if rcounts:
         out += ["", "Requests per workload (one extra, untimed run of each workload on each FUSE mount, "
                 "after the same prep as the timed runs; `fuse:fuse_request_send` counts by opcode; "
@@ -832,6 +1004,13 @@ def main(argv=None) -> int:
     ap.add_argument("--all-mapped", action="store_true",
                     help="a tree whose owners are all in the table (no frozen inodes); "
                          "default workdir /tmp/shiftfs-bench-mapped")
+    ap.add_argument("--loop", metavar="SIZE",
+                    help="run on a private ext4 in a loop image of SIZE (e.g. 6G) that the run makes "
+                         "and mounts at the workdir (default /tmp/shiftfs-bench-loop[-mapped]); kept "
+                         "for the next run")
+    ap.add_argument("--strace", action="store_true",
+                    help="also count the daemons' syscalls per request over one more create+write "
+                         "run (strace -f, written to /dev/shm)")
     ap.add_argument("--json", help="also dump raw timings here")
     ap.add_argument("shiftfs_args", nargs="*", help="extra shiftfs arguments after --, e.g. -- -o attr_timeout=5")
     args = ap.parse_args(argv)
@@ -842,49 +1021,61 @@ def main(argv=None) -> int:
         p["all_mapped"] = True
     args.rounds = args.rounds or (1 if args.quick else 3)
     work = args.workdir or ("/tmp/shiftfs-bench-quick" if args.quick else "/tmp/shiftfs-bench") \
-        + ("-mapped" if args.all_mapped else "")
-    os.makedirs(work, exist_ok=True)
+        + ("-loop" if args.loop else "") + ("-mapped" if args.all_mapped else "")
     args.work = work
-    if args.rebuild and os.path.exists(os.path.join(work, "stamp.json")):
-        os.unlink(os.path.join(work, "stamp.json"))
-    build_tree(work, p)
-    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
-    t_start = time.monotonic()
-    workloads = make_workloads(work, p)
-    if args.only:
-        keys = [k.strip() for k in args.only.split(",")]
-        workloads = [w for w in workloads if any(k in w[0] for k in keys)]
-    results = {w[0]: collections.defaultdict(list) for w in workloads}
-    with contextlib.ExitStack() as stack:
-        fss, notes = mount_all(stack, work, args.shiftfs_args, set(filter(None, args.skip.split(","))))
-        order = [n for n in FSNAMES if n in fss]
-        for row, prep, run, clean, _t in workloads:
-            for r in range(args.rounds):
-                for name in order:
-                    fs = fss[name]
-                    prep(fs)
-                    dt = run(fs)
-                    clean(fs)
-                    results[row][name].append(dt)
-                    log(f"{row:40s} round {r + 1} {name:14s} {dt * 1000:9.1f} ms")
-        dstats, rcounts, coh, aprobe = [], {}, {}, {}
-        if not args.no_daemon_stats:
-            counter = None
-            try:
-                counter = RequestCounter()
-            except (OSError, RuntimeError) as e:
-                notes.append(f"request counting unavailable ({e}); CPU per request not computed")
-            try:
-                if counter:
-                    rcounts = request_counts(fss, workloads, counter)
-                    aprobe = acl_probe(fss, counter)
-                dstats = daemon_stats(fss, work, counter)
-            finally:
-                if counter:
-                    counter.close()
-            coh = coherence(fss, work)
-    text = report(results, workloads, fss, dstats, rcounts, coh, aprobe, notes, args, p,
-                  time.monotonic() - t_start)
+    with contextlib.ExitStack() as outer:
+        if args.loop:
+            outer.enter_context(loop_fs(work, args.loop))
+        else:
+            os.makedirs(work, exist_ok=True)
+        if args.rebuild and os.path.exists(os.path.join(work, "stamp.json")):
+            os.unlink(os.path.join(work, "stamp.json"))
+        build_tree(work, p)
+        args.where = where(work) + (f", a private loop image of {args.loop} made by the run"
+                                    if args.loop else "")
+        signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        t_start = time.monotonic()
+        workloads = make_workloads(work, p)
+        if args.only:
+            keys = [k.strip() for k in args.only.split(",")]
+            workloads = [w for w in workloads if any(k in w[0] for k in keys)]
+        results = {w[0]: collections.defaultdict(list) for w in workloads}
+        cpu = {w[0]: collections.defaultdict(list) for w in workloads}
+        with contextlib.ExitStack() as stack:
+            fss, notes = mount_all(stack, work, args.shiftfs_args, set(filter(None, args.skip.split(","))))
+            order = [n for n in FSNAMES if n in fss]
+            for row, prep, run, clean, _t in workloads:
+                for r in range(args.rounds):
+                    for name in order:
+                        fs = fss[name]
+                        prep(fs)
+                        c0 = cpu_seconds(fs["pid"]) if fs["pid"] else None
+                        dt = run(fs)
+                        if c0 is not None:
+                            cpu[row][name].append(cpu_seconds(fs["pid"]) - c0)
+                        clean(fs)
+                        results[row][name].append(dt)
+                        log(f"{row:40s} round {r + 1} {name:14s} {dt * 1000:9.1f} ms")
+            dstats, rcounts, coh, aprobe, sysc = [], {}, {}, {}, {}
+            if not args.no_daemon_stats:
+                counter = None
+                try:
+                    counter = RequestCounter()
+                except (OSError, RuntimeError) as e:
+                    notes.append(f"request counting unavailable ({e}); CPU per request not computed")
+                try:
+                    if counter:
+                        rcounts = request_counts(fss, workloads, counter)
+                        aprobe = acl_probe(fss, counter)
+                        if args.strace:
+                            sysc = syscall_counts(fss, workloads, counter, notes)
+                    dstats = daemon_stats(fss, work, counter)
+                finally:
+                    if counter:
+                        counter.close()
+                coh = coherence(fss, work)
+        text = report(results, workloads, fss, dstats, rcounts, coh, aprobe, notes, args, p,
+                      time.monotonic() - t_start, cpu, sysc)
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -18,7 +18,15 @@ is gone: the daemon held nothing that kept it). Where a lower has no handles
 back, so none can lose its inode. FUSE lowers report the lower daemon's
 inode numbers, which may repeat while the inode we hold lives (bindfs
 passes the underlying file's on); their handles (node id and generation
-in the lower kernel) tell those apart too.
+in the lower kernel) tell those apart too. Handles are taken only where
+they are needed: by a node about to give its fd back (from that fd, which
+still holds the inode), by a lookup that meets a node again under its
+number (the new fd's and the node's; a new node made there keeps its own).
+A node a create or a first lookup makes takes none, and the watcher's
+question (find) takes none either: a node without a handle holds its fd,
+so its number names its inode (or, on a FUSE lower whose numbers repeat,
+an event for another inode under it invalidates this node too, which is
+harmless).
 
 Lookup counts follow the kernel's: every reply that hands a node to the
 kernel (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK, each readdirplus entry
@@ -32,7 +40,7 @@ The table's fds are bounded: the kernel forgets a node when it evicts the
 inode (FUSE evicts an inode as soon as no dentry or open file holds it),
 and once more than ``high`` fds are held, ``shrink_wanted`` is set and
 watch.Shrinker gives back the fds of nodes no running request names (each
-node keeps its file handle, and get() reopens it with open_by_handle_at
+takes its file handle from that fd first, and get() reopens it with open_by_handle_at
 when next named; a request holds every node it got until it ends). Where
 handles cannot be had (no CAP_DAC_READ_SEARCH, a filesystem without them,
 or a FUSE lower: its handles name an inode only while its kernel still
@@ -74,7 +82,6 @@ import os
 import resource
 import stat
 import threading
-import time
 
 from . import linux
 
@@ -93,7 +100,7 @@ class Node:
 
     __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens", "busy",
                  "handle", "used", "stamp", "backing", "fid", "marked",
-                 "slot")
+                 "slot", "released")
 
     def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.node_id, self.fd, self.key, self.mode = node_id, fd, key, mode
@@ -102,12 +109,13 @@ class Node:
         self.opens = 0  # lower file handles open on it
         self.busy = 0  # running requests that named it: its fd stays while > 0
         self.handle: bytes | None = None  # its inode's identity; reopens it once its fd was given back
-        self.used = 0.0  # monotonic time of the last request that named it
+        self.used = 0  # when a request last named it (InodeTable's count of holds)
         self.stamp = None  # (size, mtime) at the last open: keep the page cache if unchanged
         self.backing = 0  # passthrough backing id while its opens are passed through
         self.fid: bytes | None = None  # fsid + file handle: how fanotify names it (watch.py)
         self.marked = False  # a fanotify mark of its own reports its changes (watch.py)
         self.slot = -1  # its slot in the supervisor's journal (supervisor.NodeJournal)
+        self.released = False  # its fd was pointed at a placeholder (release_if_gone)
 
     @property
     def path(self) -> str:
@@ -147,6 +155,7 @@ class InodeTable:
         self._lock = threading.Lock()
         self._held = threading.local()  # the nodes this thread's request has named
         self._next_id = root_id + 1
+        self._holds = 0  # holds so far: the clock that orders nodes by last use
         self.peak = 1
         self.high, self.low = 1 << 62, 1 << 62  # set by the mount from RLIMIT_NOFILE
         self.shrink_wanted = threading.Event()
@@ -196,7 +205,8 @@ class InodeTable:
     def _hold(self, node: Node) -> None:
         # under the lock: from here give_back() leaves this node's fd alone
         node.busy += 1
-        node.used = time.monotonic()
+        self._holds += 1
+        node.used = self._holds
         try:
             self._held.nodes.append(node)
         except AttributeError:
@@ -239,11 +249,15 @@ class InodeTable:
         dev = self.root.key[0]  # handles reopen through the root's mount: not what is mounted below it
         with self._lock:
             idle_nodes = sorted((n for n in self._by_id.values()
-                                 if n.fd >= 0 and n.handle is not None and n.key[0] == dev
-                                 and not n.opens and not n.busy and n is not self.root),
+                                 if n.fd >= 0 and n.key[0] == dev and not n.opens and not n.busy
+                                 and n is not self.root and not n.released),
                                 key=lambda n: n.used)[:count]
             fds = []
             for n in idle_nodes:
+                if n.handle is None:  # taken now, from the fd that still holds the inode
+                    n.handle = linux.name_to_handle(n.fd)
+                    if n.handle is None:
+                        continue
                 fds.append(n.fd)
                 n.fd = -1
             self.open_fds -= len(fds)
@@ -303,19 +317,32 @@ class InodeTable:
 
     def add(self, fd: int, st: os.stat_result, parent_id: int = 0, name: bytes = b"") -> Node:
         """Count one lookup of the inode ``fd`` holds (the table takes the
-        fd: kept for a new node, closed for one it already has)."""
+        fd: kept for a new node, closed for one it already has). File
+        handles are taken only where a node is met again by its number
+        (to tell its inode from another under a reused number) and when a
+        node gives its fd back (give_back): a new node needs none."""
         key = (st.st_dev, st.st_ino)
-        handle = linux.name_to_handle(fd)
+        # a node met again under this number: the new fd's handle, taken
+        # before the lock (the node's own, from its fd, under it)
+        # (and every new node's where a journal keeps the table for the next server)
+        handle = linux.name_to_handle(fd) if (self.journal is not None
+                                              or key in self._by_key) else None
         with self._lock:
             node = self._by_key.get(key)
-            if node is not None and not self._names(node, handle):
-                # its inode was freed and the number reused: the old node
-                # keeps its own inode (and answers ESTALE), this one is new
-                node = None
+            if node is not None:
+                if handle is None:
+                    handle = linux.name_to_handle(fd)
+                if node.handle is None and node.fd >= 0:  # under the lock no one closes it
+                    node.handle = linux.name_to_handle(node.fd)
+                if not self._names(node, handle):
+                    # its inode was freed and the number reused (or a FUSE
+                    # lower shows one number for two inodes): the old node
+                    # keeps its own inode (and answers ESTALE), this one is new
+                    node = None
             created = node is None
             if created:
                 node = Node(self._next_id, fd, key, stat.S_IFMT(st.st_mode))
-                node.handle = handle
+                node.handle = handle  # None unless it shares a number: then what tells them apart
                 self._next_id += 1
                 if self.journal is not None:
                     self.journal.set_next_id(self._next_id)
@@ -472,6 +499,7 @@ class InodeTable:
             if self._placeholder < 0:
                 self._placeholder = os.memfd_create("shiftfs-released", os.MFD_CLOEXEC)
             os.dup2(self._placeholder, node.fd)
+            node.released = True
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
 

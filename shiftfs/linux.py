@@ -16,6 +16,7 @@ AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
@@ -98,10 +99,17 @@ def die_with_parent() -> None:
     _libc.prctl(1, 9, 0, 0, 0)
 
 
-def private_fs_struct() -> None:
+def caps_kept_across_fsuid() -> bool:
+    """Whether this thread keeps its capabilities while its fsuid is not 0
+    (SECBIT_NO_SETUID_FIXUP, set by keep_caps_across_fsuid)."""
+    bits = _libc.prctl(PR_GET_SECUREBITS, 0, 0, 0, 0)
+    return bits >= 0 and bool(bits & SECBIT_NO_SETUID_FIXUP)
+
+
+def private_fs_struct() -> bool:
     """A umask of this thread's own (unshare CLONE_FS), so a create can use
-    the caller's."""
-    _libc.unshare(CLONE_FS)
+    the caller's. Whether it worked."""
+    return _libc.unshare(CLONE_FS) == 0
 
 
 def limit_mmap_threshold() -> None:

@@ -37,9 +37,13 @@ What the kernel caches, for how long, and who invalidates it
 - negative entries (no such name): ``negative_timeout``, under the same
   rule; the watcher keeps the long-lived ones, to expire them after a
   queue overflow;
-- frozen inodes (an unmapped lower owner or group) get attr lifetime 0 and
-  names inside a frozen directory entry lifetime 0, so the daemon sees
-  every access it must decide (policy.py);
+- names inside a frozen directory (an unmapped lower owner or group) get
+  entry lifetime 0, so every lookup there, a search of that directory,
+  reaches the daemon; the other accesses it decides on frozen inodes
+  (OPEN, OPENDIR, GETXATTR of user.* names) always reach it. Their
+  attributes (and with them their ACLs) are cached as any inode's: no
+  decision is made on a GETATTR, and a lifetime 0 only made the kernel
+  ask the attributes and the ACL again before each of its own checks;
 - page cache: kept across opens while the lower file's size and mtime are
   unchanged (keep_cache), dropped by the kernel when it sees them change
   (FUSE_CAP_AUTO_INVAL_DATA);
@@ -81,6 +85,9 @@ import fcntl
 import logging
 import os
 import stat
+import functools
+import threading
+import weakref
 from dataclasses import dataclass
 
 from . import linux, policy, xattrs
@@ -103,6 +110,11 @@ log = logging.getLogger("shiftfs")
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
 _DIRBUF = 32768
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# lowers whose calls are decided by the calling thread's capabilities alone
+# (not by a server or daemon that sees its fsuid): a create may leave the
+# caller's fsuid on a serving thread there (Operations._keep_ids)
+_LOCAL_TYPES = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "bcachefs",
+                          "jfs", "reiserfs", "nilfs2", "zfs"))
 
 
 def _buffered(fd: int, flags: int) -> None:
@@ -159,6 +171,37 @@ def _caller_in_chown(ctx: Context) -> bool:
             return int(f.read().split(None, 1)[0]) in _CHOWN_SYSCALLS
     except (OSError, ValueError, IndexError):
         return False
+
+
+class _CallerGroups:
+    """The caller's groups (fsgid and supplementary, upper ids) as
+    policy.frozen_permitted asks for them: ``gid in groups``. The
+    supplementary ones are read from /proc only when a question needs them
+    (a frozen inode whose group class or ACL group entries decide)."""
+
+    __slots__ = ("ctx", "_more")
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx, self._more = ctx, None
+
+    def __contains__(self, gid) -> bool:
+        if gid == self.ctx.gid:
+            return True
+        if self._more is None:
+            self._more = frozenset(self.ctx.groups())
+        return gid in self._more
+
+
+def _forget_proc_fd(ops_ref) -> None:
+    """In a forked child: the held /proc/self/fd is the parent's fd table,
+    which must never name an inode here (a new server opens its own)."""
+    ops = ops_ref()
+    if ops is not None and ops._proc_fd is not None:
+        fd, ops._proc_fd = ops._proc_fd, None
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class DirStream:
@@ -227,8 +270,23 @@ class Operations:
         self.daemon_gid = os.getegid()
         self._dirs: dict[int, DirStream] = {}
         self._ovf_uid, self._ovf_gid = idmap.overflow_uid, idmap.overflow_gid
+        self._uid_up, self._gid_up = self.uids.to_upper, self.gids.to_upper
+        self.request_done = self.table.request_done  # the method below, one call fewer
         self.backing_files = None  # the session, once INIT granted passthrough
         self._offered_backing = None
+        # Each serving thread's fsuid, fsgid and umask (worker_started): a
+        # create sets them only where they differ, and leaves them the
+        # caller's where nothing else reads them: the thread keeps its
+        # capabilities whatever its fsuid (SECBIT_NO_SETUID_FIXUP, set
+        # before the threads start), and the lower is a local filesystem,
+        # which decides by those capabilities (an NFS server, or a FUSE
+        # lower's daemon, would see the caller's ids on every later call).
+        # Otherwise the daemon's ids come back after each create.
+        self._thread = threading.local()
+        self._keep_ids = (self.daemon_uid == 0 and self.lower_type in _LOCAL_TYPES
+                          and linux.caps_kept_across_fsuid())
+        self._proc_fd: int | None = None  # /proc/self/fd, held from INIT on (_reopen)
+        os.register_at_fork(after_in_child=functools.partial(_forget_proc_fd, weakref.ref(self)))
 
     # ---- lifecycle ----
     def offer_passthrough(self, session) -> None:
@@ -237,6 +295,8 @@ class Operations:
 
     def init(self, granted: Granted) -> None:
         """What INIT settled (passthrough granted or not)."""
+        if self._proc_fd is None:  # after the daemon's fork: /proc/self is the serving process
+            self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if self._offered_backing is not None and granted.passthrough:
             self.backing_files = self._offered_backing
 
@@ -246,13 +306,54 @@ class Operations:
         self.table.request_done()
 
     def worker_started(self) -> None:
-        linux.private_fs_struct()
+        if linux.private_fs_struct():  # a umask of its own: it may be left as a create set it
+            self._thread.ids = [self.daemon_uid, self.daemon_gid, -1]
+
+    def _ids_of(self, lower_uid: int, lower_gid: int, umask: int) -> None:
+        """This thread's fsuid, fsgid and umask for a new entry (each set
+        only if it differs from what the thread has)."""
+        ids = getattr(self._thread, "ids", None)
+        if ids is None:  # not a serving thread: its umask is the process's
+            os.umask(umask)
+            linux.set_fsids(lower_uid, lower_gid)
+            return
+        if ids[2] != umask:
+            os.umask(umask)
+            ids[2] = umask
+        if ids[0] != lower_uid or ids[1] != lower_gid:
+            linux.set_fsids(lower_uid, lower_gid)
+            ids[0], ids[1] = lower_uid, lower_gid
+
+    def _daemon_ids(self, always: bool = False) -> None:
+        """The daemon's own fsuid and fsgid back on this thread: after a
+        create where the thread would lose its capabilities otherwise
+        (``always``: before anything that makes an inode outside a
+        create, a rename's whiteout)."""
+        ids = getattr(self._thread, "ids", None)
+        if ids is None:  # not a serving thread: as it was
+            linux.set_fsids(self.daemon_uid, self.daemon_gid)
+        elif self._keep_ids and not always:
+            return
+        elif ids[0] != self.daemon_uid or ids[1] != self.daemon_gid:
+            linux.set_fsids(self.daemon_uid, self.daemon_gid)
+            ids[0], ids[1] = self.daemon_uid, self.daemon_gid
+
+    def _reopen(self, fd: int, flags: int) -> int:
+        """A new open of the inode ``fd`` holds (its magic link in
+        /proc/self/fd, which the kernel resolves to the inode itself),
+        looked up from the held /proc/self/fd: one path step, not four."""
+        if self._proc_fd is None:
+            return os.open(f"/proc/self/fd/{fd}", flags)
+        return os.open(str(fd), flags, dir_fd=self._proc_fd)
 
     def destroy(self) -> None:
         for d in list(self._dirs.values()):
             os.close(d.fd)
         self._dirs.clear()
         self.table.close()
+        if self._proc_fd is not None:
+            os.close(self._proc_fd)
+            self._proc_fd = None
 
     def lacks(self) -> list[str]:
         """What the lower cannot do that a local filesystem can, for the
@@ -346,11 +447,12 @@ class Operations:
         return self.unwatched
 
     def _attr(self, st: os.stat_result, node: Node | None) -> Attr:
-        uid = self.uids.to_upper(st.st_uid)
-        gid = self.gids.to_upper(st.st_gid)
-        frozen = uid is None or gid is None
+        # a frozen inode's attributes (and ACL) are cached as any inode's:
+        # no decision is made on a GETATTR (see the module docstring)
+        uid = self._uid_up(st.st_uid)
+        gid = self._gid_up(st.st_gid)
         return Attr(st, self._ovf_uid if uid is None else uid, self._ovf_gid if gid is None else gid,
-                    0.0 if frozen else self._attr_life(node, st))
+                    self._attr_life(node, st))
 
     def _entry(self, node: Node, st: os.stat_result, in_frozen_dir: bool,
                parent: Node | None) -> Entry:
@@ -389,62 +491,58 @@ class Operations:
         return self.uids.to_lower(ctx.uid) is not None and self.gids.to_lower(ctx.gid) is not None
 
     def _as_caller(self, ctx: Context, parent: Node, name: bytes, mode: int, make,
-                   opened: bool = False):
+                   opened: bool = False) -> tuple[int, os.stat_result]:
         """``make(mode)`` with the thread's fsuid/fsgid set to the caller's
         lower ids and its umask to the caller's; the parent must not be
-        frozen. Then the new entry ``name`` (``opened``: the fd make
-        returned) is checked to be the caller's (_own_new)."""
+        frozen. Then the new entry ``name`` is checked to be the caller's
+        (_own_new). Returns an fd of it (``opened``: the fd make returned;
+        otherwise an O_PATH fd of the name, taken at once) and its stat."""
         lower_uid, lower_gid = self._caller_lower_ids(ctx)
         pst = os.fstat(parent.fd)
         policy.check_dir_write(pst, self.uids, self.gids)
         # where a new entry needs a chown (which clears set-id bits), the
         # bits come after it: never a set-uid file with the wrong owner
         setid = mode & (stat.S_ISUID | stat.S_ISGID) if self.chown_new else 0
-        os.umask(ctx.umask)
-        linux.set_fsids(lower_uid, lower_gid)
+        self._ids_of(lower_uid, lower_gid, ctx.umask)
         try:
             made = make(mode & ~setid)
         finally:
-            linux.set_fsids(self.daemon_uid, self.daemon_gid)
+            self._daemon_ids()
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else lower_gid
+        fd = made if opened else os.open(name, _O_PATH_NOFOLLOW, dir_fd=parent.fd)
         try:
-            self._own_new(made if opened else None, parent, name, lower_uid, gid, setid)
+            return fd, self._own_new(fd, lower_uid, gid, setid)
         except BaseException:
-            if opened:
-                os.close(made)
+            os.close(fd)
             raise
-        return made
 
-    def _own_new(self, fd: int | None, parent: Node, name: bytes, uid: int, gid: int,
-                 setid: int) -> None:
+    def _own_new(self, fd: int, uid: int, gid: int, setid: int) -> os.stat_result:
         """A lower that ignores the creator's fsuid (sshfs: the sftp
-        server's user owns what it makes) gets the new entry chowned to
-        the caller and its set-id bits put back. Only the uid tells: a
-        lower's own group rules (grpid, set-gid directories) are kept."""
-        own = fd if fd is not None else os.open(name, _O_PATH_NOFOLLOW, dir_fd=parent.fd)
-        try:
-            st = os.fstat(own)
-            if st.st_uid == uid and not setid:
-                return
-            if stat.S_ISLNK(st.st_mode) and not self.symlink_attrs:
-                return  # its chown would reach the target: it stays the server's
-            if not self.chown_new:
-                log.warning("the lower (%s) does not give new entries their creator's owner: "
-                            "each is chowned after it is made", self.lower_type)
-                self.chown_new = True
-            if st.st_uid != uid:
-                linux.chown_fd(own, uid, gid if st.st_gid != gid else -1)
-            mode = stat.S_IMODE(st.st_mode) | setid
-            if mode != stat.S_IMODE(os.fstat(own).st_mode):
-                os.chmod(f"/proc/self/fd/{own}", mode)
-        finally:
-            if fd is None:
-                os.close(own)
+        server's user owns what it makes) gets the new entry ``fd`` holds
+        chowned to the caller and its set-id bits put back. Only the uid
+        tells: a lower's own group rules (grpid, set-gid directories) are
+        kept. Its stat, after that."""
+        st = os.fstat(fd)
+        if st.st_uid == uid and not setid:
+            return st
+        if stat.S_ISLNK(st.st_mode) and not self.symlink_attrs:
+            return st  # its chown would reach the target: it stays the server's
+        if not self.chown_new:
+            log.warning("the lower (%s) does not give new entries their creator's owner: "
+                        "each is chowned after it is made", self.lower_type)
+            self.chown_new = True
+        if st.st_uid != uid:
+            linux.chown_fd(fd, uid, gid if st.st_gid != gid else -1)
+        mode = stat.S_IMODE(st.st_mode) | setid
+        if mode != stat.S_IMODE(os.fstat(fd).st_mode):
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        return os.fstat(fd)
 
-    def _new_entry(self, parent: Node, name: bytes) -> Entry:
-        """The entry just made under ``name``, counted as one lookup."""
-        node, st = self.table.lookup_at(parent, name)
-        return self._entry(node, st, False, parent)
+    def _new_entry(self, parent: Node, name: bytes, made: tuple[int, os.stat_result]) -> Entry:
+        """The entry just made under ``name`` (_as_caller's fd and stat),
+        counted as one lookup."""
+        fd, st = made
+        return self._entry(self.table.add(fd, st, parent.node_id, name), st, False, parent)
 
     def _frozen_access(self, ctx: Context, node: Node, st: os.stat_result, want: int) -> None:
         """EACCES unless the caller may ``want`` this frozen inode as an
@@ -456,7 +554,7 @@ class Operations:
                 acl = os.getxattr(node.path, _ACL_ACCESS)
             except OSError:
                 pass
-        groups = {ctx.gid, *ctx.groups()}
+        groups = _CallerGroups(ctx)  # read from /proc only where a decision needs them
         if not policy.frozen_permitted(st, self.uids, self.gids, ctx.uid, groups, want, acl):
             raise OSError(errno.EACCES, "inode has an unmapped owner")
 
@@ -481,7 +579,7 @@ class Operations:
         try:
             node, st = self.table.lookup_at(parent, self._name(name))
         except FileNotFoundError:
-            return NEGATIVE._replace(entry_timeout=0.0 if frozen_dir else self._absent(parent, name))
+            return NEGATIVE if frozen_dir else Entry(0, None, 0, 0, 0.0, self._absent(parent, name))
         return self._entry(node, st, frozen_dir, parent)
 
     def forget(self, pairs) -> None:
@@ -507,21 +605,18 @@ class Operations:
 
     def mknod(self, ctx, parent_id, name, mode, rdev) -> Entry:
         parent = self.table.get(parent_id)
-        self._as_caller(ctx, parent, self._name(name), mode,
-                        lambda m: os.mknod(name, m, rdev, dir_fd=parent.fd))
-        return self._new_entry(parent, name)
+        return self._new_entry(parent, name, self._as_caller(
+            ctx, parent, self._name(name), mode, lambda m: os.mknod(name, m, rdev, dir_fd=parent.fd)))
 
     def mkdir(self, ctx, parent_id, name, mode) -> Entry:
         parent = self.table.get(parent_id)
-        self._as_caller(ctx, parent, self._name(name), mode,
-                        lambda m: os.mkdir(name, m, dir_fd=parent.fd))
-        return self._new_entry(parent, name)
+        return self._new_entry(parent, name, self._as_caller(
+            ctx, parent, self._name(name), mode, lambda m: os.mkdir(name, m, dir_fd=parent.fd)))
 
     def symlink(self, ctx, target, parent_id, name) -> Entry:
         parent = self.table.get(parent_id)
-        self._as_caller(ctx, parent, self._name(name), 0,
-                        lambda _m: os.symlink(target, name, dir_fd=parent.fd))
-        return self._new_entry(parent, name)
+        return self._new_entry(parent, name, self._as_caller(
+            ctx, parent, self._name(name), 0, lambda _m: os.symlink(target, name, dir_fd=parent.fd)))
 
     def link(self, ctx, node_id, parent_id, name) -> Entry:
         node = self.table.get(node_id)
@@ -569,6 +664,8 @@ class Operations:
         policy.check_rename(old_st, os.fstat(old_dir.fd), new_st, os.fstat(new_dir.fd),
                             new_st is not None or self._caller_mapped(ctx), self.uids, self.gids)
         if flags:
+            if flags & linux.RENAME_WHITEOUT:  # the whiteout is the daemon's, as before
+                self._daemon_ids(always=True)
             linux.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
         else:
             os.rename(name, newname, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
@@ -758,7 +855,7 @@ class Operations:
             raise OSError(errno.EACCES, "not a regular file")
         uid = ctx.uid
         self.table.admit(uid)
-        fd = os.open(node.path, (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
+        fd = self._reopen(node.fd, (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             if self._frozen(st):
@@ -775,16 +872,18 @@ class Operations:
         node.stamp = stamp
         return Opened(fh, keep, backing, _whole_appends(flags, backing))
 
-    def _serve(self, node: Node, fd: int, st: os.stat_result, flags: int, uid: int):
+    def _serve(self, node: Node, fd: int, st: os.stat_result, flags: int, uid: int,
+               fresh: bool = False):
         """A new open of ``node`` by ``uid`` on the lower ``fd`` (the table
         takes it): (fh, passthrough backing id), the fh an fd the daemon
-        can read and write where the id is 0."""
-        fh, backing = self.table.opened(node, fd, flags, uid, self._passthrough(fd, st))
+        can read and write where the id is 0. ``fresh``: a file this
+        request made (it has no security.capability)."""
+        fh, backing = self.table.opened(node, fd, flags, uid, self._passthrough(fd, st, fresh))
         if not backing:
             _buffered(fh, flags)
         return fh, backing
 
-    def _passthrough(self, fd: int, st: os.stat_result):
+    def _passthrough(self, fd: int, st: os.stat_result, fresh: bool = False):
         """What chooses, at the first open of an inode, whether its opens
         are passed through (InodeTable.opened): not when the daemon must see
         the writes (set-id bits a write clears, file capabilities) or every
@@ -798,12 +897,13 @@ class Operations:
                 return 0
             if self._frozen(st):
                 return 0
-            try:
-                os.getxattr(fd, "security.capability")
-                return 0
-            except OSError as e:
-                if e.errno != errno.ENODATA:
+            if not fresh:  # a file just made has none
+                try:
+                    os.getxattr(fd, "security.capability")
                     return 0
+                except OSError as e:
+                    if e.errno != errno.ENODATA:
+                        return 0
             try:
                 return self.backing_files.backing_open(fd)
             except OSError as e:
@@ -822,7 +922,7 @@ class Operations:
         uid = ctx.uid
         self.table.admit(uid)  # before the file exists: a refused create makes none
         try:
-            fd = self._as_caller(ctx, parent, name, mode, lambda m: os.open(
+            fd, st = self._as_caller(ctx, parent, name, mode, lambda m: os.open(
                 name, (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                 m, dir_fd=parent.fd), opened=True)
         except FileExistsError:
@@ -830,13 +930,12 @@ class Operations:
                 raise
             raise OSError(errno.ESTALE, "the name exists: look it up again") from None
         try:
-            st = os.fstat(fd)
-            node = self.table.add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC), st,
+            node = self.table.add(self._reopen(fd, os.O_PATH | os.O_CLOEXEC), st,
                                   parent_id, name)
         except BaseException:
             os.close(fd)
             raise
-        fh, backing = self._serve(node, fd, st, flags, uid)
+        fh, backing = self._serve(node, fd, st, flags, uid, fresh=True)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
         return self._entry(node, st, False, parent), Opened(fh, False, backing, _whole_appends(flags, backing))
 
@@ -850,23 +949,22 @@ class Operations:
         self.table.admit(ctx.uid)  # before the file exists: a refused one makes none
         dir_fd = os.open(parent.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.umask(ctx.umask)
-            linux.set_fsids(lower_uid, lower_gid)
+            self._ids_of(lower_uid, lower_gid, ctx.umask)
             try:
                 fd = os.open(".", (flags & ~(os.O_NOCTTY | os.O_CREAT | os.O_EXCL))
                              | os.O_TMPFILE | os.O_CLOEXEC, mode, dir_fd=dir_fd)
             finally:
-                linux.set_fsids(self.daemon_uid, self.daemon_gid)
+                self._daemon_ids()
         finally:
             os.close(dir_fd)
         try:
             st = os.fstat(fd)
-            node = self.table.add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC), st,
+            node = self.table.add(self._reopen(fd, os.O_PATH | os.O_CLOEXEC), st,
                                   parent_id, b"")
         except BaseException:
             os.close(fd)
             raise
-        fh, backing = self._serve(node, fd, st, flags, ctx.uid)
+        fh, backing = self._serve(node, fd, st, flags, ctx.uid, fresh=True)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
         return self._entry(node, st, False, parent), Opened(fh, False, backing, _whole_appends(flags, backing))
 
@@ -898,7 +996,7 @@ class Operations:
             raise OSError(errno.ENOTDIR, "not a directory")
         uid = ctx.uid
         self.table.admit(uid)
-        fd = os.open(node.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self._reopen(node.fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             frozen = self._frozen(st)
@@ -921,18 +1019,15 @@ class Operations:
     def readdir_entry(self, ctx: Context, parent_id: int, fh: int, name: bytes,
                       d_type: int) -> Entry | None:
         """A readdirplus entry with attributes (one lookup), or None: the
-        dot entries, a vanished name, and frozen entries or all entries of
-        a frozen directory (the kernel then looks each up when it needs it,
-        and lookup decides)."""
+        dot entries, a vanished name, and all entries of a frozen directory
+        (the kernel then looks each up when it needs it, and lookup decides
+        whether the caller may search the directory)."""
         stream = self._dirs[fh]
         if stream.frozen or name in (b".", b".."):
             return None
         try:
             fd, st = self.table.open_at(fh, name)
         except OSError:
-            return None
-        if self._frozen(st):
-            os.close(fd)
             return None
         return self._entry(self.table.add(fd, st, parent_id, name), st, False,
                            self.table._by_id.get(parent_id))

@@ -160,16 +160,28 @@ _NS = 1000000000
 
 def attr_fields(st, uid: int, gid: int) -> tuple:
     """fuse_attr from a lower stat result, with the upper ids."""
-    a, an = divmod(st.st_atime_ns, _NS)
-    m, mn = divmod(st.st_mtime_ns, _NS)
-    c, cn = divmod(st.st_ctime_ns, _NS)
-    return (st.st_ino, st.st_size, st.st_blocks, a, m, c, an, mn, cn, st.st_mode, st.st_nlink,
+    # st[7:10] are the whole seconds of atime, mtime, ctime
+    a, m, c = st[7], st[8], st[9]
+    return (st.st_ino, st.st_size, st.st_blocks, a, m, c, st.st_atime_ns - a * _NS,
+            st.st_mtime_ns - m * _NS, st.st_ctime_ns - c * _NS, st.st_mode, st.st_nlink,
             uid, gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
 
 
+_SPLIT: dict[float, tuple[int, int]] = {}
+
+
 def split_timeout(seconds: float) -> tuple[int, int]:
+    """(seconds, nanoseconds) of a lifetime; the few values a mount uses
+    are split once."""
+    try:
+        return _SPLIT[seconds]
+    except KeyError:
+        pass
     s = int(seconds)
-    return s, int((seconds - s) * _NS)
+    out = (s, int((seconds - s) * _NS))
+    if len(_SPLIT) < 64:
+        _SPLIT[seconds] = out
+    return out
 
 
 def pack_entry(node_id: int, st, uid: int, gid: int, attr_timeout: float,
@@ -185,6 +197,15 @@ def pack_entry(node_id: int, st, uid: int, gid: int, attr_timeout: float,
 _NO_ATTR = (0,) * 16
 
 
+def pack_entry_into(buf, pos: int, node_id: int, st, uid: int, gid: int, attr_timeout: float,
+                    entry_timeout: float) -> None:
+    """fuse_entry_out of a positive entry written at ``pos`` (a readdirplus
+    reply)."""
+    es, ens = split_timeout(entry_timeout)
+    at, atn = split_timeout(attr_timeout)
+    ENTRY_OUT.pack_into(buf, pos, node_id, 0, es, at, ens, atn, *attr_fields(st, uid, gid))
+
+
 def pack_attr(st, uid: int, gid: int, timeout: float) -> bytes:
     at, atn = split_timeout(timeout)
     return ATTR_OUT.pack(at, atn, 0, *attr_fields(st, uid, gid))
@@ -194,13 +215,16 @@ def dirent_size(namelen: int, plus: bool) -> int:
     return (namelen + (ENTRY_OUT.size if plus else 0) + DIRENT.size + 7) & ~7
 
 
-def pack_dirent(buf: bytearray, pos: int, ino: int, off: int, name: bytes, dtype: int) -> int:
-    """One fuse_dirent at ``pos``; returns the next position (8-aligned)."""
+def pack_dirent(buf: bytearray, pos: int, ino: int, off: int, name: bytes, dtype: int,
+                zeroed: bool = False) -> int:
+    """One fuse_dirent at ``pos``; returns the next position (8-aligned).
+    ``zeroed``: the buffer holds zeros past ``pos`` (no padding to write)."""
     DIRENT.pack_into(buf, pos, ino, off, len(name), dtype)
     start = pos + DIRENT.size
     buf[start:start + len(name)] = name
     end = (start + len(name) + 7) & ~7
-    buf[start + len(name):end] = bytes(end - start - len(name))
+    if not zeroed:
+        buf[start + len(name):end] = bytes(end - start - len(name))
     return end
 
 

@@ -46,6 +46,7 @@ _POOLED = frozenset((P.FSYNC, P.FSYNCDIR, P.FALLOCATE, P.COPY_FILE_RANGE))
 # no reply at all; every opcode without a handler is answered ENOSYS (FLUSH,
 # ACCESS, locks, BMAP, POLL, STATX: the kernel then does without, or by itself)
 _NO_REPLY = frozenset((P.FORGET, P.BATCH_FORGET, P.INTERRUPT))
+_OUT_HEADER = P.OUT_HEADER.pack
 _INIT_NAMES = ("ASYNC_READ", "BIG_WRITES", "POSIX_ACL", "DONT_MASK", "DO_READDIRPLUS",
                "READDIRPLUS_AUTO", "PARALLEL_DIROPS", "CACHE_SYMLINKS", "AUTO_INVAL_DATA",
                "MAX_PAGES", "HAS_IOCTL_DIR", "HANDLE_KILLPRIV_V2", "PASSTHROUGH",
@@ -80,6 +81,7 @@ class Session:
         self._old_signals: dict | None = None
         self.expire_only = bool(granted and granted.expire_only)
         self.can_prune = bool(granted and granted.minor >= 45)  # FUSE_NOTIFY_PRUNE, Linux 6.18
+        self._request_done = fs.request_done
         self._ops = {
             P.LOOKUP: self._lookup, P.GETATTR: self._getattr, P.SETATTR: self._setattr,
             P.READLINK: self._readlink, P.SYMLINK: self._symlink, P.MKNOD: self._mknod,
@@ -240,7 +242,7 @@ class Session:
             reply, undo = handler(ctx, nodeid, body)
             if not self._reply(unique, reply) and undo is not None:
                 undo()
-            if op == P.LOOKUP and undo is None:
+            if undo is None and op == P.LOOKUP:
                 result = "ENOENT"  # a negative entry
         except OSError as e:
             code = e.errno or errno.EIO
@@ -254,7 +256,7 @@ class Session:
             result = "EIO"
             self._error(unique, errno.EIO)
         finally:
-            self.fs.request_done()
+            self._request_done()
         if self.debug:
             self._log(op, nodeid, body, ctx, result)
 
@@ -293,11 +295,11 @@ class Session:
     def _reply(self, unique: int, parts) -> bool:
         """Send a reply (a bytes-like or a list of them); False if the
         kernel no longer waits for it."""
-        if not isinstance(parts, list):
-            parts = [parts]
-        size = 16 + sum(len(p) for p in parts)
         try:
-            os.writev(self.fd, [P.OUT_HEADER.pack(size, 0, unique), *parts])
+            if type(parts) is list:
+                os.writev(self.fd, [_OUT_HEADER(16 + sum(map(len, parts)), 0, unique), *parts])
+            else:
+                os.writev(self.fd, (_OUT_HEADER(16 + len(parts), 0, unique), parts))
             return True
         except OSError as e:
             if e.errno != errno.ENOENT:
@@ -550,31 +552,35 @@ class Session:
         counts as a lookup, so one left out must not be counted). An error
         after the first entry ends the reply; it comes again next time."""
         fh, off, size, _rf, _lo, _fl, _ = P.READ_IN.unpack_from(body)
-        out = bytearray(size)
+        out = bytearray(size)  # zeros: no padding to write
         pos = 0
         stream = self.fs.readdir(nodeid, fh, off)
         counted = []
+        peek, advance, dirent = stream.peek, stream.advance, P.pack_dirent
+        extra = P.DIRENT.size + 7 + (P.ENTRY_OUT.size if plus else 0)
         try:
+            if plus:
+                entry = self.fs.readdir_entry
+                entry_into, esize = P.pack_entry_into, P.ENTRY_OUT.size
             while True:
-                item = stream.peek()
+                item = peek()
                 if item is None:
                     break
                 name, d_ino, d_type, d_off = item
-                need = P.dirent_size(len(name), plus)
-                if pos + need > size:
+                if pos + ((len(name) + extra) & ~7) > size:
                     break
                 if plus:
-                    e = self.fs.readdir_entry(ctx, nodeid, fh, name, d_type)
+                    e = entry(ctx, nodeid, fh, name, d_type)
                     if e is None:  # no attributes: the kernel looks it up when it needs them
                         P.ENTRY_OUT.pack_into(out, pos, 0, 0, 0, 0, 0, 0, d_ino, 0, 0, 0, 0, 0,
                                               0, 0, 0, d_type << 12, 0, 0, 0, 0, 0, 0)
                     else:
                         counted.append(e.node_id)
-                        out[pos:pos + P.ENTRY_OUT.size] = self._entry(e)
-                    pos = P.pack_dirent(out, pos + P.ENTRY_OUT.size, d_ino, d_off, name, d_type)
+                        entry_into(out, pos, *e)
+                    pos = dirent(out, pos + esize, d_ino, d_off, name, d_type, True)
                 else:
-                    pos = P.pack_dirent(out, pos, d_ino, d_off, name, d_type)
-                stream.advance()
+                    pos = dirent(out, pos, d_ino, d_off, name, d_type, True)
+                advance()
         except OSError:
             if pos == 0:
                 raise

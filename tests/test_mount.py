@@ -4,6 +4,7 @@ they asked for."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -18,9 +19,9 @@ from shiftfs.idmap import Extent, read_overflow_id
 from shiftfs.mount import is_mounted, mounts, unmount
 
 try:
-    from tests.conftest import ROOT_KEPT
+    from tests.conftest import ROOT_KEPT, foreground_daemon, server_pid
 except ImportError:
-    from conftest import ROOT_KEPT
+    from conftest import ROOT_KEPT, foreground_daemon, server_pid
 
 try:
     from tests.callers import Errno, call_as
@@ -137,6 +138,75 @@ def test_new_file_mode_follows_the_callers_umask(lower, shifted):
     as_user(create, umask=0o027)
     assert stat.S_IMODE(os.stat(lower / "shared" / "m").st_mode) == 0o640
     assert stat.S_IMODE(os.stat(lower / "shared" / "d").st_mode) == 0o750
+
+
+def test_creates_by_callers_in_turn_get_each_callers_ids_and_umask(lower, shifted):
+    """A serving thread keeps the fsuid, fsgid and umask of the last create
+    (it sets them only where they differ): each create in turn, by two
+    callers and with umasks that change, still gets its own caller's."""
+    make_tree(lower)
+    turns = [(1000, 1000, 0o022), (2000, 3000, 0o077), (2000, 3000, 0o022),
+             (1000, 1000, 0o022), (1000, 2000, 0o002), (1000, 1000, 0o027)]
+    for i, (uid, gid, umask) in enumerate(turns):
+        def create(i=i):
+            os.close(os.open(shifted / "shared" / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o666))
+            os.mkdir(shifted / "shared" / f"d{i}", 0o777)
+        as_user(create, lower_uid=uid, lower_gid=gid, umask=umask)
+        for name, mode in ((f"f{i}", 0o666), (f"d{i}", 0o777)):
+            st = os.lstat(lower / "shared" / name)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, gid, mode & ~umask), name
+
+
+def test_a_whiteout_is_the_daemons_after_a_callers_create(lower, mounter):
+    """rename(RENAME_WHITEOUT) (host root, which the table maps) makes an
+    inode outside a create: the daemon's own ids, as before, not those a
+    caller's create left on the thread."""
+    make_tree(lower)
+    shifted = mounter(lower, uidmap=ROOT_KEPT)
+    as_user(lambda: open(shifted / "shared" / "mine", "w").close())
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, whiteout = -100, 4
+    src, dst = (str(shifted / "shared" / n).encode() for n in ("mine", "moved"))
+    if libc.renameat2(at_fdcwd, src, at_fdcwd, dst, whiteout) != 0:
+        pytest.skip(f"RENAME_WHITEOUT: {os.strerror(ctypes.get_errno())}")
+    st = os.lstat(lower / "shared" / "mine")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    assert lower_ids(lower / "shared" / "moved") == (1000, 1000)
+
+
+def _fsuids(pid: int) -> set[int]:
+    """The fsuid of each thread of ``pid`` (the fourth Uid: field)."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            out |= {int(line.split()[4]) for line in f if line.startswith("Uid:")}
+    return out
+
+
+@pytest.mark.parametrize("lower_kind", ["local", "FUSE"])
+def test_a_create_leaves_the_callers_fsuid_only_over_a_local_lower(lower, workdir, lower_kind):
+    """Over a local lower a serving thread keeps the fsuid of the last
+    create (the lower decides by the daemon's capabilities); over a FUSE
+    (or network) lower, whose daemon (or server) sees the fsuid of every
+    call, the daemon's own ids come back after each create."""
+    import shutil
+    if lower_kind == "FUSE" and not shutil.which("bindfs"):
+        pytest.skip("bindfs not installed")
+    make_tree(lower)
+    served, mnt = lower, workdir / "mnt"
+    mnt.mkdir()
+    with contextlib.ExitStack() as stack:
+        if lower_kind == "FUSE":
+            served = workdir / "fuse-lower"
+            served.mkdir()
+            subprocess.run(["bindfs", "-o", "allow_other", str(lower), str(served)], check=True)
+            stack.callback(lambda: subprocess.run(["umount", "-l", str(served)], check=False))
+        daemon = stack.enter_context(foreground_daemon(served, mnt, "--map", "b:0:100000:65536",
+                                                       log=workdir / "log"))
+        as_user(lambda: open(mnt / "shared" / "new", "w").close())
+        assert lower_ids(lower / "shared" / "new") == (1000, 1000)
+        assert _fsuids(server_pid(mnt)) == ({0, 1000} if lower_kind == "local" else {0})
 
 
 def test_default_acl_of_the_parent_is_inherited(lower, shifted):

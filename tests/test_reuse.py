@@ -244,3 +244,13 @@ def test_a_node_whose_fd_was_given_back_leaves_the_numbers_when_its_file_goes(ta
     table.release_if_gone(table.find(st_a.st_dev, st_a.st_ino))
     assert table.find(st_a.st_dev, st_a.st_ino) is None
     assert table.forget(n.node_id, 1)
+
+
+def test_a_node_takes_its_handle_only_when_it_gives_its_fd_back(table):
+    """No file handle per lookup: a new node has none; giving its fd back
+    takes it from that fd, and the node is reopened by it as its own inode."""
+    n, st_a = _add(table, b"a")
+    assert n.handle is None
+    assert table.give_back(10) == 1 and n.fd < 0 and n.handle is not None
+    assert os.fstat(table.get(n.node_id).fd).st_ino == st_a.st_ino
+    table.request_done()

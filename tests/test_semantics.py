@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -131,3 +132,41 @@ def test_name_in_frozen_dir_is_never_cached(lower, mounter):
     assert call_as(lambda: os.lstat(c).st_uid, uid=1001, gid=1001, groups=(1500,)) == 0
     with pytest.raises(PermissionError):
         os.lstat(c)
+
+
+def test_frozen_inodes_cache_their_attributes_and_every_decision_still_reaches_the_daemon(
+        lower, mounter, counter):
+    """Frozen inodes' attributes (and ACLs) are cached like any inode's: a
+    second stat of a frozen file or directory sends no request (a lifetime
+    0 sent GETATTR and GETXATTR system.posix_acl_access before each of the
+    kernel's own checks). What the daemon decides still reaches it each
+    time: host root's open of a frozen 0600 file, its listing of a frozen
+    0700 directory and its search there are refused again and again, and a
+    member of the directory's group keeps its way in."""
+    d = _frozen_dir(lower, mode=0o750, gid=1500)
+    f = lower / "pub" / "secret"
+    f.write_text("x")
+    os.chown(f, 5000, 5000)
+    os.chmod(f, 0o600)
+    mnt = mounter(lower, uidmap=FROZEN_TABLE)
+    fz, sec = mnt / "pub" / "fzd", mnt / "pub" / "secret"
+    os.lstat(fz), os.lstat(sec)
+    counter.start(os.stat(mnt).st_dev)
+    for _ in range(3):
+        time.sleep(0.05)  # a lifetime 0 runs out at the next jiffy
+        os.lstat(fz), os.lstat(sec)
+    counts = counter.stop()
+    assert sum(v for k, v in counts.items() if k.startswith("FUSE_")) == 0, counts
+    counter.start(os.stat(mnt).st_dev)
+    for _ in range(3):
+        with pytest.raises(PermissionError):
+            open(sec).close()
+        with pytest.raises(PermissionError):
+            os.listdir(fz)
+        with pytest.raises(PermissionError):
+            os.lstat(fz / "c")
+        assert call_as(lambda: os.lstat(fz / "c").st_size, uid=1001, gid=1001, groups=(1500,)) == 1
+    counts = counter.stop()
+    assert counts["FUSE_OPEN"] == 3 and counts["FUSE_OPENDIR"] == 3, counts
+    assert counts["FUSE_LOOKUP"] >= 6, counts  # every search of the frozen directory
+    assert d.is_dir()
