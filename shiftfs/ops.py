@@ -99,8 +99,12 @@ _ACL_ACCESS = "system.posix_acl_access"
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 log = logging.getLogger("shiftfs")
 # what an OPEN's flags may not carry to the lower: the kernel made the name
-# and checked the caller; the daemon only reopens the inode it holds
-_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
+# and checked the caller; the daemon only reopens the inode it holds. Nor
+# O_APPEND, which a caller may set and clear with fcntl while the lower fd
+# keeps what it was opened with: each write says whether it appends (the
+# kernel's IOCB_APPEND on a passed-through file, the WRITE's flags to
+# session.py), and the write-back of a mapping must go where it says.
+_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC | os.O_APPEND
 _DIRBUF = 32768
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -806,7 +810,8 @@ class Operations:
         self.table.admit(uid)  # before the file exists: a refused create makes none
         try:
             fd = self._as_caller(ctx, parent, name, mode, lambda m: os.open(
-                name, (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                name, (flags & ~(os.O_NOCTTY | os.O_APPEND)) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                | os.O_CLOEXEC,
                 m, dir_fd=parent.fd), opened=True)
         except FileExistsError:
             if flags & os.O_EXCL:
@@ -836,7 +841,7 @@ class Operations:
             os.umask(ctx.umask)
             linux.set_fsids(lower_uid, lower_gid)
             try:
-                fd = os.open(".", (flags & ~(os.O_NOCTTY | os.O_CREAT | os.O_EXCL))
+                fd = os.open(".", (flags & ~(os.O_NOCTTY | os.O_CREAT | os.O_EXCL | os.O_APPEND))
                              | os.O_TMPFILE | os.O_CLOEXEC, mode, dir_fd=dir_fd)
             finally:
                 linux.set_fsids(self.daemon_uid, self.daemon_gid)

@@ -285,7 +285,8 @@ class Session:
         offered = flags | (flags2 << 32 if flags & P.INIT_EXT else 0)
         want = (P.ASYNC_READ | P.BIG_WRITES | P.POSIX_ACL | P.DONT_MASK | P.DO_READDIRPLUS
                 | P.READDIRPLUS_AUTO | P.PARALLEL_DIROPS | P.CACHE_SYMLINKS | P.AUTO_INVAL_DATA
-                | P.MAX_PAGES | P.HAS_IOCTL_DIR | P.INIT_EXT | P.HAS_EXPIRE_ONLY)
+                | P.MAX_PAGES | P.HAS_IOCTL_DIR | P.INIT_EXT | P.HAS_EXPIRE_ONLY
+                | P.DIRECT_IO_ALLOW_MMAP)
         if self._want_killpriv_v2:
             want |= P.HANDLE_KILLPRIV_V2
         if self._want_passthrough:
@@ -430,13 +431,18 @@ class Session:
         return os.pread(fh, size, off), None
 
     def _write(self, ctx, nodeid, body):
-        fh, off, size, wflags, _lo, _fl, _ = P.WRITE_IN.unpack_from(body)
+        fh, off, size, wflags, _lo, flags, _ = P.WRITE_IN.unpack_from(body)
         if wflags & P.WRITE_KILL_SUIDGID:  # set-id bits go before the data (file_remove_privs)
             self.fs.write_kills_suidgid(ctx, nodeid, fh)
         data = body[P.WRITE_IN.size:P.WRITE_IN.size + size]
+        # The lower fd never has O_APPEND: a write() on a file the caller
+        # has in O_APPEND mode now (flags: its f_flags, fcntl included) is
+        # one append to the lower's end; the page cache's write-back of a
+        # mapping (WRITE_CACHE, on any fh of the file) goes where it says.
+        append = os.RWF_APPEND if flags & os.O_APPEND and not wflags & P.WRITE_CACHE else 0
         done = 0
         while done < size:  # a short write on a local lower: go on, as a kernel write would
-            n = os.pwrite(fh, data[done:], off + done)
+            n = os.pwritev(fh, (data[done:],), off + done, append)
             if n <= 0:
                 break
             done += n
