@@ -442,7 +442,12 @@ class Session:
         append = os.RWF_APPEND if flags & os.O_APPEND and not wflags & P.WRITE_CACHE else 0
         done = 0
         while done < size:  # a short write on a local lower: go on, as a kernel write would
-            n = os.pwritev(fh, (data[done:],), off + done, append)
+            try:
+                n = os.pwritev(fh, (data[done:],), off + done, append)
+            except OSError:
+                if not done:
+                    raise
+                break  # ENOSPC, EFBIG, EDQUOT past some bytes: say what went, as write(2) does
             if n <= 0:
                 break
             done += n

@@ -5,12 +5,18 @@ is lost or torn beyond what a local filesystem allows.
   reads and writes against a reference copy, through the mount, with file
   data passed through (the default) and served by the daemon;
 - an O_APPEND set or cleared with fcntl(F_SETFL) counts from then on, as
-  on the lower."""
+  on the lower;
+- a write cut short by ENOSPC (a small ext4 on a loop device) reports
+  what it wrote and leaves nothing past it; freeing space makes the mount
+  usable again."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import random
+import subprocess
 
 import pytest
 
@@ -103,3 +109,64 @@ def test_o_append_set_or_cleared_by_fcntl_counts_from_then_on(lower, mounter, mo
     mp = mounter(lower, uidmap=ROOT_KEPT, options=mode)
     assert change(mp / "shifted") == want
     assert (lower / "shifted").joinpath(*os.listdir(lower / "shifted")).read_bytes() == want
+
+
+# ---- ENOSPC on a small ext4 ---------------------------------------------------------------
+
+@pytest.fixture
+def small_ext4(workdir):
+    img, path = workdir / "small.img", workdir / "small"
+    path.mkdir()
+    subprocess.run(["truncate", "-s", "16M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(img), str(path)], check=True)
+    try:
+        os.chmod(path, 0o755)
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+ODD = 777777  # not a multiple of a page: the last write is cut inside a request
+
+
+def _fill(path) -> tuple[list[int], int]:
+    """Writes of ODD bytes until one fails: what each returned, the errno."""
+    data = random.Random(5).randbytes(ODD)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    counts = []
+    try:
+        for _ in range(64):
+            try:
+                counts.append(os.write(fd, data))
+            except OSError as e:
+                return counts, e.errno
+    finally:
+        os.close(fd)
+    return counts, 0
+
+
+def test_a_write_cut_short_by_enospc_reports_what_it_wrote(small_ext4, mounter, mode):
+    """As on the ext4 itself: the last write() returns the bytes that fit
+    (a short count), the next one ENOSPC, and the file holds exactly what
+    the calls returned, nothing more; after freeing the space the mount
+    writes again."""
+    mp = mounter(small_ext4, uidmap=ROOT_KEPT, options=mode)
+    counts, err = _fill(mp / "big")
+    assert err == errno.ENOSPC
+    written = sum(counts)
+    assert counts[-1] < ODD, counts  # the short one
+    data = random.Random(5).randbytes(ODD)
+    want = (data * len(counts))[:written]
+    assert os.stat(small_ext4 / "big").st_size == written
+    assert (small_ext4 / "big").read_bytes() == want
+    assert (mp / "big").read_bytes() == want
+    os.unlink(mp / "big")
+    assert os.statvfs(mp).f_bavail > 0
+    payload = os.urandom(1 << 20)
+    with open(mp / "after", "wb") as f:
+        f.write(payload)
+        os.fsync(f.fileno())
+    assert (small_ext4 / "after").read_bytes() == payload
+    os.mkdir(mp / "dir-after")
