@@ -6,6 +6,10 @@ is lost or torn beyond what a local filesystem allows.
   data passed through (the default) and served by the daemon;
 - an O_APPEND set or cleared with fcntl(F_SETFL) counts from then on, as
   on the lower;
+- fio with verification through two mounts of one lower and directly on
+  the lower at once, each writer on files of its own and all on regions
+  of one shared file; then every file read through the other mount;
+- a writer killed with SIGKILL mid-way leaves a prefix of what it wrote;
 - a write cut short by ENOSPC (a small ext4 on a loop device) reports
   what it wrote and leaves nothing past it; freeing space makes the mount
   usable again."""
@@ -14,9 +18,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import random
+import signal
 import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -109,6 +117,112 @@ def test_o_append_set_or_cleared_by_fcntl_counts_from_then_on(lower, mounter, mo
     mp = mounter(lower, uidmap=ROOT_KEPT, options=mode)
     assert change(mp / "shifted") == want
     assert (lower / "shifted").joinpath(*os.listdir(lower / "shifted")).read_bytes() == want
+
+
+# ---- fio: two mounts and the lower at once ------------------------------------------
+
+REGION = 4 << 20  # each writer's part of the shared file
+
+
+def _fio(directory, name, shared, region_index):
+    """fio writing its own files in ``directory`` and its region of the
+    shared file, each block read back and checked while writing and after
+    (crc32c in every block's header)."""
+    common = ["--ioengine=psync", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+              "--verify_backlog=64", "--output-format=json", "--end_fsync=1", "--bs_unaligned=0"]
+    return ["fio", f"--name={name}", f"--directory={directory}", "--rw=randwrite", "--bs=4k",
+            "--size=4M", "--nrfiles=2", "--numjobs=2", *common,
+            f"--name={name}-shared", f"--filename={shared}", "--rw=randwrite", "--bs=16k",
+            f"--offset={region_index * REGION}", f"--size={REGION}", *common]
+
+
+def test_fio_verify_through_two_mounts_and_the_lower_at_once(lower, mounter):
+    for d in ("a", "b", "c"):
+        (lower / d).mkdir()
+    with open(lower / "shared", "wb") as f:
+        f.truncate(3 * REGION)
+    one = mounter(lower, uidmap=ROOT_KEPT)  # passed through
+    two = mounter(lower, uidmap=ROOT_KEPT, options=["-o", "passthrough=off"])  # daemon-served
+    writers = [(one / "a", one / "shared"), (two / "b", two / "shared"),
+               (lower / "c", lower / "shared")]
+    procs = [subprocess.Popen(_fio(d, f"w{i}", shared, i), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for i, (d, shared) in enumerate(writers)]
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            p.kill()  # our own child
+            p.communicate()
+            raise
+        results.append((p.returncode, out, err))
+    for code, out, err in results:
+        assert code == 0, err[-2000:] or out[-2000:]
+        for job in json.loads(out[out.index("{"):])["jobs"]:
+            assert job["error"] == 0, job["jobname"]
+            assert job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0, job["jobname"]
+    # every file as the other mount shows it: the lower's bytes
+    for rel in ("shared", *(f"{d}/{n}" for d in "abc" for n in os.listdir(lower / d))):
+        data = (lower / rel).read_bytes()
+        assert (one / rel).read_bytes() == data, rel
+        assert (two / rel).read_bytes() == data, rel
+
+
+# ---- SIGKILL of a writer ---------------------------------------------------------------
+
+CHUNK = 3 << 20  # several WRITE requests each (max_write 1 MiB): a kill can land inside one
+
+WRITER = textwrap.dedent("""
+    import os, sys
+    path, flags, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    import random
+    data = random.Random(seed).randbytes(%d)
+    fd = os.open(path, flags | os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    done = 0
+    while True:
+        done += os.write(fd, data[done %% len(data):] if done %% len(data) else data)
+        os.write(1, b"%%d\\n" %% done)
+""" % CHUNK)
+
+
+def _pattern(seed, size):
+    data = random.Random(seed).randbytes(CHUNK)
+    return (data * (size // CHUNK + 1))[:size]
+
+
+@pytest.mark.parametrize("flags", [0, os.O_APPEND], ids=["write", "append"])
+def test_a_writer_killed_mid_way_leaves_a_prefix(lower, mounter, mode, flags, workdir):
+    """The file holds the first N bytes of what the writer wrote: N at
+    least what its write() calls returned, at most one call more; read
+    through the mount and on the lower alike."""
+    mp = mounter(lower, uidmap=ROOT_KEPT, options=mode)
+    script = workdir / "writer.py"
+    script.write_text(WRITER)
+    rnd = random.Random(7)
+    for round_ in range(6):
+        name = f"killed{round_}"
+        p = subprocess.Popen([sys.executable, str(script), str(mp / name), str(flags), str(round_)],
+                             stdout=subprocess.PIPE)
+        acked, kill_after = 0, rnd.randint(2, 12)  # writes seen, then the kill (at most 36 MiB on)
+        try:
+            for _ in range(kill_after):
+                line = p.stdout.readline()
+                assert line, "the writer stopped"
+                acked = int(line)
+        finally:
+            p.send_signal(signal.SIGKILL)  # our own child
+            rest = p.stdout.read()
+            p.wait(timeout=30)
+        for line in rest.split():
+            acked = int(line)
+        assert acked > 0
+        size = os.stat(lower / name).st_size
+        assert acked <= size <= acked + CHUNK, (acked, size)
+        want = _pattern(round_, size)
+        assert (lower / name).read_bytes() == want
+        assert (mp / name).read_bytes() == want
+        os.unlink(mp / name)
 
 
 # ---- ENOSPC on a small ext4 ---------------------------------------------------------------
