@@ -122,13 +122,15 @@ class Node:
 
 class OpenFile:
     """A lower fd the daemon holds for callers' opens: of a file (``node``)
-    or a directory (``node`` None). ``opens``: the opens it serves (more
-    than one only where passed-through opens share it, under ``shared``)."""
+    or a directory (``node`` None), of node ``node_id``. ``opens``: the
+    opens it serves (more than one only where passed-through opens share
+    it, under ``shared``)."""
 
-    __slots__ = ("fd", "node", "uid", "opens", "shared")
+    __slots__ = ("fd", "node", "node_id", "uid", "opens", "shared")
 
-    def __init__(self, fd: int, node: Node | None, uid: int, shared) -> None:
+    def __init__(self, fd: int, node: Node | None, uid: int, shared, node_id: int = 0) -> None:
         self.fd, self.node, self.uid, self.shared = fd, node, uid, shared
+        self.node_id = node.node_id if node is not None else node_id
         self.opens = 1
 
 
@@ -384,12 +386,22 @@ class InodeTable:
             os.close(fd)
         return f.fd, backing
 
-    def dir_opened(self, fd: int, uid: int) -> None:
-        """A lower directory ``fd`` held for caller ``uid``'s OPENDIR."""
+    def dir_opened(self, fd: int, uid: int, node_id: int) -> None:
+        """A lower directory ``fd`` held for caller ``uid``'s OPENDIR of
+        node ``node_id``."""
         with self._lock:
-            self._count(OpenFile(fd, None, uid, None))
+            self._count(OpenFile(fd, None, uid, None, node_id))
 
-    def closed(self, fh: int, unregister=None) -> None:
+    def handed_out(self, fh: int, node_id: int, directory: bool) -> bool:
+        """Whether ``fh`` is an open file (or directory) of node ``node_id``
+        that the daemon handed out and has not closed: a request's fh is
+        used as an fd, and any other number would reach whatever the
+        daemon holds under it (fd 0, a node's O_PATH fd, another caller's
+        file)."""
+        f = self._files.get(fh)
+        return f is not None and f.node_id == node_id and (f.node is None) == directory
+
+    def closed(self, fh: int, unregister=None, node_id: int | None = None) -> None:
         """A RELEASE or RELEASEDIR of ``fh``: its fd is closed once no open
         uses it. A file's last open may free its inode, and gives its
         backing id back by ``unregister(id)``. Not sooner: an open answered
@@ -399,6 +411,10 @@ class InodeTable:
             f = self._files.get(fh)
             if f is None:  # never ours: an fd number must not be closed on a guess
                 log.warning("RELEASE of fh %d, which no open holds", fh)
+                return
+            if node_id is not None and f.node_id != node_id:
+                log.warning("RELEASE of fh %d for node %d, which is node %d's", fh, node_id,
+                            f.node_id)
                 return
             f.opens -= 1
             unused = not f.opens

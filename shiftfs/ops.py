@@ -858,8 +858,17 @@ class Operations:
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
         return self._entry(node, st, False, parent), Opened(fh, False, backing, _whole_appends(flags, backing))
 
+    def handed_out(self, node_id: int, fh: int, directory: bool = False) -> bool:
+        """Whether ``fh`` is an open file (directory) of ``node_id``."""
+        if directory:
+            return fh in self._dirs and self.table.handed_out(fh, node_id, True)
+        return self.table.handed_out(fh, node_id, False)
+
     def release(self, node_id: int, fh: int) -> None:
-        self.table.closed(fh, self._backing_close)
+        if self.table.handed_out(fh, node_id, True):
+            log.warning("RELEASE of fh %d, a directory's", fh)
+            return
+        self.table.closed(fh, self._backing_close, node_id)
 
     def _backing_close(self, backing_id: int) -> None:
         session = self.backing_files or self._offered_backing
@@ -895,7 +904,7 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        self.table.dir_opened(fd, uid)
+        self.table.dir_opened(fd, uid, node_id)
         self._dirs[fd] = DirStream(fd, frozen)
         # the kernel may keep the listing while the watcher invalidates the
         # directory on every change behind the mount (frozen ones: never)
@@ -926,8 +935,11 @@ class Operations:
                            self.table._by_id.get(parent_id))
 
     def releasedir(self, node_id: int, fh: int) -> None:
+        if not self.handed_out(node_id, fh, True):
+            log.warning("RELEASEDIR of fh %d, which no open directory of node %d holds", fh, node_id)
+            return
         self._dirs.pop(fh, None)
-        self.table.closed(fh)
+        self.table.closed(fh, None, node_id)
 
     # ---- extended attributes ----
     def getxattr(self, ctx: Context, node_id: int, name: bytes) -> bytes:
