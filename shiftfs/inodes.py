@@ -92,7 +92,7 @@ class Node:
     for an inode), ``fd`` an O_PATH fd of it."""
 
     __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens", "busy",
-                 "handle", "used", "stamp", "backing", "fid", "marked")
+                 "handle", "used", "stamp", "backing", "fid", "marked", "forgotten")
 
     def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.node_id, self.fd, self.key, self.mode = node_id, fd, key, mode
@@ -106,6 +106,7 @@ class Node:
         self.backing = 0  # passthrough backing id while its opens are passed through
         self.fid: bytes | None = None  # fsid + file handle: how fanotify names it (watch.py)
         self.marked = False  # a fanotify mark of its own reports its changes (watch.py)
+        self.forgotten = False  # FORGET took its last lookup while a request held it
 
     @property
     def path(self) -> str:
@@ -203,10 +204,15 @@ class InodeTable:
         """The running request (this thread's) names its nodes no more."""
         nodes = getattr(self._held, "nodes", None)
         if nodes:
+            done = []
             with self._lock:
                 for node in nodes:
                     node.busy -= 1
+                    if node.forgotten and not node.busy:
+                        done.append(self._take_fd(node))
             nodes.clear()
+            for node, fd in done:
+                self._forgotten(node, fd)
 
     def _reopen(self, node: Node) -> None:
         with self._lock:
@@ -479,14 +485,26 @@ class InodeTable:
             del self._by_id[node_id]
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
-            fd, node.fd = node.fd, -1
-            if fd >= 0:
-                self.open_fds -= 1
+            if node.busy:  # a running request acts on its fd: closed when that ends
+                node.forgotten = True
+                return True
+            node, fd = self._take_fd(node)
+        self._forgotten(node, fd)
+        return True
+
+    def _take_fd(self, node: Node) -> tuple[Node, int]:
+        # under the lock: a forgotten node's fd, taken from it
+        node.forgotten = False
+        fd, node.fd = node.fd, -1
+        if fd >= 0:
+            self.open_fds -= 1
+        return node, fd
+
+    def _forgotten(self, node: Node, fd: int) -> None:
         if self.watch is not None:
             self.watch.forgotten(node, fd)
         if fd >= 0:
             os.close(fd)
-        return True
 
     # ---- for the watcher, which holds no node as a request does ----
     def with_fd(self, node: Node, fn):

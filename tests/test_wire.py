@@ -5,8 +5,9 @@ item 5): shiftfs's Session and Operations served over a socket
 What must hold, whatever comes: every request but FORGET, BATCH_FORGET
 and INTERRUPT is answered exactly once (an errno, EIO and one log line
 for a bug), the reader keeps serving, an fh is only ever one the daemon
-handed out for that node, and a READDIRPLUS reply fills the size the
-kernel gave and never passes it."""
+handed out for that node, a FORGET never closes an fd a running request
+acts on, and a READDIRPLUS reply fills the size the kernel gave and never
+passes it."""
 
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def test_interrupt_is_never_answered(slow_wire, tree):
     assert w.silence() == []
 
 
-# ---- a request on a node while another runs ----------------------------------------
+# ---- a FORGET while a request on the node runs --------------------------------------
 
 def _pause(w, method, act=None):
     """Make the handler ``method`` wait, once it holds its node, until
@@ -147,6 +148,41 @@ def _pause(w, method, act=None):
         return act(fd) if act else real(ctx, node_id, *args)
     setattr(w.ops, method, paused)
     return started, go
+
+
+def test_a_forget_never_closes_the_fd_a_running_request_acts_on(slow_wire, tree):
+    """The kernel's last FORGET of a node while a request on it still runs
+    (two pool threads): the node leaves the table, but its fd stays open
+    until the request ends. On ab0dc50 FORGET closed it at once; the
+    number went to the next fd opened (here another symlink's), and the
+    READLINK answered that link's target."""
+    w = slow_wire
+    os.symlink("someone-else's", tree / "other")
+    node, _ = w.lookup(ROOT, b"l")
+    held = w.ops.table._by_id[node]
+    fd = held.fd
+    started, go = _pause(w, "readlink", lambda fd: os.readlink(b"", dir_fd=fd))
+    u = w.send(P.READLINK, node)
+    assert started.wait(10)
+    w.send(P.FORGET, node, P.FORGET_IN.pack(1))
+    deadline = time.monotonic() + 10
+    while node in w.ops.table._by_id:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    grabbed = [os.open(tree / "other", os.O_PATH | os.O_NOFOLLOW) for _ in range(4)]
+    try:
+        assert fd not in grabbed
+        go.set()
+        r = w.reply(u)
+        assert r.error == 0 and r.body == b"the-target", r.body
+    finally:
+        for g in grabbed:
+            os.close(g)
+    deadline = time.monotonic() + 10
+    while held.fd >= 0:  # closed once the request ended
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert w.call(P.GETATTR, node, P.GETATTR_IN.pack(0, 0, 0)).error == -errno.ESTALE
 
 
 def test_a_lookup_racing_the_last_forget_of_its_node(slow_wire, tree):
