@@ -295,7 +295,7 @@ class Operations:
         path = self._path_of(args[node_at])
         if name_at is None:
             return path
-        name = args[name_at].decode(errors="replace")
+        name = _shown(args[name_at])
         if op.endswith("xattr"):
             return f"{path} {name}"
         return (path.rstrip("/") + "/" + name)
@@ -308,7 +308,7 @@ class Operations:
             node = self.table._by_id.get(node_id)
             if node is None or not node.name:
                 break
-            parts.append(node.name.decode(errors="replace"))
+            parts.append(_shown(node.name))
             node_id = node.parent_id
         return "?/" + "/".join(reversed(parts))
 
@@ -998,6 +998,15 @@ class Operations:
 # FS_IOC_SETFLAGS, FS_IOC_SETVERSION, FS_IOC_FSSETXATTR
 _IOCTL_READ = {0x80086601: 8, 0x80087601: 8, 0x801C581F: 28}
 _IOCTL_SET = {0x40086602, 0x40087602, 0x401C5820}
+
+
+def _shown(raw: bytes) -> str:
+    """A name for the -d log, on one line whatever its bytes: a caller's
+    name with a newline in it must not write a line of its own."""
+    text = raw.decode(errors="backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _whole_appends(flags: int, backing: int) -> bool:

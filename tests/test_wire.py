@@ -303,3 +303,20 @@ def test_readdirplus_fills_the_size_the_kernel_gave_and_never_passes_it(tree, si
         assert len(w.ops.table) == 1  # each entry counted once: all forgotten now
     finally:
         w.close()
+
+
+# ---- the -d log ------------------------------------------------------------------------
+
+def test_the_debug_log_shows_a_name_on_one_line(tree, capfd):
+    """A caller's name with a newline in it: with -d, the line for its
+    request is one line, and no line of the caller's making appears. On
+    ab0dc50 the name was printed as it is, newline and all."""
+    w = Wire(tree)
+    w.session.debug = True
+    try:
+        w.call(P.LOOKUP, ROOT, b"x\nshiftfs: UNLINK /etc/passwd pid 1 -> ok\0")
+    finally:
+        w.close()
+    err = capfd.readouterr().err
+    assert "\nshiftfs: UNLINK" not in err, err
+    assert "x\\nshiftfs: UNLINK" in err, err
