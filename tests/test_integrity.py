@@ -129,7 +129,8 @@ def _fio(directory, name, shared, region_index):
     shared file, each block read back and checked while writing and after
     (crc32c in every block's header)."""
     common = ["--ioengine=psync", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-              "--verify_backlog=64", "--output-format=json", "--end_fsync=1", "--bs_unaligned=0"]
+              "--verify_backlog=64", "--verify_state_save=0", "--output-format=json",
+              "--end_fsync=1"]
     return ["fio", f"--name={name}", f"--directory={directory}", "--rw=randwrite", "--bs=4k",
             "--size=4M", "--nrfiles=2", "--numjobs=2", *common,
             f"--name={name}-shared", f"--filename={shared}", "--rw=randwrite", "--bs=16k",
