@@ -23,6 +23,7 @@ The handler interface (``Operations``) by request, and what each returns:
 | UNLINK, RMDIR, RENAME(2) | ``unlink(ctx, parent, name)``, ``rmdir``, ``rename(ctx, parent, name, newparent, newname, flags)`` | None |
 | OPEN, CREATE, TMPFILE | ``open(ctx, node, flags)``, ``create(ctx, parent, name, mode, flags)``, ``tmpfile(ctx, parent, mode, flags)`` | Opened; (Entry, Opened) |
 | READ, WRITE | served by the FUSE layer on ``fh`` (a lower fd); ``write_kills_suidgid(ctx, node, fh)`` first where the kernel asks |
+| (every request with an fh) | ``handed_out(node, fh, directory)``: whether it is an open of that node the handlers handed out; EBADF if not, before the fh is used as an fd | bool |
 | RELEASE | ``release(node, fh)`` | None |
 | FSYNC, FALLOCATE, COPY_FILE_RANGE, LSEEK | ``fsync(fh, datasync)``, ``fallocate(fh, mode, off, len)``, ``copy_file_range(...)`` | None; int |
 | OPENDIR, READDIR(PLUS), RELEASEDIR | ``opendir(ctx, node)`` -> Opened; ``readdir(node, fh, off)`` -> a stream with ``peek()``/``advance()``; ``readdir_entry(ctx, parent, fh, name, d_type)`` -> Entry or None | |

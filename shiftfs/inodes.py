@@ -100,7 +100,7 @@ class Node:
 
     __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens", "busy",
                  "handle", "used", "stamp", "backing", "fid", "marked",
-                 "slot", "released")
+                 "slot", "released", "forgotten")
 
     def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.node_id, self.fd, self.key, self.mode = node_id, fd, key, mode
@@ -116,6 +116,7 @@ class Node:
         self.marked = False  # a fanotify mark of its own reports its changes (watch.py)
         self.slot = -1  # its slot in the supervisor's journal (supervisor.NodeJournal)
         self.released = False  # its fd was pointed at a placeholder (release_if_gone)
+        self.forgotten = False  # FORGET took its last lookup while a request held it
 
     @property
     def path(self) -> str:
@@ -132,13 +133,15 @@ class Node:
 
 class OpenFile:
     """A lower fd the daemon holds for callers' opens: of a file (``node``)
-    or a directory (``node`` None). ``opens``: the opens it serves (more
-    than one only where passed-through opens share it, under ``shared``)."""
+    or a directory (``node`` None), of node ``node_id``. ``opens``: the
+    opens it serves (more than one only where passed-through opens share
+    it, under ``shared``)."""
 
-    __slots__ = ("fd", "node", "uid", "opens", "shared")
+    __slots__ = ("fd", "node", "node_id", "uid", "opens", "shared")
 
-    def __init__(self, fd: int, node: Node | None, uid: int, shared) -> None:
+    def __init__(self, fd: int, node: Node | None, uid: int, shared, node_id: int = 0) -> None:
         self.fd, self.node, self.uid, self.shared = fd, node, uid, shared
+        self.node_id = node.node_id if node is not None else node_id
         self.opens = 1
 
 
@@ -216,10 +219,15 @@ class InodeTable:
         """The running request (this thread's) names its nodes no more."""
         nodes = getattr(self._held, "nodes", None)
         if nodes:
+            done = []
             with self._lock:
                 for node in nodes:
                     node.busy -= 1
+                    if node.forgotten and not node.busy:
+                        done.append(self._take_fd(node))
             nodes.clear()
+            for node, fd in done:
+                self._forgotten(node, fd)
 
     def _reopen(self, node: Node) -> None:
         with self._lock:
@@ -429,14 +437,24 @@ class InodeTable:
             os.close(fd)
         return f.fd, backing
 
-    def dir_opened(self, fd: int, uid: int) -> None:
-        """A lower directory ``fd`` held for caller ``uid``'s OPENDIR."""
+    def dir_opened(self, fd: int, uid: int, node_id: int) -> None:
+        """A lower directory ``fd`` held for caller ``uid``'s OPENDIR of
+        node ``node_id``."""
         with self._lock:
-            self._count(OpenFile(fd, None, uid, None))
+            self._count(OpenFile(fd, None, uid, None, node_id))
             if self.store is not None:
-                self.store.held(fd, 0, uid, os.O_DIRECTORY)
+                self.store.held(fd, node_id, uid, os.O_DIRECTORY)
 
-    def closed(self, fh: int, unregister=None) -> None:
+    def handed_out(self, fh: int, node_id: int, directory: bool) -> bool:
+        """Whether ``fh`` is an open file (or directory) of node ``node_id``
+        that the daemon handed out and has not closed: a request's fh is
+        used as an fd, and any other number would reach whatever the
+        daemon holds under it (fd 0, a node's O_PATH fd, another caller's
+        file)."""
+        f = self._files.get(fh)
+        return f is not None and f.node_id == node_id and (f.node is None) == directory
+
+    def closed(self, fh: int, unregister=None, node_id: int | None = None) -> None:
         """A RELEASE or RELEASEDIR of ``fh``: its fd is closed once no open
         uses it. A file's last open may free its inode, and gives its
         backing id back by ``unregister(id)``. Not sooner: an open answered
@@ -446,6 +464,10 @@ class InodeTable:
             f = self._files.get(fh)
             if f is None:  # never ours: an fd number must not be closed on a guess
                 log.warning("RELEASE of fh %d, which no open holds", fh)
+                return
+            if node_id is not None and f.node_id != node_id:
+                log.warning("RELEASE of fh %d for node %d, which is node %d's", fh, node_id,
+                            f.node_id)
                 return
             f.opens -= 1
             unused = not f.opens
@@ -519,14 +541,26 @@ class InodeTable:
             del self._by_id[node_id]
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
-            fd, node.fd = node.fd, -1
-            if fd >= 0:
-                self.open_fds -= 1
+            if node.busy:  # a running request acts on its fd: closed when that ends
+                node.forgotten = True
+                return True
+            node, fd = self._take_fd(node)
+        self._forgotten(node, fd)
+        return True
+
+    def _take_fd(self, node: Node) -> tuple[Node, int]:
+        # under the lock: a forgotten node's fd, taken from it
+        node.forgotten = False
+        fd, node.fd = node.fd, -1
+        if fd >= 0:
+            self.open_fds -= 1
+        return node, fd
+
+    def _forgotten(self, node: Node, fd: int) -> None:
         if self.watch is not None:
             self.watch.forgotten(node, fd)
         if fd >= 0:
             os.close(fd)
-        return True
 
     def restore(self, journal, held) -> None:
         """A server started after another died: every node the journal
@@ -543,10 +577,11 @@ class InodeTable:
                 self._next_id = max(self._next_id, node_id + 1)
             self._next_id = max(self._next_id, journal.next_id())
             for fh, h in held.items():
-                node = self._by_id.get(h.node_id) if h.node_id else None
+                directory = bool(h.flags & os.O_DIRECTORY)
+                node = None if directory else self._by_id.get(h.node_id)
                 shared = (node.node_id, h.flags & ~_OPENING) if node is not None and node.backing \
                     else None
-                f = OpenFile(fh, node, h.uid, shared)
+                f = OpenFile(fh, node, h.uid, shared, h.node_id)
                 f.opens = h.opens
                 self._count(f)
                 if shared:

@@ -483,7 +483,7 @@ def _server(lower, mountpoint, idmap, options, device_fd, own, journal, sock, he
     if restored:
         table.restore(journal, held)
         for fh, h in held.items():
-            if not h.node_id:
+            if h.flags & os.O_DIRECTORY:
                 operations.resume_dir(fh)
         minor, grants = journal.grants()
         granted = Granted(minor, bool(grants & GRANT_PASSTHROUGH), bool(grants & GRANT_KILLPRIV_V2),

@@ -106,8 +106,12 @@ _ACL_ACCESS = "system.posix_acl_access"
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 log = logging.getLogger("shiftfs")
 # what an OPEN's flags may not carry to the lower: the kernel made the name
-# and checked the caller; the daemon only reopens the inode it holds
-_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC
+# and checked the caller; the daemon only reopens the inode it holds. Nor
+# O_APPEND, which a caller may set and clear with fcntl while the lower fd
+# keeps what it was opened with: each write says whether it appends (the
+# kernel's IOCB_APPEND on a passed-through file, the WRITE's flags to
+# session.py), and the write-back of a mapping must go where it says.
+_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC | os.O_APPEND
 _DIRBUF = 32768
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # lowers whose calls are decided by the calling thread's capabilities alone
@@ -392,7 +396,7 @@ class Operations:
         path = self._path_of(args[node_at])
         if name_at is None:
             return path
-        name = args[name_at].decode(errors="replace")
+        name = _shown(args[name_at])
         if op.endswith("xattr"):
             return f"{path} {name}"
         return (path.rstrip("/") + "/" + name)
@@ -405,7 +409,7 @@ class Operations:
             node = self.table._by_id.get(node_id)
             if node is None or not node.name:
                 break
-            parts.append(node.name.decode(errors="replace"))
+            parts.append(_shown(node.name))
             node_id = node.parent_id
         return "?/" + "/".join(reversed(parts))
 
@@ -923,7 +927,8 @@ class Operations:
         self.table.admit(uid)  # before the file exists: a refused create makes none
         try:
             fd, st = self._as_caller(ctx, parent, name, mode, lambda m: os.open(
-                name, (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                name, (flags & ~(os.O_NOCTTY | os.O_APPEND)) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                | os.O_CLOEXEC,
                 m, dir_fd=parent.fd), opened=True)
         except FileExistsError:
             if flags & os.O_EXCL:
@@ -951,7 +956,7 @@ class Operations:
         try:
             self._ids_of(lower_uid, lower_gid, ctx.umask)
             try:
-                fd = os.open(".", (flags & ~(os.O_NOCTTY | os.O_CREAT | os.O_EXCL))
+                fd = os.open(".", (flags & ~(os.O_NOCTTY | os.O_CREAT | os.O_EXCL | os.O_APPEND))
                              | os.O_TMPFILE | os.O_CLOEXEC, mode, dir_fd=dir_fd)
             finally:
                 self._daemon_ids()
@@ -968,8 +973,17 @@ class Operations:
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
         return self._entry(node, st, False, parent), Opened(fh, False, backing, _whole_appends(flags, backing))
 
+    def handed_out(self, node_id: int, fh: int, directory: bool = False) -> bool:
+        """Whether ``fh`` is an open file (directory) of ``node_id``."""
+        if directory:
+            return fh in self._dirs and self.table.handed_out(fh, node_id, True)
+        return self.table.handed_out(fh, node_id, False)
+
     def release(self, node_id: int, fh: int) -> None:
-        self.table.closed(fh, self._backing_close)
+        if self.table.handed_out(fh, node_id, True):
+            log.warning("RELEASE of fh %d, a directory's", fh)
+            return
+        self.table.closed(fh, self._backing_close, node_id)
 
     def _backing_close(self, backing_id: int) -> None:
         session = self.backing_files or self._offered_backing
@@ -1005,7 +1019,7 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        self.table.dir_opened(fd, uid)
+        self.table.dir_opened(fd, uid, node_id)
         self._dirs[fd] = DirStream(fd, frozen)
         # the kernel may keep the listing while the watcher invalidates the
         # directory on every change behind the mount (frozen ones: never)
@@ -1033,8 +1047,11 @@ class Operations:
                            self.table._by_id.get(parent_id))
 
     def releasedir(self, node_id: int, fh: int) -> None:
+        if not self.handed_out(node_id, fh, True):
+            log.warning("RELEASEDIR of fh %d, which no open directory of node %d holds", fh, node_id)
+            return
         self._dirs.pop(fh, None)
-        self.table.closed(fh)
+        self.table.closed(fh, None, node_id)
 
     # ---- extended attributes ----
     def getxattr(self, ctx: Context, node_id: int, name: bytes) -> bytes:
@@ -1093,6 +1110,15 @@ class Operations:
 # FS_IOC_SETFLAGS, FS_IOC_SETVERSION, FS_IOC_FSSETXATTR
 _IOCTL_READ = {0x80086601: 8, 0x80087601: 8, 0x801C581F: 28}
 _IOCTL_SET = {0x40086602, 0x40087602, 0x401C5820}
+
+
+def _shown(raw: bytes) -> str:
+    """A name for the -d log, on one line whatever its bytes: a caller's
+    name with a newline in it must not write a line of its own."""
+    text = raw.decode(errors="backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _whole_appends(flags: int, backing: int) -> bool:

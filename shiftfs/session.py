@@ -42,6 +42,7 @@ MAX_WRITE = 1 << 20          # bytes in one WRITE (max_pages 256)
 POOL_BYTES = 1 << 17         # reads and writes larger than this go to the pool
 POOL_THREADS = 3
 _BUF_SIZE = MAX_WRITE + 4096  # the kernel wants room for max_write and the headers
+_HEADER = P.IN_HEADER.size
 _POOLED = frozenset((P.FSYNC, P.FSYNCDIR, P.FALLOCATE, P.COPY_FILE_RANGE))
 # no reply at all; every opcode without a handler is answered ENOSYS (FLUSH,
 # ACCESS, locks, BMAP, POLL, STATX: the kernel then does without, or by itself)
@@ -93,7 +94,7 @@ class Session:
             P.LISTXATTR: self._listxattr, P.REMOVEXATTR: self._removexattr,
             P.OPENDIR: self._opendir, P.READDIR: self._readdir,
             P.READDIRPLUS: self._readdirplus, P.RELEASEDIR: self._releasedir,
-            P.FSYNCDIR: self._fsync, P.CREATE: self._create, P.TMPFILE: self._tmpfile,
+            P.FSYNCDIR: self._fsyncdir, P.CREATE: self._create, P.TMPFILE: self._tmpfile,
             P.FALLOCATE: self._fallocate, P.LSEEK: self._lseek,
             P.COPY_FILE_RANGE: self._copy_file_range, P.IOCTL: self._ioctl,
             P.DESTROY: self._destroy,
@@ -191,6 +192,11 @@ class Session:
                     else:
                         log.error("reading /dev/fuse failed: %s", e.strerror)
                     return
+                if n < _HEADER:  # never from /dev/fuse: nothing to answer (no unique)
+                    if n == 0:  # end of file: a socket's peer went (tests)
+                        return
+                    log.error("request of %d bytes, shorter than its header: ignored", n)
+                    continue
                 length, op, unique, nodeid, uid, gid, pid, _ext, _pad = header(buf, 0)
                 if op == P.INIT:
                     self._init(unique, view[40:n])
@@ -227,11 +233,10 @@ class Session:
                 if op == P.FORGET:
                     self.fs.forget(((nodeid, P.FORGET_IN.unpack_from(body)[0]),))
                 elif op == P.BATCH_FORGET:
-                    count = P.BATCH_FORGET_IN.unpack_from(body)[0]
-                    it = P.FORGET_ONE.iter_unpack(body[8:8 + 16 * count])
-                    self.fs.forget(list(it))
-            except Exception:  # noqa: BLE001
-                log.exception("forget failed")
+                    count = min(P.BATCH_FORGET_IN.unpack_from(body)[0], (len(body) - 8) // 16)
+                    self.fs.forget(list(P.FORGET_ONE.iter_unpack(body[8:8 + 16 * count])))
+            except Exception as e:  # noqa: BLE001
+                log.error("%s failed: %s", P.NAMES[op].upper(), _bug(e))
             return
         handler = self._ops.get(op)
         ctx = Context(uid, gid, pid)
@@ -240,21 +245,32 @@ class Session:
             if handler is None:
                 raise OSError(errno.ENOSYS, "not served")
             reply, undo = handler(ctx, nodeid, body)
-            if not self._reply(unique, reply) and undo is not None:
-                undo()
-            if undo is None and op == P.LOOKUP:
-                result = "ENOENT"  # a negative entry
         except OSError as e:
-            code = e.errno or errno.EIO
+            code = e.errno if e.errno and 0 < e.errno < 4096 else errno.EIO
             if unique & P.UNIQUE_RESEND and self._replayed(op, ctx, nodeid, body, unique, code):
                 code = 0
             result = errno.errorcode.get(code, str(code)) if code else "ok (resent)"
             if code:
                 self._error(unique, code)
-        except Exception as e:  # noqa: BLE001 (a bug must still answer)
-            log.error("%s failed", P.NAMES.get(op, op), exc_info=e)
+        except Exception as e:  # noqa: BLE001 (a bug must still answer, once)
+            log.error("%s failed: %s", P.NAMES.get(op, str(op)).upper(), _bug(e))
             result = "EIO"
             self._error(unique, errno.EIO)
+        else:
+            try:
+                sent = self._reply(unique, reply)
+            except Exception as e:  # noqa: BLE001 (a reply that cannot be packed: nothing went)
+                log.error("%s failed: %s", P.NAMES.get(op, str(op)).upper(), _bug(e))
+                result, sent = "EIO", False
+                self._error(unique, errno.EIO)
+            if not sent and undo is not None:
+                try:
+                    undo()
+                except Exception as e:  # noqa: BLE001 (answered already: log only)
+                    log.error("undoing an unanswered %s failed: %s",
+                              P.NAMES.get(op, str(op)).upper(), _bug(e))
+            if op == P.LOOKUP and undo is None:
+                result = "ENOENT"  # a negative entry
         finally:
             self._request_done()
         if self.debug:
@@ -307,6 +323,8 @@ class Session:
             return False
 
     def _error(self, unique: int, code: int) -> None:
+        if not 0 < code < 4096:
+            code = errno.EIO
         try:
             os.write(self.fd, P.OUT_HEADER.pack(16, -code, unique))
         except OSError as e:
@@ -334,7 +352,8 @@ class Session:
         offered = flags | (flags2 << 32 if flags & P.INIT_EXT else 0)
         want = (P.ASYNC_READ | P.BIG_WRITES | P.POSIX_ACL | P.DONT_MASK | P.DO_READDIRPLUS
                 | P.READDIRPLUS_AUTO | P.PARALLEL_DIROPS | P.CACHE_SYMLINKS | P.AUTO_INVAL_DATA
-                | P.MAX_PAGES | P.HAS_IOCTL_DIR | P.INIT_EXT | P.HAS_EXPIRE_ONLY)
+                | P.MAX_PAGES | P.HAS_IOCTL_DIR | P.INIT_EXT | P.HAS_EXPIRE_ONLY
+                | P.DIRECT_IO_ALLOW_MMAP)
         if self._want_killpriv_v2:
             want |= P.HANDLE_KILLPRIV_V2
         if self._want_passthrough:
@@ -426,15 +445,16 @@ class Session:
 
     def _getattr(self, ctx, nodeid, body):
         flags, _, fh = P.GETATTR_IN.unpack_from(body)
-        return self._attr(self.fs.getattr(ctx, nodeid, fh if flags & P.GETATTR_FH else None)), None
+        fh = self._fd(nodeid, fh) if flags & P.GETATTR_FH else None
+        return self._attr(self.fs.getattr(ctx, nodeid, fh)), None
 
     def _setattr(self, ctx, nodeid, body):
         (valid, _, fh, size, _lo, atime, mtime, _ct, atimensec, mtimensec, _ctn, mode, _u4,
          uid, gid, _u5) = P.SETATTR_IN.unpack_from(body)
         req = SetAttr(valid & ~P.FATTR_FH, mode, uid, gid, size, (atime, atimensec),
                       (mtime, mtimensec))
-        return self._attr(self.fs.setattr(ctx, nodeid, req,
-                                          fh if valid & P.FATTR_FH else None)), None
+        fh = self._fd(nodeid, fh) if valid & P.FATTR_FH else None
+        return self._attr(self.fs.setattr(ctx, nodeid, req, fh)), None
 
     def _readlink(self, ctx, nodeid, body):
         return self.fs.readlink(ctx, nodeid), None
@@ -479,16 +499,27 @@ class Session:
 
     def _read(self, ctx, nodeid, body):
         fh, off, size, _rf, _lo, _fl, _ = P.READ_IN.unpack_from(body)
-        return os.pread(fh, size, off), None
+        return os.pread(self._fd(nodeid, fh), min(size, MAX_WRITE), off), None
 
     def _write(self, ctx, nodeid, body):
-        fh, off, size, wflags, _lo, _fl, _ = P.WRITE_IN.unpack_from(body)
+        fh, off, size, wflags, _lo, flags, _ = P.WRITE_IN.unpack_from(body)
+        fh = self._fd(nodeid, fh)
         if wflags & P.WRITE_KILL_SUIDGID:  # set-id bits go before the data (file_remove_privs)
             self.fs.write_kills_suidgid(ctx, nodeid, fh)
         data = body[P.WRITE_IN.size:P.WRITE_IN.size + size]
+        # The lower fd never has O_APPEND: a write() on a file the caller
+        # has in O_APPEND mode now (flags: its f_flags, fcntl included) is
+        # one append to the lower's end; the page cache's write-back of a
+        # mapping (WRITE_CACHE, on any fh of the file) goes where it says.
+        append = os.RWF_APPEND if flags & os.O_APPEND and not wflags & P.WRITE_CACHE else 0
         done = 0
         while done < size:  # a short write on a local lower: go on, as a kernel write would
-            n = os.pwrite(fh, data[done:], off + done)
+            try:
+                n = os.pwritev(fh, (data[done:],), off + done, append)
+            except OSError:
+                if not done:
+                    raise
+                break  # ENOSPC, EFBIG, EDQUOT past some bytes: say what went, as write(2) does
             if n <= 0:
                 break
             done += n
@@ -499,33 +530,48 @@ class Session:
         self.fs.release(nodeid, fh)
         return b"", None
 
-    def _fsync(self, ctx, nodeid, body):
+    def _fsync(self, ctx, nodeid, body, directory=False):
         fh, flags, _ = P.FSYNC_IN.unpack_from(body)
-        self.fs.fsync(fh, flags & P.FSYNC_FDATASYNC)
+        self.fs.fsync(self._fd(nodeid, fh, directory), flags & P.FSYNC_FDATASYNC)
         return b"", None
+
+    def _fsyncdir(self, ctx, nodeid, body):
+        return self._fsync(ctx, nodeid, body, True)
 
     def _fallocate(self, ctx, nodeid, body):
         fh, off, length, mode, _ = P.FALLOCATE_IN.unpack_from(body)
-        self.fs.fallocate(fh, mode, off, length)
+        self.fs.fallocate(self._fd(nodeid, fh), mode, off, length)
         return b"", None
 
     def _lseek(self, ctx, nodeid, body):
         fh, off, whence, _ = P.LSEEK_IN.unpack_from(body)
-        return P.LSEEK_OUT.pack(os.lseek(fh, off, whence)), None
+        return P.LSEEK_OUT.pack(os.lseek(self._fd(nodeid, fh), off, whence)), None
 
     def _copy_file_range(self, ctx, nodeid, body):
-        fh_in, off_in, _node_out, fh_out, off_out, length, flags = \
+        fh_in, off_in, node_out, fh_out, off_out, length, flags = \
             P.COPY_FILE_RANGE_IN.unpack_from(body)
-        n = self.fs.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags)
+        n = self.fs.copy_file_range(self._fd(nodeid, fh_in), off_in, self._fd(node_out, fh_out),
+                                    off_out, length, flags)
         return P.WRITE_OUT.pack(n, 0), None
 
     def _ioctl(self, ctx, nodeid, body):
         fh, flags, cmd, _arg, in_size, out_size = P.IOCTL_IN.unpack_from(body)
         if flags & P.IOCTL_UNRESTRICTED:
             raise OSError(errno.ENOTTY, "unrestricted ioctl")
+        fh = self._fd(nodeid, fh, bool(flags & P.IOCTL_DIR))
+        out_size = min(out_size, 1 << 16)  # the kernel's ioctl buffer is at most max_pages
         data = bytes(body[P.IOCTL_IN.size:P.IOCTL_IN.size + in_size])
         result, out = self.fs.ioctl(ctx, nodeid, fh, cmd, data, out_size)
         return [P.IOCTL_OUT.pack(result, 0, 0, 0), out[:out_size]], None
+
+    def _fd(self, nodeid: int, fh: int, directory: bool = False) -> int:
+        """A request's fh, used as an fd: only one the daemon handed out
+        for an open of this node (a file, or a ``directory``) and has not
+        closed, never any other number it holds (EBADF)."""
+        if not self.fs.handed_out(nodeid, fh, directory):
+            raise OSError(errno.EBADF, f"fh {fh} is no open {'directory' if directory else 'file'}"
+                                       f" of node {nodeid}")
+        return fh
 
     def _destroy(self, ctx, nodeid, body):
         return b"", None
@@ -552,6 +598,8 @@ class Session:
         counts as a lookup, so one left out must not be counted). An error
         after the first entry ends the reply; it comes again next time."""
         fh, off, size, _rf, _lo, _fl, _ = P.READ_IN.unpack_from(body)
+        fh = self._fd(nodeid, fh, True)
+        size = min(size, MAX_WRITE)  # the kernel's buffer is at most max_pages
         out = bytearray(size)  # zeros: no padding to write
         pos = 0
         stream = self.fs.readdir(nodeid, fh, off)
@@ -660,6 +708,15 @@ class Session:
 
     def backing_close(self, backing_id: int) -> None:
         fcntl.ioctl(self.fd, P.DEV_IOC_BACKING_CLOSE, bytearray(backing_id.to_bytes(4, sys.byteorder)))
+
+
+def _bug(e: BaseException) -> str:
+    """An unexpected exception in one line: what, and where it was raised."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" ({os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})" if tb else ""
+    return f"{type(e).__name__}: {e}{where}".replace("\n", " ")
 
 
 def _described(op: int, nodeid: int, body) -> tuple:

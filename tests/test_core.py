@@ -99,6 +99,7 @@ def test_hard_links_are_one_node_and_forget_releases_it(ops_tree):
     assert a == b
     node = ops_tree.table.get(a)
     assert node.nlookup == 2
+    ops_tree.request_done()  # as each request ends: the nodes it named are held no more
     nodes = len(ops_tree.table)
     ops_tree.forget([(a, 1)])
     assert len(ops_tree.table) == nodes  # one lookup left

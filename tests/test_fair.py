@@ -130,8 +130,9 @@ def test_each_uid_gets_its_share_and_all_together_the_budget(table):
         table.admit(1)
     assert info.value.errno == errno.EMFILE
     held += [_open_a(table, uid)[0] for uid in (2, 2, 3, 3)]
-    table.dir_opened(os.open(table.root.path, os.O_RDONLY | os.O_DIRECTORY), 4)
-    table.dir_opened(os.open(table.root.path, os.O_RDONLY | os.O_DIRECTORY), 5)
+    for uid in (4, 5):
+        table.dir_opened(os.open(table.root.path, os.O_RDONLY | os.O_DIRECTORY), uid,
+                         table.root.node_id)
     with pytest.raises(OSError) as info:
         table.admit(6)  # a newcomer, but the budget (8) is held
     assert info.value.errno == errno.ENFILE
