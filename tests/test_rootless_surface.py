@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shlex
 import struct
 import subprocess
@@ -38,6 +37,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+import rootless as namespace
 
 import shiftfs
 
@@ -48,36 +49,13 @@ RANGE = 100000  # its /etc/subuid and /etc/subgid range: 100000..165535
 BOB = 1001  # another host user (on the lower: not the user's)
 CODE = os.path.dirname(os.path.dirname(os.path.abspath(shiftfs.__file__)))
 
-_SETUP = r"""
-set -e
-mount --make-rprivate /
-mount -t tmpfs -o mode=755,size=1m shiftfs-rootless "$SCRATCH"
-if [ "$(stat -c %a /dev/fuse)" != 666 ]; then   # Debian makes it 0666; this machine 0600
-    mknod "$SCRATCH/fuse" c 10 229; chmod 666 "$SCRATCH/fuse"; mount --bind "$SCRATCH/fuse" /dev/fuse
-fi
-echo user_allow_other > "$SCRATCH/fuse.conf"    # shiftfs mounts allow_other
-mount --bind "$SCRATCH/fuse.conf" /etc/fuse.conf
+_SETUP = namespace.PROLOGUE + r"""
 echo "$RNAME:$RANGE:65536" > "$SCRATCH/subid"
 mount --bind "$SCRATCH/subid" /etc/subuid
 mount --bind "$SCRATCH/subid" /etc/subgid
-if [ -n "$BLOCKED" ]; then                       # an interpreter under a 0700 /root
-    mkdir "$SCRATCH/stash"; mount --bind "$KEEP" "$SCRATCH/stash"
-    mount -t tmpfs -o mode=755,size=1m shiftfs-rootless "$BLOCKED"
-    mkdir -p "$KEEP"; mount --move "$SCRATCH/stash" "$KEEP"
-fi
 exec setpriv --reuid=$RUSER --regid=$RUSER --clear-groups -- env -i PATH=/usr/bin:/bin \
     PYTHONPATH="$CODE" HOME=/ "$PYTHON" -m shiftfs -f -q "$@" "$LOWER" "$MNT"
 """
-
-
-def _blocked_prefix():
-    """(the first ancestor of the interpreter's tree others cannot search,
-    the child of it that holds the tree), or ("", "")."""
-    parts = os.path.realpath(sys.prefix).split("/")
-    for i in range(2, len(parts) + 1):
-        if not os.stat("/".join(parts[:i])).st_mode & 0o001:
-            return "/".join(parts[:i]), "/".join(parts[:i + 1])
-    return "", ""
 
 
 def _mount_line(pid: int, mnt: Path) -> str | None:
@@ -120,11 +98,8 @@ def rootless(lower: Path, workdir: Path, *args: str):
     mnt.mkdir()
     scratch.mkdir()
     os.chown(mnt, RUSER, RUSER)
-    blocked, keep = _blocked_prefix()
-    env = dict(SCRATCH=str(scratch), BLOCKED=blocked, KEEP=keep, RUSER=str(RUSER),
-               RNAME=pwd.getpwuid(RUSER).pw_name, RANGE=str(RANGE), CODE=CODE,
-               PYTHON=os.path.realpath(sys.executable), LOWER=str(lower), MNT=str(mnt),
-               PATH="/usr/sbin:/usr/bin:/sbin:/bin")
+    env = dict(namespace.environment(scratch, RUSER), RANGE=str(RANGE), CODE=CODE,
+               PYTHON=os.path.realpath(sys.executable), LOWER=str(lower), MNT=str(mnt))
     log = workdir / "rootless.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(["unshare", "-m", "sh", "-c", _SETUP, "setup", *args], env=env,

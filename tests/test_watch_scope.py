@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+import rootless as namespace
+
 import shiftfs
 from shiftfs.mount import is_mounted, unmount
 
@@ -135,38 +137,11 @@ def walk(top) -> int:
 
 # ---- rootless: a daemon of uid 1000, mounted by fusermount3 ------------------------
 
-_ROOTLESS_SETUP = r"""
-set -e
-mount --make-rprivate /
-mount -t tmpfs -o mode=755,size=1m shiftfs-rootless "$SCRATCH"
-if [ "$(stat -c %a /dev/fuse)" != 666 ]; then   # Debian makes it 0666; this machine 0600
-    mknod "$SCRATCH/fuse" c 10 229; chmod 666 "$SCRATCH/fuse"; mount --bind "$SCRATCH/fuse" /dev/fuse
-fi
-echo user_allow_other > "$SCRATCH/fuse.conf"    # shiftfs mounts allow_other
-mount --bind "$SCRATCH/fuse.conf" /etc/fuse.conf
-if ! getent passwd "$RUSER" >/dev/null; then     # fusermount3 wants the user's name
-    cp /etc/passwd "$SCRATCH/passwd"; echo "shiftfs-rootless:x:$RUSER:$RUSER::/:/bin/false" >> "$SCRATCH/passwd"
-    mount --bind "$SCRATCH/passwd" /etc/passwd
-fi
-if [ -n "$BLOCKED" ]; then                       # an interpreter under a 0700 /root
-    mkdir "$SCRATCH/stash"; mount --bind "$KEEP" "$SCRATCH/stash"
-    mount -t tmpfs -o mode=755,size=1m shiftfs-rootless "$BLOCKED"
-    mkdir -p "$KEEP"; mount --move "$SCRATCH/stash" "$KEEP"
-fi
+_ROOTLESS_SETUP = namespace.PROLOGUE + r"""
 exec setpriv --reuid=$RUSER --regid=$RUSER --clear-groups -- env -i PATH=/usr/bin:/bin \
     PYTHONPATH="$CODE" HOME=/ "$PYTHON" -m shiftfs -f -q $EXTRA \
     --uidmap 0:100000:65536 --gidmap 0:100000:65536 "$LOWER" "$MNT"
 """
-
-
-def _blocked_prefix():
-    """(the first ancestor of the interpreter's tree others cannot search,
-    the child of it that holds the tree), or ("", "")."""
-    parts = os.path.realpath(sys.prefix).split("/")
-    for i in range(2, len(parts) + 1):
-        if not os.stat("/".join(parts[:i])).st_mode & 0o001:
-            return "/".join(parts[:i]), "/".join(parts[:i + 1])
-    return "", ""
 
 
 @contextlib.contextmanager
@@ -181,10 +156,9 @@ def rootless_mount(lower: Path, workdir: Path, *extra: str):
     mnt.mkdir()
     scratch.mkdir()
     os.chown(mnt, RUSER, RUSER)
-    blocked, keep = _blocked_prefix()
-    env = dict(SCRATCH=str(scratch), BLOCKED=blocked, KEEP=keep, RUSER=str(RUSER), CODE=CODE,
+    env = dict(namespace.environment(scratch, RUSER), CODE=CODE,
                PYTHON=os.path.realpath(sys.executable), LOWER=str(lower), MNT=str(mnt),
-               PATH="/usr/sbin:/usr/bin:/sbin:/bin", EXTRA=" ".join(extra))
+               EXTRA=" ".join(extra))
     log = workdir / "rootless.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(["unshare", "-m", "sh", "-c", _ROOTLESS_SETUP], env=env,
