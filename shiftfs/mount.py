@@ -13,7 +13,6 @@ import os
 import resource
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -407,20 +406,16 @@ def resume(fd: int) -> int:
     mp = state["mountpoint_real"]  # never resolved again: the mount has no server now
     if own:
         mnt_id = state["mnt_id"]
-        unmount = lambda: _unmount_own(mnt_id)  # noqa: E731
-    else:
-        unmount = lambda: unmount_path(mp)  # noqa: E731
+        end = lambda: _unmount_own(mnt_id)  # noqa: E731
+    else:  # the libfuse session that mounted went with the old program: fusermount3 -u -z
+        end = lambda: unmount(mp, lazy=True)  # noqa: E731
     sup = Supervisor(device_fd, mp, _server_starter(lower, mountpoint, idmap, options, device_fd,
-                                                    own), unmount, state,
+                                                    own), end, state,
                      journal=NodeJournal(state["journal_fd"]), held=held,
                      restarts=state["restarts"], status=state["status"])
     sup.fork_server(restored=True)
     log.warning("upgraded: server %d serves %s", sup.server_pid, mountpoint)
     return sup.run()
-
-
-def unmount_path(mp: str) -> None:
-    subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
 
 
 def _end_server(sup) -> None:
