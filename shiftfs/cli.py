@@ -14,11 +14,13 @@ import sys
 from dataclasses import dataclass, field
 
 from . import __version__
-from .idmap import (Extent, TableError, build_idmap, parse_bindfs_pairs, parse_extents,
-                    parse_map_spec, read_subid_maps, read_userns_maps)
-from .mount import MountOptions, mounts, mounts_itself
-
-EXIT_USAGE = 2
+from .idmap import (Extent, TableError, build_idmap, parse_bindfs_pairs, parse_map_spec,
+                    read_subid_maps)
+from . import libfuse
+from .daemon import MountOptions, mounts_itself, serve
+from .mount import mounts
+from .tableargs import (EXIT_USAGE, OneLineParser, UsageError, add_table_arguments,
+                        extents_of, table_from_args, userns_extents)
 
 # mount(8) and fstab pass these; they mean nothing to shiftfs (or are the default)
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users",
@@ -26,10 +28,6 @@ IGNORED_OPTIONS = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "u
                    "allow_other", "default_permissions", "nosuid", "nodev", "loop"}
 KERNEL_FLAGS = {"noexec", "exec", "noatime", "nodiratime", "relatime", "strictatime",
                 "lazytime", "sync", "dirsync"}
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line and exit status 2."""
 
 
 @dataclass
@@ -61,13 +59,6 @@ def invoked_by_mount_helper() -> bool:
         and argv[2].split(b"' ", 1)[0].endswith(b"shiftfs")
 
 
-def _extents_of(value: str, what: str = "uidmap") -> list[Extent]:
-    if not value.strip():
-        raise TableError(f"{what}: empty value, expected LOWER:UPPER:COUNT")
-    return parse_extents(value)
-
-
-# pairs of explicit flags that contradict each other
 _CONFLICTS = (("ro", "rw"), ("suid", "nosuid"), ("dev", "nodev"), ("exec", "noexec"))
 _FLAG_ALIASES = {"allow_suid": "suid", "allow_dev": "dev"}
 
@@ -104,7 +95,7 @@ def apply_o_options(text: str, req: Request) -> None:
             _note_flag(key, req)
         if key in ("uidmap", "gidmap") and has_value:
             target = req.uid_extents if key == "uidmap" else req.gid_extents
-            target.extend(_extents_of(value, key))
+            target.extend(extents_of(value, key))
         elif key == "map" and has_value:
             uids, gids = parse_map_spec(value.replace("+", " "))
             req.uid_extents += uids
@@ -114,7 +105,9 @@ def apply_o_options(text: str, req: Request) -> None:
             req.uid_extents += uids
             req.gid_extents += gids
         elif key == "userns" and has_value:
-            _add_userns(value, req)
+            uids, gids = userns_extents(value)
+            req.uid_extents += uids
+            req.gid_extents += gids
         elif key == "subuid" and has_value:
             uids, gids = read_subid_maps(value)
             req.uid_extents += uids
@@ -152,58 +145,6 @@ def apply_o_options(text: str, req: Request) -> None:
             continue
         else:
             raise UsageError(f"unknown mount option '{item}'")
-
-
-def _add_userns(pid_text: str, req: Request) -> None:
-    if not pid_text.isdigit():
-        raise UsageError(f"--userns {pid_text}: not a process id")
-    uids, gids = read_userns_maps(int(pid_text))
-    for kind, extents in (("uid", uids), ("gid", gids)):
-        if not extents:  # else the other side would be copied into it
-            raise UsageError(f"--userns {pid_text}: /proc/{pid_text}/{kind}_map is empty "
-                             "(the user namespace has no mapping yet)")
-    req.uid_extents += uids
-    req.gid_extents += gids
-
-
-def add_table_arguments(p: argparse.ArgumentParser) -> None:
-    """The options that give the table (shared with ``shiftfs scan``)."""
-    p.add_argument("-u", "--uidmap", action="append", default=[], metavar="L:U:C",
-                   help="uid extent (repeatable)")
-    p.add_argument("-g", "--gidmap", action="append", default=[], metavar="L:U:C",
-                   help="gid extent (repeatable)")
-    p.add_argument("-m", "--map", action="append", default=[], metavar="SPEC",
-                   help="u:/g:/b: prefixed extents, e.g. 'b:0:100000:65536'; or bindfs-style "
-                        "FROM/TO pairs such as '1000/0:@1000/@0'")
-    p.add_argument("--userns", metavar="PID", help="use the uid_map and gid_map of process PID")
-    p.add_argument("--subuid", metavar="USER",
-                   help="rootless layout: lower 0 is USER, lower 1.. are USER's /etc/subuid, /etc/subgid ranges")
-
-
-def table_from_args(ns: argparse.Namespace, req: Request) -> None:
-    """Add the extents the table options of ``ns`` give to ``req``."""
-    for text in ns.uidmap:
-        req.uid_extents += _extents_of(text, "--uidmap")
-    for text in ns.gidmap:
-        req.gid_extents += _extents_of(text, "--gidmap")
-    for spec in ns.map:
-        if "/" in spec:
-            uids, gids = parse_bindfs_pairs(spec)
-        else:
-            uids, gids = parse_map_spec(spec)
-        req.uid_extents += uids
-        req.gid_extents += gids
-    if ns.userns:
-        _add_userns(ns.userns, req)
-    if ns.subuid:
-        uids, gids = read_subid_maps(ns.subuid)
-        req.uid_extents += uids
-        req.gid_extents += gids
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print usage too)
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +191,9 @@ def parse_args(argv: list[str]) -> Request:
     ns = build_parser().parse_args(_glue_dash_values(argv))
     req = Request(lower=ns.lower, mountpoint=ns.mountpoint, dry_run=ns.dry_run, quiet=ns.quiet,
                   mount_helper=invoked_by_mount_helper())
-    table_from_args(ns, req)
+    uids, gids = table_from_args(ns)
+    req.uid_extents += uids
+    req.gid_extents += gids
     for text in ns.o_options:
         apply_o_options(text, req)
     req.options.foreground = ns.foreground or ns.debug
@@ -290,7 +233,7 @@ def check_fuse() -> None:
     if mounts_itself():
         return  # no libfuse needed
     try:
-        from . import libfuse  # noqa: F401  (loads libfuse3, which runs fusermount3)
+        libfuse.load()  # libfuse3, which runs fusermount3
     except ImportError as e:
         raise UsageError(str(e)) from None
 
@@ -334,5 +277,4 @@ def main(argv: list[str] | None = None) -> int:
     if req.dry_run:
         return 0
     sys.stdout.flush()
-    from .mount import serve
     return serve(req.lower, req.mountpoint, idmap, req.options)

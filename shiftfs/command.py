@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import sys
 
+from . import cli, control, daemon, scan
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "scan":
-        from .scan import main as scan_main
-        return scan_main(argv[1:])
+        return scan.main(argv[1:])
     if argv and argv[0] in ("status", "upgrade"):
-        from .control import main as control_main
-        return control_main(argv)
+        return control.main(argv)
     if len(argv) == 2 and argv[0] == "--resume":
-        from .mount import resume
-        return resume(int(argv[1]))
-    from .cli import main as cli_main
-    return cli_main(argv)
+        return daemon.resume(int(argv[1]))
+    return cli.main(argv)

@@ -11,8 +11,7 @@ import sys
 import time
 
 from .supervisor import read_status
-
-EXIT_USAGE = 2
+from .tableargs import EXIT_USAGE
 
 
 def main(argv: list[str]) -> int:

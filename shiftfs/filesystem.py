@@ -31,9 +31,13 @@ The handler interface (``Operations``) by request, and what each returns:
 | IOCTL | ``ioctl(ctx, node, fh, cmd, arg_in, out_size)`` | (result, bytes) |
 | STATFS | ``statfs(ctx, node)`` | os.statvfs_result |
 
-The FUSE layer also calls ``init(Granted)`` once INIT is answered,
+The FUSE layer also calls ``init(Granted, backing)`` once INIT is answered
+(``backing``: the session, whose ``backing_open(fd)`` and
+``backing_close(id)`` give passthrough backing files where granted),
 ``worker_started()`` on each serving thread, ``request_done()`` after each
-request on the thread that served it, and ``destroy()`` at the end.
+request on the thread that served it, and ``destroy()`` at the end. With
+-d it logs each request in the words of ``describe`` (describe.Describer:
+``args(op, args)``, ``caller(uid, gid)``).
 """
 
 from __future__ import annotations

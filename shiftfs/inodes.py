@@ -86,7 +86,6 @@ import threading
 from . import linux
 
 ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
-_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 OPEN_BUDGET = 0.3  # of RLIMIT_NOFILE: the fds all callers' open files may hold
 OPEN_SHARE = 4  # one uid may hold 1/OPEN_SHARE of the budget
 # flags that only matter while opening: opens that differ in them alone may share an fd
@@ -193,6 +192,11 @@ class InodeTable:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def peek(self, node_id: int) -> Node | None:
+        """The node if the kernel holds it, without holding it for the
+        request (its fd may be given back): for its ids, names and marks."""
+        return self._by_id.get(node_id)
+
     def get(self, node_id: int) -> Node:
         """The node, with an fd (reopened by handle if it gave it back) that
         stays open until the request ends (``request_done``)."""
@@ -202,7 +206,7 @@ class InodeTable:
                 raise OSError(errno.ESTALE, f"no node {node_id}")
             self._hold(node)
         if node.fd < 0:
-            self._reopen(node)
+            self.reopen(node)
         return node
 
     def _hold(self, node: Node) -> None:
@@ -229,7 +233,8 @@ class InodeTable:
             for node, fd in done:
                 self._forgotten(node, fd)
 
-    def _reopen(self, node: Node) -> None:
+    def reopen(self, node: Node) -> None:
+        """``node``'s fd again, opened by its handle where it gave it back."""
         with self._lock:
             if node.fd >= 0:
                 return
@@ -311,7 +316,7 @@ class InodeTable:
     def open_at(dir_fd: int, name: bytes) -> tuple[int, os.stat_result]:
         """An O_PATH fd of ``name`` in ``dir_fd`` (never through a symlink)
         and its stat, for add()."""
-        fd = os.open(name, _O_PATH, dir_fd=dir_fd)
+        fd = os.open(name, linux.O_PATH_NOFOLLOW, dir_fd=dir_fd)
         try:
             return fd, os.fstat(fd)
         except BaseException:

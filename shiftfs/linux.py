@@ -17,8 +17,7 @@ AT_EMPTY_PATH = 0x1000
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
 RENAME_WHITEOUT = 1 << 2
-UTIME_NOW = (1 << 30) - 1
-UTIME_OMIT = (1 << 30) - 2
+O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC  # a held inode, never a link's target
 
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
@@ -146,6 +145,42 @@ def getdents(fd: int, buf: ctypes.Array) -> list[tuple[bytes, int, int, int]]:
         out.append((name[:name.index(b"\0")], d_ino, d_type, d_off))
         pos += reclen
     return out
+
+
+DIRBUF = 32768  # bytes a DirStream reads at once
+
+
+class DirStream:
+    """An open lower directory, read in getdents batches and resumed at the
+    offsets the lower gives: memory per handle is one batch, whatever the
+    directory's size."""
+
+    __slots__ = ("fd", "frozen", "pos", "batch", "index", "buf")
+
+    def __init__(self, fd: int, frozen: bool) -> None:
+        self.fd, self.frozen = fd, frozen
+        self.pos = 0
+        self.batch: list = []
+        self.index = 0
+        self.buf = None
+
+    def seek(self, off: int) -> None:
+        if off != self.pos:
+            os.lseek(self.fd, off, os.SEEK_SET)
+            self.pos, self.batch, self.index = off, [], 0
+
+    def peek(self):
+        if self.index >= len(self.batch):
+            if self.buf is None:
+                self.buf = ctypes.create_string_buffer(DIRBUF)
+            self.batch, self.index = getdents(self.fd, self.buf), 0
+            if not self.batch:
+                return None
+        return self.batch[self.index]
+
+    def advance(self) -> None:
+        self.pos = self.batch[self.index][3]
+        self.index += 1
 
 
 # ---- mount(2) for a synchronous FUSE INIT ----------------------------------

@@ -244,3 +244,31 @@ def name(body) -> bytes:
     raw = bytes(body)
     end = raw.find(b"\0")
     return raw if end < 0 else raw[:end]
+
+
+def named_args(op: int, nodeid: int, body) -> tuple:
+    """What a request names, for the -d log (describe.Describer.args): the
+    node (or parent) first, then the name, as the handlers take them."""
+    try:
+        if op in (LOOKUP, UNLINK, RMDIR, REMOVEXATTR):
+            return (nodeid, name(body))
+        if op == MKNOD or op == CREATE:
+            return (nodeid, name(body[16:]))
+        if op == MKDIR:
+            return (nodeid, name(body[8:]))
+        if op == SYMLINK:
+            made, target = names(body, 2)
+            return (target, nodeid, made)
+        if op == LINK:
+            return (LINK_IN.unpack_from(body)[0], nodeid, name(body[8:]))
+        if op == RENAME:
+            old, new = names(body[8:], 2)
+            return (nodeid, old, RENAME_IN.unpack_from(body)[0], new)
+        if op == RENAME2:
+            old, new = names(body[16:], 2)
+            return (nodeid, old, RENAME2_IN.unpack_from(body)[0], new)
+        if op in (GETXATTR, SETXATTR):
+            return (nodeid, name(body[8:]))
+    except (ValueError, IndexError):
+        pass
+    return (nodeid,)

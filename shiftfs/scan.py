@@ -25,10 +25,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Iterator
 
-from .cli import (EXIT_USAGE, OneLineParser, Request, UsageError, add_table_arguments,
-                  table_from_args)
 from .idmap import IdMap, TableError, build_idmap
 from .policy import is_frozen
+from .tableargs import EXIT_USAGE, OneLineParser, UsageError, add_table_arguments, table_from_args
 
 EXIT_FAILED = 1
 EXIT_FROZEN = 3  # --strict and something would be frozen
@@ -245,9 +244,7 @@ def main(argv: list[str]) -> int:
         ns = build_parser().parse_args(argv)
         if ns.limit < 0:
             raise UsageError(f"--limit {ns.limit}: must not be negative")
-        req = Request(lower=ns.lower)
-        table_from_args(ns, req)
-        idmap = build_idmap(req.uid_extents, req.gid_extents)
+        idmap = build_idmap(*table_from_args(ns))
     except (UsageError, TableError) as e:
         print(f"shiftfs scan: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -33,12 +33,13 @@ import struct
 import sys
 import threading
 
+from . import negotiate
 from . import protocol as P
+from .negotiate import MAX_WRITE
 from .filesystem import Context, Granted, Opened, SetAttr
 
 log = logging.getLogger("shiftfs")
 
-MAX_WRITE = 1 << 20          # bytes in one WRITE (max_pages 256)
 POOL_BYTES = 1 << 17         # reads and writes larger than this go to the pool
 POOL_THREADS = 3
 _BUF_SIZE = MAX_WRITE + 4096  # the kernel wants room for max_write and the headers
@@ -48,11 +49,6 @@ _POOLED = frozenset((P.FSYNC, P.FSYNCDIR, P.FALLOCATE, P.COPY_FILE_RANGE))
 # ACCESS, locks, BMAP, POLL, STATX: the kernel then does without, or by itself)
 _NO_REPLY = frozenset((P.FORGET, P.BATCH_FORGET, P.INTERRUPT))
 _OUT_HEADER = P.OUT_HEADER.pack
-_INIT_NAMES = ("ASYNC_READ", "BIG_WRITES", "POSIX_ACL", "DONT_MASK", "DO_READDIRPLUS",
-               "READDIRPLUS_AUTO", "PARALLEL_DIROPS", "CACHE_SYMLINKS", "AUTO_INVAL_DATA",
-               "MAX_PAGES", "HAS_IOCTL_DIR", "HANDLE_KILLPRIV_V2", "PASSTHROUGH",
-               "HAS_EXPIRE_ONLY")
-
 
 class Session:
     """Serves ``fs`` (the handler object) on the /dev/fuse ``fd``.
@@ -106,7 +102,7 @@ class Session:
         taking over from a dead one starts with what INIT settled, and
         should then ``resend()``)."""
         if self.granted is not None:
-            self.fs.init(self.granted)
+            self.fs.init(self.granted, self)
             self.inited.set()
         for i in range(self._pool_threads):
             self._spawn(self._pool_worker, f"shiftfs-pool-{i}")
@@ -286,7 +282,7 @@ class Session:
                 return self._reply(unique, b"") or True
             if code != errno.EEXIST or op not in (P.CREATE, P.MKDIR, P.MKNOD, P.SYMLINK, P.LINK):
                 return False
-            name = _described(op, nodeid, body)
+            name = P.named_args(op, nodeid, body)
             parent, name = (name[1], name[2]) if op in (P.SYMLINK, P.LINK) else name[:2]
             entry = self.fs.made_by(ctx, parent, name)
             if entry is None:  # someone else's: the EEXIST stands
@@ -334,57 +330,34 @@ class Session:
     def _log(self, op, nodeid, body, ctx, result) -> None:
         name = P.NAMES.get(op, str(op))
         try:
-            shown = self.fs.describe_args(name, _described(op, nodeid, body))
+            shown = self.fs.describe.args(name, P.named_args(op, nodeid, body))
         except Exception:  # noqa: BLE001 (a log line never fails a request)
             shown = "?"
-        print(f"shiftfs: {name} {shown} pid {ctx.pid} {self.fs.describe_caller(ctx.uid, ctx.gid)}"
+        print(f"shiftfs: {name} {shown} pid {ctx.pid} {self.fs.describe.caller(ctx.uid, ctx.gid)}"
               f" -> {result}", file=sys.stderr, flush=True)
 
     # ---- INIT ---------------------------------------------------------------
     def _init(self, unique: int, body) -> None:
-        raw = bytes(body[:P.INIT_IN.size]).ljust(P.INIT_IN.size, b"\0")
-        major, minor, max_readahead, flags, flags2 = P.INIT_IN.unpack(raw)
-        if major != P.KERNEL_MAJOR or minor < P.MIN_MINOR:
-            self.init_error = OSError(errno.EPROTO, f"FUSE protocol {major}.{minor} not spoken")
-            self._error(unique, errno.EPROTO)
+        try:
+            self.granted, reply, shown = negotiate.settle(
+                body, self._want_killpriv_v2, self._want_passthrough, self.max_readahead)
+        except OSError as e:  # a protocol we do not speak
+            self.init_error = e
+            self._error(unique, e.errno)
             self._done.set()
             return
-        offered = flags | (flags2 << 32 if flags & P.INIT_EXT else 0)
-        want = (P.ASYNC_READ | P.BIG_WRITES | P.POSIX_ACL | P.DONT_MASK | P.DO_READDIRPLUS
-                | P.READDIRPLUS_AUTO | P.PARALLEL_DIROPS | P.CACHE_SYMLINKS | P.AUTO_INVAL_DATA
-                | P.MAX_PAGES | P.HAS_IOCTL_DIR | P.INIT_EXT | P.HAS_EXPIRE_ONLY
-                | P.DIRECT_IO_ALLOW_MMAP)
-        if self._want_killpriv_v2:
-            want |= P.HANDLE_KILLPRIV_V2
-        if self._want_passthrough:
-            want |= P.PASSTHROUGH
-        got = want & offered
-        minor = min(minor, P.KERNEL_MINOR)
-        self.expire_only = bool(got & P.HAS_EXPIRE_ONLY) or (
-            minor >= 38 and bool(offered & P.HAS_EXPIRE_ONLY))
-        self.can_prune = minor >= 45
-        self.granted = Granted(minor=minor, passthrough=bool(got & P.PASSTHROUGH),
-                               killpriv_v2=bool(got & P.HANDLE_KILLPRIV_V2),
-                               expire_only=self.expire_only, max_write=MAX_WRITE,
-                               resend=bool(offered & P.HAS_RESEND))
+        self.expire_only = self.granted.expire_only
+        self.can_prune = self.granted.minor >= 45
         try:
-            self.fs.init(self.granted)
+            self.fs.init(self.granted, self)
         except BaseException as e:  # noqa: B902
             self.init_error = e
             self._error(unique, errno.EIO)
             self._done.set()
             return
-        reply = P.INIT_OUT.pack(
-            P.KERNEL_MAJOR, minor, min(max_readahead, self.max_readahead), got & 0xFFFFFFFF,
-            16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0, got >> 32,
-            P.MAX_STACK_DEPTH if got & P.PASSTHROUGH else 0, 0)
         self._reply(unique, reply)
         if self.debug:
-            shown = ", ".join(n.lower() for n in _INIT_NAMES if got & getattr(P, n)) or "nothing"
-            if offered & P.HAS_RESEND:
-                shown += ", has_resend"
-            print(f"shiftfs: INIT: protocol 7.{minor}, max_write {MAX_WRITE}, granted {shown}",
-                  file=sys.stderr, flush=True)
+            print(f"shiftfs: {shown}", file=sys.stderr, flush=True)
         self.inited.set()
 
     # ---- names --------------------------------------------------------------
@@ -717,31 +690,3 @@ def _bug(e: BaseException) -> str:
         tb = tb.tb_next
     where = f" ({os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})" if tb else ""
     return f"{type(e).__name__}: {e}{where}".replace("\n", " ")
-
-
-def _described(op: int, nodeid: int, body) -> tuple:
-    """The request's arguments as ops.describe_args reads them: the node (or
-    parent) first, then the name, as the handlers take them."""
-    try:
-        if op in (P.LOOKUP, P.UNLINK, P.RMDIR, P.REMOVEXATTR):
-            return (nodeid, P.name(body))
-        if op == P.MKNOD or op == P.CREATE:
-            return (nodeid, P.name(body[16:]))
-        if op == P.MKDIR:
-            return (nodeid, P.name(body[8:]))
-        if op == P.SYMLINK:
-            name, target = P.names(body, 2)
-            return (target, nodeid, name)
-        if op == P.LINK:
-            return (P.LINK_IN.unpack_from(body)[0], nodeid, P.name(body[8:]))
-        if op == P.RENAME:
-            old, new = P.names(body[8:], 2)
-            return (nodeid, old, P.RENAME_IN.unpack_from(body)[0], new)
-        if op == P.RENAME2:
-            old, new = P.names(body[16:], 2)
-            return (nodeid, old, P.RENAME2_IN.unpack_from(body)[0], new)
-        if op in (P.GETXATTR, P.SETXATTR):
-            return (nodeid, P.name(body[8:]))
-    except (ValueError, IndexError):
-        pass
-    return (nodeid,)

@@ -48,6 +48,7 @@ import sys
 import time
 
 from . import linux
+from .filesystem import Granted
 
 log = logging.getLogger("shiftfs")
 
@@ -96,12 +97,16 @@ class NodeJournal:
     def _node_at(self, i: int) -> int:
         return struct.unpack_from("=Q", self.map, SLOT_SIZE * (i + 1))[0]
 
-    def grants(self) -> tuple[int, int]:
-        _, _, _, _, minor, grants = HEADER.unpack_from(self.map, 0)
-        return minor, grants
+    def granted(self, max_write: int) -> Granted:
+        """What INIT settled, as the first server wrote it (set_granted)."""
+        _, _, _, _, minor, bits = HEADER.unpack_from(self.map, 0)
+        return Granted(minor, bool(bits & GRANT_PASSTHROUGH), bool(bits & GRANT_KILLPRIV_V2),
+                       bool(bits & GRANT_EXPIRE_ONLY), max_write, bool(bits & GRANT_RESEND))
 
-    def set_grants(self, minor: int, grants: int) -> None:
-        struct.pack_into("=II", self.map, 28, minor, grants)
+    def set_granted(self, g: Granted) -> None:
+        struct.pack_into("=II", self.map, 28, g.minor,
+                         GRANT_PASSTHROUGH * g.passthrough + GRANT_KILLPRIV_V2 * g.killpriv_v2
+                         + GRANT_EXPIRE_ONLY * g.expire_only + GRANT_RESEND * g.resend)
 
     def set_next_id(self, next_id: int) -> None:
         struct.pack_into("=Q", self.map, 12, next_id)

@@ -36,7 +36,7 @@ events meanwhile. Other events are read at once. On kernels without
 FUSE_EXPIRE_ONLY (before Linux 6.2) names are never invalidated (that
 would detach mounts): they get the short lifetimes, and the watcher sends
 inode invalidations only. Where marks run out (fs.fanotify.max_user_marks),
-the nodes beyond get the short lifetimes (ops.Operations decides by
+the nodes beyond get the short lifetimes (cache.CachePolicy decides by
 ``node.marked``), with one log line.
 
 The shrinker keeps the daemon's fds bounded: past the table's high mark,
@@ -136,10 +136,12 @@ _OVERFLOW_LOG_EVERY = 60.0
 class Watcher:
     """fanotify inode marks on what the kernel holds -> kernel cache
     invalidations. The constructor raises OSError where fanotify cannot be
-    had (an old kernel, a lower without file handles)."""
+    had (an old kernel, a lower without file handles). It tells ``table``
+    of itself; ``start(session)`` sends its invalidations through
+    ``session`` from then on."""
 
-    def __init__(self, table, session) -> None:
-        self.table, self.session = table, session
+    def __init__(self, table) -> None:
+        self.table, self.session = table, None
         self.events = 0
         self.invalidations = 0
         self.overflows = 0
@@ -180,7 +182,8 @@ class Watcher:
         table.watch = self
         self._thread = threading.Thread(target=self._run, name="shiftfs-watcher", daemon=True)
 
-    def start(self) -> None:
+    def start(self, session) -> None:
+        self.session = session
         self._pid = os.getpid()  # after a daemonizing fork
         self._thread.start()
 

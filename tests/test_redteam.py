@@ -96,11 +96,11 @@ def test_sigterm_unmount_does_not_follow_a_swapped_parent(workdir, setting):
 HARNESS = textwrap.dedent("""
     import os, sys
     import importlib
-    m = importlib.import_module("shiftfs.mount")
+    m = importlib.import_module("shiftfs.daemon")
     from shiftfs.command import main
     home = sys.argv[1]
-    orig = m._own_device
-    def won_the_race():  # the user's swap lands while the daemon sets up
+    orig = m._open_device
+    def won_the_race(*args):  # the user's swap lands while the daemon sets up
         if not os.path.islink(home + "/a"):
             pid = os.fork()
             if pid == 0:
@@ -109,8 +109,8 @@ HARNESS = textwrap.dedent("""
                 os.symlink(home + "/../victim", home + "/a")
                 os._exit(0)
             os.waitpid(pid, 0)
-        return orig()
-    m._own_device = won_the_race
+        return orig(*args)
+    m._open_device = won_the_race
     sys.exit(main(sys.argv[2:]))
 """ % (USER, USER))
 

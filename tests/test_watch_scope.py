@@ -407,12 +407,16 @@ def test_where_marks_run_out_the_nodes_beyond_get_short_lifetimes(lower, monkeyp
     once."""
     from shiftfs import linux, watch
     from shiftfs.idmap import build_idmap
-    from shiftfs.filesystem import Context
-    from shiftfs.ops import Lifetimes, Operations
+    from shiftfs.cache import Lifetimes, Plan
+    from shiftfs.filesystem import Context, Granted
+    from shiftfs.ops import Operations
     CTX = Context(0, 0, os.getpid())
     for i in range(4):
         (lower / f"d{i}").mkdir()
-    ops = Operations(str(lower), build_idmap([shiftfs.Extent(0, 100000, 65536)], []))
+    # timeouts 1 s as given; watched names and attributes an hour
+    ops = Operations(str(lower), build_idmap([shiftfs.Extent(0, 100000, 65536)], []),
+                     Plan("auto", Lifetimes(1, 1, 1)))
+    watcher = None
     real, added = linux.fanotify_mark, [0]
 
     def limited(fd, flags, mask, path, dir_fd=linux.AT_FDCWD):
@@ -423,14 +427,15 @@ def test_where_marks_run_out_the_nodes_beyond_get_short_lifetimes(lower, monkeyp
         return real(fd, flags, mask, path, dir_fd)
     monkeypatch.setattr(linux, "fanotify_mark", limited)
     try:
-        ops.watcher = watch.Watcher(ops.table, _Session())
-        ops.life, ops.unwatched = Lifetimes(3600, 3600, 3600), Lifetimes(1, 1, 1)
+        watcher = watch.Watcher(ops.table)
+        watcher.session = _Session()
+        ops.init(Granted(45, False, False, True, 1 << 20, True))  # EXPIRE_ONLY granted
         with caplog.at_level("WARNING", logger="shiftfs"):
             entries = [ops.lookup(CTX, 1, f"d{i}".encode()) for i in range(4)]
         ops.table.request_done()
         assert [e.entry_timeout for e in entries] == [3600] * 4  # names in the root: watched
         assert [e.attr_timeout for e in entries] == [3600] * 4  # the root's mark sees them change
-        nodes = [ops.table._by_id[e.node_id] for e in entries]
+        nodes = [ops.table.peek(e.node_id) for e in entries]
         assert [n.marked for n in nodes] == [True, True, False, False]
         absent = [ops.lookup(CTX, e.node_id, b"nothing").entry_timeout for e in entries]
         assert absent == [3600, 3600, 1, 1]  # names inside: only where marked
@@ -444,8 +449,8 @@ def test_where_marks_run_out_the_nodes_beyond_get_short_lifetimes(lower, monkeyp
         assert sum("marks ran out" in r.getMessage() for r in caplog.records) == 1
     finally:
         ops.table.request_done()
-        if ops.watcher is not None:
-            os.close(ops.watcher._fd)
+        if watcher is not None:
+            os.close(watcher._fd)
         ops.destroy()
 
 

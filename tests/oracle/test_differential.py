@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from shiftfs.mount import handles_killpriv_v2
+from shiftfs.daemon import handles_killpriv_v2
 
 try:
     from tests.oracle.differential import (
