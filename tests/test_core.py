@@ -25,12 +25,8 @@ from shiftfs.ops import Operations
 
 CTX = Context(0, 0, os.getpid())  # a request by root, as the handlers take it
 
-try:
-    from tests.callers import call_as
-    from tests.conftest import limited_fds, server_pid
-except ImportError:
-    from callers import call_as
-    from conftest import limited_fds, server_pid
+from tests.callers import call_as
+from tests.conftest import limited_fds, server_pid
 
 ROOT_KEPT = [Extent(0, 0, 1), Extent(1, 100001, 65535)]
 USER = 101000  # upper id of lower 1000

@@ -6,12 +6,8 @@ import os
 
 import pytest
 
-try:
-    from tests.callers import call_as
-    from tests.conftest import foreground_daemon
-except ImportError:
-    from callers import call_as
-    from conftest import foreground_daemon
+from tests.callers import call_as
+from tests.conftest import foreground_daemon
 
 pytestmark = pytest.mark.needs_root
 

@@ -17,12 +17,8 @@ import subprocess
 
 import pytest
 
-try:
-    from tests.callers import Caller
-    from tests.conftest import foreground_daemon
-except ImportError:  # pragma: no cover - run from inside tests/
-    from callers import Caller
-    from conftest import foreground_daemon
+from tests.callers import Caller
+from tests.conftest import foreground_daemon
 
 pytestmark = pytest.mark.needs_root
 

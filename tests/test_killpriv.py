@@ -19,8 +19,8 @@ import subprocess
 import pytest
 
 
-from callers import Errno, call_as
-from conftest import ROOT_KEPT
+from tests.callers import Errno, call_as
+from tests.conftest import ROOT_KEPT
 
 pytestmark = pytest.mark.needs_root
 
@@ -144,7 +144,7 @@ def test_set_id_bits_and_caps_after_writes_and_truncates_agree_with_the_kernel(
     group member, another user and root, on set-uid, set-gid (with and
     without group exec) and capability-carrying files: the errno, the bits
     and the capability left on the lower are the kernel's."""
-    from oracle.kernel_idmap import idmapped_mount
+    from tests.oracle.kernel_idmap import idmapped_mount
     ops = ["write", "truncate", "o_trunc"]
     results = {}
     for kind in ("shiftfs", "kernel"):

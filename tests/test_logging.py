@@ -10,10 +10,7 @@ import pytest
 
 from shiftfs.mount import is_mounted, unmount
 
-try:
-    from tests.conftest import foreground_daemon
-except ImportError:
-    from conftest import foreground_daemon
+from tests.conftest import foreground_daemon
 
 pytestmark = pytest.mark.needs_root
 

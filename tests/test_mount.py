@@ -18,15 +18,8 @@ import pytest
 from shiftfs.idmap import Extent, read_overflow_id
 from shiftfs.mount import is_mounted, mounts, unmount
 
-try:
-    from tests.conftest import ROOT_KEPT, foreground_daemon, server_pid
-except ImportError:
-    from conftest import ROOT_KEPT, foreground_daemon, server_pid
-
-try:
-    from tests.callers import Errno, call_as
-except ImportError:  # tests/ run as the rootdir
-    from callers import Errno, call_as
+from tests.callers import Errno, call_as
+from tests.conftest import ROOT_KEPT, foreground_daemon, server_pid
 
 pytestmark = pytest.mark.needs_root
 

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from callers import call_as, errno_of
+from tests.callers import call_as, errno_of
 
 pytestmark = pytest.mark.needs_root
 

@@ -20,8 +20,8 @@ import threading
 
 import pytest
 
-from callers import call_as
-from conftest import ROOT_KEPT
+from tests.callers import call_as
+from tests.conftest import ROOT_KEPT
 
 pytestmark = pytest.mark.needs_root
 
@@ -366,7 +366,7 @@ def _setid_after_write(root_dir, mode, uid, gid):
 def test_set_id_clearing_on_an_open_file_agrees_with_the_kernel(workdir, mounter, mode, who,
                                                                 passthrough):
     """The same with and without passthrough (and on libfuse 3.14)."""
-    from oracle.kernel_idmap import idmapped_mount
+    from tests.oracle.kernel_idmap import idmapped_mount
     uid = {"owner": USER, "other": OTHER, "root": 0}[who]
     results = {}
     for kind in ("shiftfs", "kernel"):

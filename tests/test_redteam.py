@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from callers import call_as
+from tests.callers import call_as
 from shiftfs.mount import is_mounted, mountinfo, unmount
 
 pytestmark = pytest.mark.needs_root

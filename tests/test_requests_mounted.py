@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import foreground_daemon
+from tests.conftest import foreground_daemon
 
 pytestmark = pytest.mark.needs_root
 

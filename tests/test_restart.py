@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from callers import call_as
-from conftest import ROOT_KEPT
+from tests.callers import call_as
+from tests.conftest import ROOT_KEPT
 from shiftfs.supervisor import read_status
 
 pytestmark = [
@@ -231,7 +231,7 @@ def test_a_rootless_mount_survives_a_killed_server(lower, workdir):
     """The same where fusermount3 mounted (uid 1000, no privilege): the
     supervisor holds the fd fusermount3 passed, and a new server takes
     over; a file held open through the kill keeps working."""
-    from test_watch_scope import RUSER, rootless_mount
+    from tests.test_watch_scope import RUSER, rootless_mount
     os.chown(lower, RUSER, RUSER)
     (lower / "kept").write_text("before")
     os.chown(lower / "kept", RUSER, RUSER)

@@ -23,12 +23,8 @@ import pytest
 
 from shiftfs.inodes import ROOT_ID, InodeTable
 
-try:
-    from tests.callers import Caller, Errno
-    from tests.conftest import foreground_daemon, server_pid
-except ImportError:  # pragma: no cover - run from inside tests/
-    from callers import Caller, Errno
-    from conftest import foreground_daemon, server_pid
+from tests.callers import Caller, Errno
+from tests.conftest import foreground_daemon, server_pid
 
 pytestmark = pytest.mark.needs_root
 

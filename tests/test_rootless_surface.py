@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-import rootless as namespace
+from tests import rootless as namespace
 
 import shiftfs
 

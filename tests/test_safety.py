@@ -17,12 +17,8 @@ import pytest
 from shiftfs.idmap import Extent, build_idmap
 from shiftfs.mount import mount, mounts
 
-try:
-    from tests.callers import Errno, call_as, call_as_userns_root
-    from tests.test_bad_input import listing, run_shiftfs
-except ImportError:  # pragma: no cover - run from inside tests/
-    from callers import Errno, call_as, call_as_userns_root
-    from test_bad_input import listing, run_shiftfs
+from tests.callers import Errno, call_as, call_as_userns_root
+from tests.test_bad_input import listing, run_shiftfs
 
 pytestmark = pytest.mark.needs_root
 

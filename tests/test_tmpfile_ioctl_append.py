@@ -22,9 +22,9 @@ import threading
 
 import pytest
 
-from callers import call_as
-from conftest import ROOT_KEPT
-from oracle.kernel_idmap import idmapped_mount
+from tests.callers import call_as
+from tests.conftest import ROOT_KEPT
+from tests.oracle.kernel_idmap import idmapped_mount
 
 pytestmark = pytest.mark.needs_root
 

@@ -28,15 +28,12 @@ from pathlib import Path
 
 import pytest
 
-import rootless as namespace
+from tests import rootless as namespace
 
 import shiftfs
 from shiftfs.mount import is_mounted, unmount
 
-try:
-    from tests.conftest import ROOT_KEPT, foreground_daemon, server_pid
-except ImportError:
-    from conftest import ROOT_KEPT, foreground_daemon, server_pid
+from tests.conftest import ROOT_KEPT, foreground_daemon, server_pid
 
 pytestmark = pytest.mark.needs_root
 

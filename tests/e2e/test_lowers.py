@@ -31,14 +31,9 @@ from shiftfs.mount import is_mounted, unmount
 
 from .conftest import table
 
-try:
-    from tests.callers import Errno, call_as, call_as_userns_root
-    from tests.conftest import foreground_daemon
-    from tests.oracle.kernel_idmap import idmapped_mount
-except ModuleNotFoundError:
-    from callers import Errno, call_as, call_as_userns_root
-    from conftest import foreground_daemon
-    from oracle.kernel_idmap import idmapped_mount
+from tests.callers import Errno, call_as, call_as_userns_root
+from tests.conftest import foreground_daemon
+from tests.oracle.kernel_idmap import idmapped_mount
 
 pytestmark = pytest.mark.needs_root
 
