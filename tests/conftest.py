@@ -13,14 +13,11 @@ import time
 import pytest
 from pathlib import Path
 
-from shiftfs.idmap import Extent
 from shiftfs.mount import is_mounted, mount, unmount
 from shiftfs.supervisor import read_status
 
 from tests.fuse_requests import RequestCounter
-
-STD = [Extent(0, 100000, 65536)]  # an image stored with 0..65535, seen at 100000..
-ROOT_KEPT = [Extent(0, 0, 1), Extent(1, 100001, 65535)]  # host root may write
+from tests.tables import STD
 
 
 def pytest_collection_modifyitems(config, items):

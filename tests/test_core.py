@@ -27,9 +27,9 @@ CTX = Context(0, 0, os.getpid())  # a request by root, as the handlers take it
 
 from tests.callers import call_as
 from tests.conftest import limited_fds, server_pid
+from tests.tables import ROOT_KEPT, STD, args, upper_of
 
-ROOT_KEPT = [Extent(0, 0, 1), Extent(1, 100001, 65535)]
-USER = 101000  # upper id of lower 1000
+USER = upper_of(1000, ROOT_KEPT)  # 101000
 
 
 def _open_fds() -> int:
@@ -351,7 +351,7 @@ def test_a_walk_larger_than_the_fd_budget_never_runs_out_of_fds(lower, workdir):
     mnt.mkdir()
     # not setrlimit alone: a daemon with CAP_SYS_RESOURCE raises it again at start
     proc = subprocess.Popen(
-        [*limited_fds(400), sys.executable, "-m", "shiftfs", "-f", "-q", "--map", "b:0:100000:65536",
+        [*limited_fds(400), sys.executable, "-m", "shiftfs", "-f", "-q", *args(STD),
          str(lower), str(mnt)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -16,21 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from shiftfs.idmap import Extent
 from shiftfs.mount import is_mounted, mount, mounts
+
+from tests.tables import ROOT_KEPT, args
 
 pytestmark = pytest.mark.needs_root
 
 REPO = Path(__file__).resolve().parent.parent
-ROOT_KEPT = ["0:0:1", "1:100001:65535"]  # host root keeps lower 0; lower n>0 is 100000+n
 USERS = [101000, 101001, 101002, 101003]  # lower 1000..1003
-
-
-def table_args():
-    args = []
-    for e in ROOT_KEPT:
-        args += ["--uidmap", e, "--gidmap", e]
-    return args
 
 
 def clear(mnt):
@@ -50,7 +43,7 @@ class Foreground:
         self.mnt = mnt
         self.log = open(Path(mnt).parent / f"{Path(mnt).name}.log", "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shiftfs", "-f", "-q", str(lower), str(mnt), *table_args(), *extra],
+            [sys.executable, "-m", "shiftfs", "-f", "-q", str(lower), str(mnt), *args(ROOT_KEPT), *extra],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, cwd="/",
             env=dict(os.environ, PYTHONPATH=str(REPO)))
         deadline = time.monotonic() + 20
@@ -160,7 +153,7 @@ def test_stale_dead_mount_is_refused_as_mount_point(scene, fg):
     d = fg(lower, mnt)
     d.proc.kill()
     d.proc.wait(timeout=10)
-    r = subprocess.run([sys.executable, "-m", "shiftfs", str(lower), str(mnt), *table_args()],
+    r = subprocess.run([sys.executable, "-m", "shiftfs", str(lower), str(mnt), *args(ROOT_KEPT)],
                        capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(REPO)))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
@@ -294,7 +287,7 @@ def test_concurrent_callers_create_rename_chown_delete(workdir, mounter):
         (lower / sub).mkdir()
     for p in (lower, lower / "a", lower / "b"):
         os.chmod(p, 0o1777)
-    mp = mounter(lower, uidmap=[Extent(0, 0, 1), Extent(1, 100001, 65535)])
+    mp = mounter(lower, uidmap=ROOT_KEPT)
     worker = workdir / "worker.py"
     worker.write_text(WORKER)
     procs = []

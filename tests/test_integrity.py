@@ -29,7 +29,7 @@ import textwrap
 import pytest
 
 from tests import fsx
-from tests.conftest import ROOT_KEPT
+from tests.tables import ROOT_KEPT
 
 pytestmark = pytest.mark.needs_root
 

@@ -16,12 +16,13 @@ import time
 import pytest
 
 from tests.callers import call_as
+from tests.tables import STD, args
 from shiftfs.mount import is_mounted, mountinfo, unmount
 
 pytestmark = pytest.mark.needs_root
 
 USER = 1000
-MAP = ["--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536"]
+MAP = args(STD)
 
 
 def _swap_parent(home):

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from tests.callers import call_as
-from tests.conftest import ROOT_KEPT
+from tests.tables import ROOT_KEPT, upper_of
 from shiftfs.supervisor import read_status
 
 pytestmark = [
@@ -30,7 +30,7 @@ pytestmark = [
                        reason=f"FUSE_NOTIFY_RESEND needs Linux 6.9 (here {platform.release()})"),
 ]
 
-USER = 101000  # lower 1000 under ROOT_KEPT
+USER = upper_of(1000, ROOT_KEPT)  # 101000
 KIB64 = 64 * 1024
 
 

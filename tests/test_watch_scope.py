@@ -33,7 +33,8 @@ from tests import rootless as namespace
 import shiftfs
 from shiftfs.mount import is_mounted, unmount
 
-from tests.conftest import ROOT_KEPT, foreground_daemon, server_pid
+from tests.conftest import foreground_daemon, server_pid
+from tests.tables import ROOT_KEPT, STD, args
 
 pytestmark = pytest.mark.needs_root
 
@@ -137,7 +138,7 @@ def walk(top) -> int:
 _ROOTLESS_SETUP = namespace.PROLOGUE + r"""
 exec setpriv --reuid=$RUSER --regid=$RUSER --clear-groups -- env -i PATH=/usr/bin:/bin \
     PYTHONPATH="$CODE" HOME=/ "$PYTHON" -m shiftfs -f -q $EXTRA \
-    --uidmap 0:100000:65536 --gidmap 0:100000:65536 "$LOWER" "$MNT"
+    $TABLE "$LOWER" "$MNT"
 """
 
 
@@ -155,7 +156,7 @@ def rootless_mount(lower: Path, workdir: Path, *extra: str):
     os.chown(mnt, RUSER, RUSER)
     env = dict(namespace.environment(scratch, RUSER), CODE=CODE,
                PYTHON=os.path.realpath(sys.executable), LOWER=str(lower), MNT=str(mnt),
-               EXTRA=" ".join(extra))
+               EXTRA=" ".join(extra), TABLE=" ".join(args(STD)))
     log = workdir / "rootless.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(["unshare", "-m", "sh", "-c", _ROOTLESS_SETUP], env=env,
@@ -308,7 +309,7 @@ def test_shrinker_pressure_keeps_mounts_stacked_on_the_tree(lower, workdir):
     mnt.mkdir()
     proc = subprocess.Popen(
         ["setpriv", "--bounding-set=-dac_read_search", "--", sys.executable, "-m", "shiftfs",
-         "-f", "-q", "--map", "b:0:100000:65536", str(lower), str(mnt)],
+         "-f", "-q", *args(STD), str(lower), str(mnt)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400)))
     try:
@@ -543,7 +544,7 @@ def test_a_containers_proc_survives_a_flood_on_the_same_filesystem(lower, workdi
     mp = workdir / "mnt"
     mp.mkdir()
     log = workdir / "daemon.log"
-    with foreground_daemon(lower, mp, "--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536",
+    with foreground_daemon(lower, mp, *args(STD),
                            log=log):
         tiny_queue()
         assert os.listdir(mp / "tmp") == []  # the kernel holds tmp: it is watched
