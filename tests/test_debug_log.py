@@ -7,7 +7,7 @@ import os
 import pytest
 
 from tests.callers import call_as
-from tests.conftest import foreground_daemon
+from tests.daemon import foreground_daemon
 from tests.tables import STD, args
 
 pytestmark = pytest.mark.needs_root

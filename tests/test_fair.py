@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from tests.callers import Caller
-from tests.conftest import foreground_daemon
+from tests.daemon import foreground_daemon
 from tests.tables import STD, args
 
 pytestmark = pytest.mark.needs_root

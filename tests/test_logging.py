@@ -10,7 +10,7 @@ import pytest
 
 from shiftfs.mount import is_mounted, unmount
 
-from tests.conftest import foreground_daemon
+from tests.daemon import foreground_daemon
 from tests.tables import STD, args
 
 pytestmark = pytest.mark.needs_root

@@ -19,7 +19,7 @@ from shiftfs.idmap import Extent, read_overflow_id
 from shiftfs.mount import is_mounted, mounts, unmount
 
 from tests.callers import Errno, call_as
-from tests.conftest import foreground_daemon, server_pid
+from tests.daemon import foreground_daemon, server_pid
 from tests.tables import BASE, ROOT_KEPT, STD, args
 
 pytestmark = pytest.mark.needs_root
@@ -469,7 +469,7 @@ def test_background_mode_returns_once_the_mount_is_live(lower, workdir):
 
 def test_mount_failure_is_one_line_and_nonzero(lower, workdir):
     result = subprocess.run([sys.executable, "-m", "shiftfs", str(lower), str(workdir / "missing"),
-                             "--uidmap", "0:100000:65536"], capture_output=True, text=True, timeout=30)
+                             *args(STD)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
     assert not any(t == "fuse.shiftfs" and str(workdir) in mp for _s, mp, t in mounts())

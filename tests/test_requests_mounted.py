@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.conftest import foreground_daemon
+from tests.daemon import foreground_daemon
 from tests.tables import IDENTITY, args
 
 pytestmark = pytest.mark.needs_root

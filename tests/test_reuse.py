@@ -24,7 +24,7 @@ import pytest
 from shiftfs.inodes import ROOT_ID, InodeTable
 
 from tests.callers import Caller, Errno
-from tests.conftest import foreground_daemon, server_pid
+from tests.daemon import foreground_daemon, server_pid
 from tests.tables import STD, args
 
 pytestmark = pytest.mark.needs_root

@@ -30,7 +30,7 @@ import pytest
 from shiftfs.mount import is_mounted, unmount
 
 from tests.callers import Errno, call_as, call_as_userns_root
-from tests.conftest import foreground_daemon
+from tests.daemon import foreground_daemon
 from tests.oracle.kernel_idmap import idmapped_mount
 from tests.tables import BASE, STD, args, table, tuples
 
