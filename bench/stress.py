@@ -4,7 +4,9 @@
 What it does (as root, needs fio and setpriv):
   1. mounts a fresh lower tree with `shiftfs -f` (its own child, so the
      daemon's pid is known) under the table 0:0:1 + 1:100001:65535;
-  2. records the daemon's RSS (VmRSS) right after the mount;
+  2. records the RSS (VmRSS) of the server (the process its supervisor
+     forked, which holds the nodes and serves the requests) right after
+     the mount;
   3. runs, at the same time:
        - fio with verification through the mount: a sequential writer
          (bs=1M, md5) and a random writer (bs=4k, crc32c), --numjobs each,
@@ -39,7 +41,7 @@ import time
 from pathlib import Path
 
 from tests import tables
-from tests.daemon import foreground_daemon, log_tail
+from tests.daemon import foreground_daemon, log_tail, server_pid
 
 CALLER = textwrap.dedent(r"""
     import errno, json, os, random, sys, time
@@ -123,11 +125,11 @@ def fio_jobs(report: dict) -> list[dict]:
              "verified_MiB": round(job["read"]["io_bytes"] / 1048576, 1)} for job in report["jobs"]]
 
 
-def load(mnt: Path, work: Path, args, daemon: subprocess.Popen, result: dict) -> None:
-    """fio and the metadata callers at the same time, the daemon's RSS
+def load(mnt: Path, work: Path, args, result: dict) -> None:
+    """fio and the metadata callers at the same time, the server's RSS
     sampled meanwhile; what they gave goes into ``result``."""
     t0 = time.monotonic()
-    fio = subprocess.Popen(fio_cmd(mnt / "fio", args.size, args.numjobs),
+    fio = subprocess.Popen(fio_cmd(mnt / "fio", args.size, args.numjobs), cwd=work,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     callers = []
     caller_py = work / "caller.py"
@@ -140,7 +142,7 @@ def load(mnt: Path, work: Path, args, daemon: subprocess.Popen, result: dict) ->
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/"))
     rss_peak_during = 0
     while fio.poll() is None or any(c.poll() is None for c in callers):
-        rss_peak_during = max(rss_peak_during, rss_kib(daemon.pid)["VmRSS"])
+        rss_peak_during = max(rss_peak_during, rss_kib(server_pid(mnt))["VmRSS"])
         time.sleep(0.5)
     fio_out, fio_err = fio.communicate()
     result["fio_seconds"] = round(time.monotonic() - t0, 1)
@@ -153,7 +155,7 @@ def load(mnt: Path, work: Path, args, daemon: subprocess.Popen, result: dict) ->
         out, err = c.communicate(timeout=120)
         caller_results.append(json.loads(out) if out.strip() else {"crashed": err[-500:]})
     result["callers"] = caller_results
-    result["rss_after_load_kib"] = rss_kib(daemon.pid)
+    result["rss_after_load_kib"] = rss_kib(server_pid(mnt))
     result["rss_peak_during_load_kib"] = rss_peak_during
 
 
@@ -211,10 +213,10 @@ def main(argv=None) -> int:
         with foreground_daemon(lower, mnt, *tables.args(tables.ROOT_KEPT), log=log, cwd="/",
                                warn=lambda said: result.update(daemon_stopped=said)) as daemon:
             os.listdir(mnt)
-            result["rss_start_kib"] = rss_kib(daemon.pid)
-            load(mnt, work, args, daemon, result)
+            result["rss_start_kib"] = rss_kib(server_pid(mnt))
+            load(mnt, work, args, result)
             churn(mnt, args.churn, result)
-            result["rss_end_kib"] = rss_kib(daemon.pid)
+            result["rss_end_kib"] = rss_kib(server_pid(mnt))
             check(lower, mnt, daemon, result)
         result["daemon_exit"] = daemon.returncode
     finally:
