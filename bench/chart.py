@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Draw docs/performance.svg from the tables in bench/results.md.
 
-    python3 bench/chart.py                       # bench/results.md -> docs/performance.svg
-    python3 bench/chart.py --results R --out O   # other files
+    python3 -m bench.chart                       # bench/results.md -> docs/performance.svg
+    python3 -m bench.chart --results R --out O   # other files
+
+(from the repository root).
 
 Every table of bench/results.md whose header starts
 ``| workload | native | ...`` (what bench/run.py writes) becomes one panel.

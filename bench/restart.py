@@ -5,7 +5,7 @@ never looked up before) is answered, measured from the kill. Repeated
 ``--rounds`` times on one mount; prints the median and the worst, as a
 markdown row for bench/results.md.
 
-    python3 bench/restart.py --rounds 20
+    python3 -m bench.restart --rounds 20     # from the repository root
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import time
 from shiftfs.mount import mount
 from shiftfs.supervisor import read_status
 
+from tests.tables import STD
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,7 +38,7 @@ def main() -> int:
         open(os.path.join(lower, f"n{i}"), "w").close()
     gaps = []
     try:
-        with mount(lower, mnt, uidmap="0:100000:65536"):
+        with mount(lower, mnt, uidmap=STD):
             os.listdir(mnt)
             for i in range(args.rounds):
                 server = read_status(mnt)["server"]

@@ -9,7 +9,7 @@ both directions:
 - cold: a fresh table per round, so the first lookup bisects the extents
   (what a mount pays once per distinct id).
 
-Run: ``python3 -m pytest bench/test_idmap_bench.py --benchmark-only``
+Run: ``python3 -m pytest bench/test_idmap_bench.py --benchmark-only`` (from the repository root)
 """
 
 import pytest

@@ -5,22 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 
 import pytest
 from pathlib import Path
 
-from shiftfs.idmap import Extent
 from shiftfs.mount import is_mounted, mount, unmount
-from shiftfs.supervisor import read_status
 
-from fuse_requests import RequestCounter
-
-STD = [Extent(0, 100000, 65536)]  # an image stored with 0..65535, seen at 100000..
-ROOT_KEPT = [Extent(0, 0, 1), Extent(1, 100001, 65535)]  # host root may write
+from tests.fuse_requests import RequestCounter
+from tests.tables import STD
 
 
 def pytest_collection_modifyitems(config, items):
@@ -86,46 +79,6 @@ def mounter(workdir):
 def shifted(lower, mounter):
     """The standard case: lower 0..65535 seen as 100000..165535."""
     return mounter(lower)
-
-
-def limited_fds(count: int) -> list[str]:
-    """The command prefix that runs a root daemon under RLIMIT_NOFILE
-    ``count``: without CAP_SYS_RESOURCE (gone from its bounding set) it
-    cannot raise the limit again, as it otherwise does at start."""
-    return ["setpriv", "--bounding-set", "-sys_resource", "--inh-caps", "-sys_resource",
-            "prlimit", f"--nofile={count}:{count}", "--"]
-
-
-def server_pid(mountpoint) -> int:
-    """The pid of the server serving ``mountpoint`` now: the process that
-    holds the node fds, marks and open files (the one a test signals or
-    measures); the process a test starts is its supervisor."""
-    status = read_status(str(mountpoint))
-    assert status is not None and status["server"] > 0, f"no server for {mountpoint}"
-    return status["server"]
-
-
-@contextlib.contextmanager
-def foreground_daemon(lower, mountpoint, *args, log, fd_limit=None):
-    """``shiftfs -f`` with its stderr in the file ``log`` (and RLIMIT_NOFILE
-    ``fd_limit``, if given): yields once the mount is live, and always
-    unmounts and reaps the daemon."""
-    prefix = limited_fds(fd_limit) if fd_limit else []
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([*prefix, sys.executable, "-m", "shiftfs", "-f", "-q", *args,
-                                 str(lower), str(mountpoint)],
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 20
-        while not is_mounted(str(mountpoint)):
-            assert proc.poll() is None, Path(log).read_text()
-            assert time.monotonic() < deadline, "shiftfs did not mount within 20 s"
-            time.sleep(0.01)
-        yield proc
-    finally:
-        if is_mounted(str(mountpoint), None):
-            unmount(str(mountpoint))
-        proc.wait(timeout=20)
 
 
 @pytest.fixture

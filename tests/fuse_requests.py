@@ -1,7 +1,7 @@
 """Counting the requests a FUSE mount receives: the fuse:fuse_request_send
 tracepoint in a private tracefs instance, filtered on one connection, counted
 by opcode (GETXATTR also by the attribute's name). Used by the tests that
-assert which requests reach the daemon and by bench/run.py."""
+assert which requests reach the daemon and by bench.run (bench/measure.py)."""
 
 from __future__ import annotations
 

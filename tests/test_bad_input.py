@@ -20,10 +20,12 @@ import pytest
 
 from shiftfs.mount import mounts
 
+from tests import tables
+
 pytestmark = pytest.mark.needs_root
 
 REPO = Path(__file__).resolve().parent.parent
-STD = ["--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536"]
+STD = tables.args(tables.STD)  # --uidmap 0:100000:65536 --gidmap 0:100000:65536
 
 
 # ---- the lower tree and its full metadata listing ------------------------------

@@ -7,10 +7,7 @@ import time
 
 import pytest
 
-try:
-    from tests.conftest import ROOT_KEPT
-except ImportError:
-    from conftest import ROOT_KEPT
+from tests.tables import ROOT_KEPT
 
 pytestmark = pytest.mark.needs_root
 

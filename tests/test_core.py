@@ -25,15 +25,11 @@ from shiftfs.ops import Operations
 
 CTX = Context(0, 0, os.getpid())  # a request by root, as the handlers take it
 
-try:
-    from tests.callers import call_as
-    from tests.conftest import limited_fds, server_pid
-except ImportError:
-    from callers import call_as
-    from conftest import limited_fds, server_pid
+from tests.callers import call_as
+from tests.daemon import foreground_daemon, server_pid
+from tests.tables import ROOT_KEPT, STD, args, upper_of
 
-ROOT_KEPT = [Extent(0, 0, 1), Extent(1, 100001, 65535)]
-USER = 101000  # upper id of lower 1000
+USER = upper_of(1000, ROOT_KEPT)  # 101000
 
 
 def _open_fds() -> int:
@@ -346,23 +342,14 @@ def test_a_walk_larger_than_the_fd_budget_never_runs_out_of_fds(lower, workdir):
     """A daemon limited to 400 fds serves two full walks of a 1,500-file
     tree: the shrinker keeps its fds under the budget (fds given back,
     or the kernel asked to forget), and no caller ever sees EMFILE."""
-    from shiftfs.mount import is_mounted, unmount
     for d in range(15):
         (lower / f"d{d}").mkdir()
         for f in range(100):
             (lower / f"d{d}" / f"f{f}").write_text("x")
     mnt = workdir / "mnt"
     mnt.mkdir()
-    # not setrlimit alone: a daemon with CAP_SYS_RESOURCE raises it again at start
-    proc = subprocess.Popen(
-        [*limited_fds(400), sys.executable, "-m", "shiftfs", "-f", "-q", "--map", "b:0:100000:65536",
-         str(lower), str(mnt)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while not is_mounted(str(mnt)):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
+    # fd_limit, not setrlimit alone: a daemon with CAP_SYS_RESOURCE raises it again at start
+    with foreground_daemon(lower, mnt, *args(STD), fd_limit=400):
         most = 0
         for _ in range(2):
             walk = subprocess.run(["find", str(mnt), "-ls"], capture_output=True, text=True)
@@ -370,7 +357,3 @@ def test_a_walk_larger_than_the_fd_budget_never_runs_out_of_fds(lower, workdir):
             assert walk.stdout.count("\n") == 1 + 15 + 1500
             most = max(most, len(os.listdir(f"/proc/{server_pid(mnt)}/fd")))
         assert most <= 400
-    finally:
-        if is_mounted(str(mnt), None):
-            unmount(str(mnt))
-        proc.wait(timeout=20)

@@ -6,12 +6,9 @@ import os
 
 import pytest
 
-try:
-    from tests.callers import call_as
-    from tests.conftest import foreground_daemon
-except ImportError:
-    from callers import call_as
-    from conftest import foreground_daemon
+from tests.callers import call_as
+from tests.daemon import foreground_daemon
+from tests.tables import STD, args
 
 pytestmark = pytest.mark.needs_root
 
@@ -22,7 +19,7 @@ def test_debug_logs_each_request_with_upper_and_lower_ids(lower, workdir):
     mnt = workdir / "mnt"
     mnt.mkdir()
     log = workdir / "log"
-    with foreground_daemon(lower, mnt, "-d", "-u", "0:100000:65536", log=log):
+    with foreground_daemon(lower, mnt, "-d", *args(STD), log=log):
         assert call_as(os.stat, str(mnt / "f"), uid=100005, gid=100007).st_uid == 100005
         call_as(os.stat, str(mnt / "g"), uid=300, gid=300)  # unmapped caller, ENOENT
     lines = log.read_text().splitlines()
@@ -36,7 +33,7 @@ def test_no_request_log_without_debug(lower, workdir):
     mnt = workdir / "mnt"
     mnt.mkdir()
     log = workdir / "log"
-    with foreground_daemon(lower, mnt, "-u", "0:100000:65536", log=log):
+    with foreground_daemon(lower, mnt, *args(STD), log=log):
         os.listdir(mnt)
         os.stat(mnt)
     assert "shiftfs: lookup" not in log.read_text() and "shiftfs: getattr" not in log.read_text()

@@ -1,6 +1,6 @@
 """README.md and docs/: short, linked, and true to the code they name.
 
-No mount, no root: these read files (and run bench/chart.py into a
+No mount, no root: these read files (and run bench.chart into a
 temporary file).
 """
 
@@ -94,10 +94,10 @@ def test_every_known_difference_is_described():
 
 def test_chart_is_drawn_from_the_results(tmp_path):
     """docs/performance.svg is what bench/chart.py draws from bench/results.md
-    (after a new benchmark run: python3 bench/chart.py)."""
+    (after a new benchmark run: python3 -m bench.chart)."""
     out = tmp_path / "performance.svg"
-    subprocess.run([sys.executable, str(REPO / "bench" / "chart.py"), "--out", str(out)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, "-m", "bench.chart", "--out", str(out)],
+                   check=True, capture_output=True, text=True, cwd=REPO)
     assert (DOCS / "performance.svg").read_text(encoding="utf-8") == out.read_text(encoding="utf-8"), \
-        "docs/performance.svg is stale: run python3 bench/chart.py"
+        "docs/performance.svg is stale: run python3 -m bench.chart"
     assert "performance.svg" in README.read_text(encoding="utf-8")

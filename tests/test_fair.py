@@ -17,12 +17,9 @@ import subprocess
 
 import pytest
 
-try:
-    from tests.callers import Caller
-    from tests.conftest import foreground_daemon
-except ImportError:  # pragma: no cover - run from inside tests/
-    from callers import Caller
-    from conftest import foreground_daemon
+from tests.callers import Caller
+from tests.daemon import foreground_daemon
+from tests.tables import STD, args
 
 pytestmark = pytest.mark.needs_root
 
@@ -82,7 +79,7 @@ def test_one_user_holding_files_gets_emfile_and_the_others_keep_working(tree, wo
     mnt = workdir / "mnt"
     mnt.mkdir()
     paths = [f"{mnt}/{what}/{'f' if what == 'files' else 'd'}{i}" for i in range(COUNT)]
-    with foreground_daemon(tree, mnt, "-u", "0:100000:65536", log=workdir / "log",
+    with foreground_daemon(tree, mnt, *args(STD), log=workdir / "log",
                            fd_limit=LIMIT), Caller(HOG, HOG) as hog:
         held, err = hog.call(_hold_until_refused, paths, what == "dirs")
         assert err == errno.EMFILE, (held, err)

@@ -4,6 +4,7 @@ timeout; every mount is cleared in a finally."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -12,25 +13,19 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from shiftfs.idmap import Extent
 from shiftfs.mount import is_mounted, mount, mounts
+
+from tests.daemon import REPO, foreground_daemon
+from tests.tables import ROOT_KEPT, args
 
 pytestmark = pytest.mark.needs_root
 
-REPO = Path(__file__).resolve().parent.parent
-ROOT_KEPT = ["0:0:1", "1:100001:65535"]  # host root keeps lower 0; lower n>0 is 100000+n
 USERS = [101000, 101001, 101002, 101003]  # lower 1000..1003
-
-
-def table_args():
-    args = []
-    for e in ROOT_KEPT:
-        args += ["--uidmap", e, "--gidmap", e]
-    return args
 
 
 def clear(mnt):
@@ -43,52 +38,30 @@ def clear(mnt):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=20)
 
 
+@dataclass
 class Foreground:
     """shiftfs -f under our own Popen: we know its pid and may signal it."""
 
-    def __init__(self, lower, mnt, *extra):
-        self.mnt = mnt
-        self.log = open(Path(mnt).parent / f"{Path(mnt).name}.log", "w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shiftfs", "-f", "-q", str(lower), str(mnt), *table_args(), *extra],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, cwd="/",
-            env=dict(os.environ, PYTHONPATH=str(REPO)))
-        deadline = time.monotonic() + 20
-        while not is_mounted(str(mnt)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise AssertionError(f"shiftfs did not mount: {self.errors()}")
-            time.sleep(0.01)
+    proc: subprocess.Popen
+    log: Path
 
-    def errors(self):
-        self.log.seek(0)
-        return self.log.read()
-
-    def close(self):
-        try:
-            clear(self.mnt)
-            if self.proc.poll() is None:
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()  # our own child
-                    self.proc.wait(timeout=10)
-        finally:
-            self.log.close()
+    def errors(self) -> str:
+        return self.log.read_text()
 
 
 @pytest.fixture
 def fg(workdir):
-    started = []
+    """fg(lower, mnt, *extra) -> Foreground: shiftfs -f with ROOT_KEPT, live;
+    unmounted and reaped at teardown (tests/daemon.py), also when a test
+    killed it."""
+    with contextlib.ExitStack() as stack:
+        def start(lower, mnt, *extra):
+            log = Path(mnt).parent / f"{Path(mnt).name}.log"
+            proc = stack.enter_context(foreground_daemon(lower, mnt, *args(ROOT_KEPT), *extra,
+                                                         log=log, cwd="/"))
+            return Foreground(proc, log)
 
-    def start(lower, mnt, *extra):
-        d = Foreground(lower, mnt, *extra)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.close()
+        yield start
 
 
 @pytest.fixture
@@ -160,7 +133,7 @@ def test_stale_dead_mount_is_refused_as_mount_point(scene, fg):
     d = fg(lower, mnt)
     d.proc.kill()
     d.proc.wait(timeout=10)
-    r = subprocess.run([sys.executable, "-m", "shiftfs", str(lower), str(mnt), *table_args()],
+    r = subprocess.run([sys.executable, "-m", "shiftfs", str(lower), str(mnt), *args(ROOT_KEPT)],
                        capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(REPO)))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
@@ -294,7 +267,7 @@ def test_concurrent_callers_create_rename_chown_delete(workdir, mounter):
         (lower / sub).mkdir()
     for p in (lower, lower / "a", lower / "b"):
         os.chmod(p, 0o1777)
-    mp = mounter(lower, uidmap=[Extent(0, 0, 1), Extent(1, 100001, 65535)])
+    mp = mounter(lower, uidmap=ROOT_KEPT)
     worker = workdir / "worker.py"
     worker.write_text(WORKER)
     procs = []

@@ -28,8 +28,8 @@ import textwrap
 
 import pytest
 
-import fsx
-from conftest import ROOT_KEPT
+from tests import fsx
+from tests.tables import ROOT_KEPT
 
 pytestmark = pytest.mark.needs_root
 

@@ -19,14 +19,14 @@ import subprocess
 import pytest
 
 
-from callers import Errno, call_as
-from conftest import ROOT_KEPT
+from tests.callers import Errno, call_as
+from tests.tables import ROOT_KEPT, tuples, upper_of
 
 pytestmark = pytest.mark.needs_root
 
 MIB = 1 << 20
-OWNER = 100000 + 1000  # upper id of lower 1000 under ROOT_KEPT
-OTHER = 100000 + 1001  # upper id of lower 1001
+OWNER = upper_of(1000, ROOT_KEPT)  # 101000
+OTHER = upper_of(1001, ROOT_KEPT)  # 101001
 CAPS = "cap_net_raw+ep"
 
 
@@ -144,7 +144,7 @@ def test_set_id_bits_and_caps_after_writes_and_truncates_agree_with_the_kernel(
     group member, another user and root, on set-uid, set-gid (with and
     without group exec) and capability-carrying files: the errno, the bits
     and the capability left on the lower are the kernel's."""
-    from oracle.kernel_idmap import idmapped_mount
+    from tests.oracle.kernel_idmap import idmapped_mount
     ops = ["write", "truncate", "o_trunc"]
     results = {}
     for kind in ("shiftfs", "kernel"):
@@ -162,7 +162,7 @@ def test_set_id_bits_and_caps_after_writes_and_truncates_agree_with_the_kernel(
         else:
             mnt = workdir / "mnt-kernel"
             mnt.mkdir()
-            ext = [(e.lower, e.upper, e.count) for e in ROOT_KEPT]
+            ext = tuples(ROOT_KEPT)
             with idmapped_mount(str(low), str(mnt), ext, ext):
                 results[kind] = _run_all(low, mnt, ops)
     differ = {k: (v, results["kernel"][k]) for k, v in results["shiftfs"].items()

@@ -10,10 +10,8 @@ import pytest
 
 from shiftfs.mount import is_mounted, unmount
 
-try:
-    from tests.conftest import foreground_daemon
-except ImportError:
-    from conftest import foreground_daemon
+from tests.daemon import foreground_daemon
+from tests.tables import STD, args
 
 pytestmark = pytest.mark.needs_root
 
@@ -28,7 +26,7 @@ def test_daemon_logs_to_syslog(lower, workdir):
     env = dict(os.environ, SHIFTFS_SYSLOG=sock_path)
     try:
         result = subprocess.run([sys.executable, "-m", "shiftfs", "-q", str(lower), str(mp),
-                                 "--map", "b:0:100000:65536"], env=env, capture_output=True,
+                                 *args(STD)], env=env, capture_output=True,
                                 text=True, timeout=30)
         assert result.returncode == 0, result.stderr
         message = sock.recv(4096).decode()
@@ -44,7 +42,7 @@ def test_debug_says_what_init_settled(lower, workdir):
     mp = workdir / "mnt"
     mp.mkdir()
     log = workdir / "log"
-    with foreground_daemon(lower, mp, "-d", "--map", "b:0:100000:65536", log=log):
+    with foreground_daemon(lower, mp, "-d", *args(STD), log=log):
         os.listdir(mp)
     err = log.read_text()
     # the protocol minor the kernel spoke, and what was granted of what was asked

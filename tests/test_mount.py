@@ -18,21 +18,15 @@ import pytest
 from shiftfs.idmap import Extent, read_overflow_id
 from shiftfs.mount import is_mounted, mounts, unmount
 
-try:
-    from tests.conftest import ROOT_KEPT, foreground_daemon, server_pid
-except ImportError:
-    from conftest import ROOT_KEPT, foreground_daemon, server_pid
-
-try:
-    from tests.callers import Errno, call_as
-except ImportError:  # tests/ run as the rootdir
-    from callers import Errno, call_as
+from tests.callers import Errno, call_as
+from tests.daemon import foreground_daemon, server_pid
+from tests.tables import BASE, ROOT_KEPT, STD, args
 
 pytestmark = pytest.mark.needs_root
 
 OVERFLOW_UID = read_overflow_id("uid")
 OVERFLOW_GID = read_overflow_id("gid")
-U = 100000  # STD table: lower n is upper U + n
+U = BASE  # STD table: lower n is upper U + n
 
 
 def as_user(fn, lower_uid=1000, lower_gid=1000, groups=(), umask=0o022):
@@ -202,7 +196,7 @@ def test_a_create_leaves_the_callers_fsuid_only_over_a_local_lower(lower, workdi
             served.mkdir()
             subprocess.run(["bindfs", "-o", "allow_other", str(lower), str(served)], check=True)
             stack.callback(lambda: subprocess.run(["umount", "-l", str(served)], check=False))
-        daemon = stack.enter_context(foreground_daemon(served, mnt, "--map", "b:0:100000:65536",
+        daemon = stack.enter_context(foreground_daemon(served, mnt, *args(STD),
                                                        log=workdir / "log"))
         as_user(lambda: open(mnt / "shared" / "new", "w").close())
         assert lower_ids(lower / "shared" / "new") == (1000, 1000)
@@ -462,7 +456,7 @@ def test_background_mode_returns_once_the_mount_is_live(lower, workdir):
     mp.mkdir()
     (lower / "f").write_text("f")
     result = subprocess.run([sys.executable, "-m", "shiftfs", "-q", str(lower), str(mp),
-                             "--map", "b:0:100000:65536"], capture_output=True, text=True, timeout=30)
+                             *args(STD)], capture_output=True, text=True, timeout=30)
     try:
         assert result.returncode == 0, result.stderr
         assert is_mounted(str(mp))
@@ -475,7 +469,7 @@ def test_background_mode_returns_once_the_mount_is_live(lower, workdir):
 
 def test_mount_failure_is_one_line_and_nonzero(lower, workdir):
     result = subprocess.run([sys.executable, "-m", "shiftfs", str(lower), str(workdir / "missing"),
-                             "--uidmap", "0:100000:65536"], capture_output=True, text=True, timeout=30)
+                             *args(STD)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
     assert not any(t == "fuse.shiftfs" and str(workdir) in mp for _s, mp, t in mounts())

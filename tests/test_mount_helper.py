@@ -22,10 +22,12 @@ import pytest
 
 from shiftfs.mount import is_mounted, mounts, unmount
 
+from tests import tables
+
 pytestmark = pytest.mark.needs_root
 
 DEFAULT_SHELL_PATH = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-STD = "uidmap=0:100000:65536,gidmap=0:100000:65536"
+STD = tables.option(tables.STD)  # uidmap=0:100000:65536,gidmap=0:100000:65536
 
 
 @pytest.fixture(scope="module")

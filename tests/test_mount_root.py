@@ -12,7 +12,8 @@ import subprocess
 
 import pytest
 
-from callers import call_as, errno_of
+from tests.callers import call_as, errno_of
+from tests.tables import STD
 
 pytestmark = pytest.mark.needs_root
 
@@ -113,7 +114,7 @@ def test_unmount_leaves_no_fuse_mount_behind(lower, workdir):
     _tree(lower)
     mnt = workdir / "m"
     mnt.mkdir()
-    with mount(lower, mnt, uidmap="0:100000:65536"):
+    with mount(lower, mnt, uidmap=STD):
         assert _mountinfo(mnt) is not None
     with open("/proc/self/mountinfo") as f:
         left = [line for line in f if f" {lower} " in line or str(mnt) in line]

@@ -9,12 +9,8 @@ import time
 
 import pytest
 
-try:  # tests/ as a package (or run with python -m pytest from the project root)
-    from tests.callers import ChildError, Errno, call_as, call_as_userns_root, errno_of
-    from tests.oracle.kernel_idmap import idmapped_mount
-except ModuleNotFoundError:  # tests/ on sys.path (pytest rootdir-relative import)
-    from callers import ChildError, Errno, call_as, call_as_userns_root, errno_of
-    from oracle.kernel_idmap import idmapped_mount
+from tests.callers import ChildError, Errno, call_as, call_as_userns_root, errno_of
+from tests.oracle.kernel_idmap import idmapped_mount
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, setresuid)")
 

@@ -20,8 +20,8 @@ import threading
 
 import pytest
 
-from callers import call_as
-from conftest import ROOT_KEPT
+from tests.callers import call_as
+from tests.tables import ROOT_KEPT, STD, args, tuples, upper_of
 
 pytestmark = pytest.mark.needs_root
 
@@ -36,7 +36,7 @@ needs_passthrough = pytest.mark.skipif(
     reason=f"FUSE passthrough needs Linux 6.9 (here Linux {platform.release()})")
 
 MIB = 1 << 20
-USER = 100000 + 1000  # upper id of lower 1000 under ROOT_KEPT (host root kept as 0)
+USER = upper_of(1000, ROOT_KEPT)  # 101000 (host root kept as 0)
 
 
 @contextlib.contextmanager
@@ -317,7 +317,7 @@ def test_an_overlayfs_mount_can_stack_on_a_passthrough_shiftfs(workdir, lower, m
 def test_passthrough_option_values(lower, mounter, workdir):
     import sys
     r = subprocess.run([sys.executable, "-m", "shiftfs", "-o", "passthrough=yes",
-                        "--map", "b:0:100000:65536", str(lower), str(workdir)],
+                        *args(STD), str(lower), str(workdir)],
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == ["shiftfs: -o passthrough=yes: expected auto or off"]
@@ -337,7 +337,7 @@ def test_a_passed_through_binary_runs_and_its_reads_skip_the_daemon(lower, mount
 
 # ---- set-id clearing on a passed-through file, against the kernel ---------------
 
-OTHER = 100000 + 1001  # upper id of lower 1001: neither owner nor group
+OTHER = upper_of(1001, ROOT_KEPT)  # 101001: neither owner nor group
 
 
 def _setid_after_write(root_dir, mode, uid, gid):
@@ -366,7 +366,7 @@ def _setid_after_write(root_dir, mode, uid, gid):
 def test_set_id_clearing_on_an_open_file_agrees_with_the_kernel(workdir, mounter, mode, who,
                                                                 passthrough):
     """The same with and without passthrough (and on libfuse 3.14)."""
-    from oracle.kernel_idmap import idmapped_mount
+    from tests.oracle.kernel_idmap import idmapped_mount
     uid = {"owner": USER, "other": OTHER, "root": 0}[who]
     results = {}
     for kind in ("shiftfs", "kernel"):
@@ -382,7 +382,7 @@ def test_set_id_clearing_on_an_open_file_agrees_with_the_kernel(workdir, mounter
         else:
             mnt = workdir / "mnt-kernel"
             mnt.mkdir()
-            ext = [(e.lower, e.upper, e.count) for e in ROOT_KEPT]
+            ext = tuples(ROOT_KEPT)
             with idmapped_mount(str(low), str(mnt), ext, ext):
                 results[kind] = _setid_after_write(mnt, mode, uid, uid)
     assert results["shiftfs"] == results["kernel"], results

@@ -15,13 +15,15 @@ import time
 
 import pytest
 
-from callers import call_as
+from tests.callers import call_as
+from tests.daemon import shiftfs_command, wait_for_mount
+from tests.tables import STD, args
 from shiftfs.mount import is_mounted, mountinfo, unmount
 
 pytestmark = pytest.mark.needs_root
 
 USER = 1000
-MAP = ["--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536"]
+MAP = args(STD)
 
 
 def _swap_parent(home):
@@ -65,14 +67,6 @@ def setting(workdir):
             unmount(str(victim), lazy=True)
 
 
-def _wait_mounted(proc, workdir, log):
-    deadline = time.monotonic() + 20
-    while not _ours(workdir):
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "shiftfs did not mount within 20 s"
-        time.sleep(0.02)
-
-
 def test_sigterm_unmount_does_not_follow_a_swapped_parent(workdir, setting):
     """SIGTERM unmounted the mount point by path (umount2 follows symlinks):
     with the parent swapped for a symlink, the root daemon detached the
@@ -80,11 +74,11 @@ def test_sigterm_unmount_does_not_follow_a_swapped_parent(workdir, setting):
     home, victim, procs = setting
     log = workdir / "log"
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "shiftfs", "-f", "-q", *MAP,
-                                 str(workdir / "lower"), str(home / "a" / "mnt")],
+        proc = subprocess.Popen(shiftfs_command(workdir / "lower", home / "a" / "mnt", *MAP),
                                 stdout=subprocess.DEVNULL, stderr=err)
     procs.append(proc)
-    _wait_mounted(proc, workdir, log)
+    wait_for_mount(proc, home / "a" / "mnt", mounted=lambda _proc: bool(_ours(workdir)), log=log,
+                   what="shiftfs")
     call_as(_swap_parent, str(home), uid=USER, gid=USER)
     assert os.path.realpath(home / "a" / "mnt") == str(victim)
     proc.send_signal(signal.SIGTERM)

@@ -20,11 +20,12 @@ import time
 
 import pytest
 
-from conftest import foreground_daemon
+from tests.daemon import foreground_daemon
+from tests.tables import IDENTITY, args
 
 pytestmark = pytest.mark.needs_root
 
-TABLE = ["--uidmap", "0:0:65536", "--gidmap", "0:0:65536"]
+TABLE = args(IDENTITY)
 
 
 def _every_byte_names() -> list[bytes]:

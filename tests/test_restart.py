@@ -20,8 +20,10 @@ import time
 
 import pytest
 
-from callers import call_as
-from conftest import ROOT_KEPT
+from tests import rootless
+from tests.callers import call_as
+from tests.procs import children
+from tests.tables import ROOT_KEPT, upper_of
 from shiftfs.supervisor import read_status
 
 pytestmark = [
@@ -30,7 +32,7 @@ pytestmark = [
                        reason=f"FUSE_NOTIFY_RESEND needs Linux 6.9 (here {platform.release()})"),
 ]
 
-USER = 101000  # lower 1000 under ROOT_KEPT
+USER = upper_of(1000, ROOT_KEPT)  # 101000
 KIB64 = 64 * 1024
 
 
@@ -231,15 +233,13 @@ def test_a_rootless_mount_survives_a_killed_server(lower, workdir):
     """The same where fusermount3 mounted (uid 1000, no privilege): the
     supervisor holds the fd fusermount3 passed, and a new server takes
     over; a file held open through the kill keeps working."""
-    from test_watch_scope import RUSER, rootless_mount
-    os.chown(lower, RUSER, RUSER)
+    os.chown(lower, rootless.RUSER, rootless.RUSER)
     (lower / "kept").write_text("before")
-    os.chown(lower / "kept", RUSER, RUSER)
-    with rootless_mount(lower, workdir) as (supervisor, view, log):
+    os.chown(lower / "kept", rootless.RUSER, rootless.RUSER)
+    with rootless.mount_as_user(lower, workdir) as (supervisor, view, log):
         held = os.open(view / "kept", os.O_RDWR)
         try:
-            servers = [int(p) for p in os.listdir("/proc") if p.isdigit()
-                       and _ppid(int(p)) == supervisor]
+            servers = children(supervisor)
             assert len(servers) == 1, servers
             os.kill(servers[0], signal.SIGKILL)
             os.pwrite(held, b"after!", 0)  # served by the next server, on the kept fh
@@ -250,11 +250,3 @@ def test_a_rootless_mount_survives_a_killed_server(lower, workdir):
             os.close(held)
         assert (lower / "kept").read_text() == "after!"
         assert "restart 1" in log.read_text()
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0

@@ -23,12 +23,9 @@ import pytest
 
 from shiftfs.inodes import ROOT_ID, InodeTable
 
-try:
-    from tests.callers import Caller, Errno
-    from tests.conftest import foreground_daemon, server_pid
-except ImportError:  # pragma: no cover - run from inside tests/
-    from callers import Caller, Errno
-    from conftest import foreground_daemon, server_pid
+from tests.callers import Caller, Errno
+from tests.daemon import foreground_daemon, server_pid
+from tests.tables import STD, args
 
 pytestmark = pytest.mark.needs_root
 
@@ -124,7 +121,7 @@ def test_a_reused_inode_number_never_rebinds_a_node(ext4, workdir, victim_side):
     mnt.mkdir()
     x, secret = ext4 / "tmp" / "x", ext4 / "tmp" / "secret"
     stop = workdir / "stop"
-    with foreground_daemon(ext4, mnt, "-u", "0:100000:65536", log=workdir / "log",
+    with foreground_daemon(ext4, mnt, *args(STD), log=workdir / "log",
                            fd_limit=2000) as daemon, \
             Caller(ATTACKER, ATTACKER) as attacker, Caller(VICTIM, VICTIM) as victim:
         k = attacker.call(_make_and_hold, f"{mnt}/tmp/x")

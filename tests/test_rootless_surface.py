@@ -32,22 +32,17 @@ import os
 import shlex
 import struct
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-import rootless as namespace
-
-import shiftfs
+from tests import rootless as namespace
 
 pytestmark = pytest.mark.needs_root
 
-RUSER = 1000  # the user that mounts
+RUSER = namespace.RUSER  # the user that mounts
 RANGE = 100000  # its /etc/subuid and /etc/subgid range: 100000..165535
 BOB = 1001  # another host user (on the lower: not the user's)
-CODE = os.path.dirname(os.path.dirname(os.path.abspath(shiftfs.__file__)))
 
 _SETUP = namespace.PROLOGUE + r"""
 echo "$RNAME:$RANGE:65536" > "$SCRATCH/subid"
@@ -93,31 +88,8 @@ class Rootless:
 
 @contextlib.contextmanager
 def rootless(lower: Path, workdir: Path, *args: str):
-    mnt = workdir / "rootless-mnt"
-    scratch = workdir / "rootless-scratch"
-    mnt.mkdir()
-    scratch.mkdir()
-    os.chown(mnt, RUSER, RUSER)
-    env = dict(namespace.environment(scratch, RUSER), RANGE=str(RANGE), CODE=CODE,
-               PYTHON=os.path.realpath(sys.executable), LOWER=str(lower), MNT=str(mnt))
-    log = workdir / "rootless.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(["unshare", "-m", "sh", "-c", _SETUP, "setup", *args], env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 20
-        while _mount_line(proc.pid, mnt) is None:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "rootless shiftfs did not mount within 20 s"
-            time.sleep(0.02)
+    with namespace.daemon(lower, workdir, _SETUP, *args, RANGE=str(RANGE)) as (proc, mnt, log):
         yield Rootless(proc.pid, mnt, log)
-    finally:
-        proc.terminate()  # the daemon unmounts (fusermount3 -u) and exits
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # our own child; the mount goes with its namespace
-            proc.wait()
 
 
 def _secret(path: Path, uid: int, mode: int, text: str = "secret\n") -> None:

@@ -17,18 +17,13 @@ import pytest
 from shiftfs.idmap import Extent, build_idmap
 from shiftfs.mount import mount, mounts
 
-try:
-    from tests.callers import Errno, call_as, call_as_userns_root
-    from tests.test_bad_input import listing, run_shiftfs
-except ImportError:  # pragma: no cover - run from inside tests/
-    from callers import Errno, call_as, call_as_userns_root
-    from test_bad_input import listing, run_shiftfs
+from tests.callers import Errno, call_as, call_as_userns_root
+from tests.tables import ROOT_KEPT, STD, args, upper_of
+from tests.test_bad_input import listing, run_shiftfs
 
 pytestmark = pytest.mark.needs_root
 
-STD = [Extent(0, 100000, 65536)]
-ROOT_KEPT = [Extent(0, 0, 1), Extent(1, 100001, 65535)]  # lower 0 shown as upper 0
-USER = 101000  # upper id of lower 1000 under both tables
+USER = upper_of(1000, STD)  # 101000: upper id of lower 1000 under both tables
 
 
 def mount_opts(mp) -> set[str]:
@@ -41,20 +36,13 @@ def mount_opts(mp) -> set[str]:
     raise AssertionError(f"{mp} is not mounted")
 
 
-def table_args(extents):
-    args = []
-    for e in extents:
-        args += ["--uidmap", str(e), "--gidmap", str(e)]
-    return args
-
-
 class Daemon:
     """shiftfs run as a user would (daemonizing), its stderr kept; always
     unmounted at exit."""
 
     def __init__(self, lower, mnt, extents, *opts):
         self.mnt = mnt
-        self.result = run_shiftfs([str(lower), str(mnt), "-q", *table_args(extents), *opts])
+        self.result = run_shiftfs([str(lower), str(mnt), "-q", *args(extents), *opts])
 
     def __enter__(self):
         assert self.result.returncode == 0, self.result.stderr

@@ -16,10 +16,7 @@ from shiftfs.command import main
 from shiftfs.idmap import Extent, build_idmap
 from shiftfs.scan import _ids, scan
 
-try:
-    from tests.callers import call_as
-except ImportError:  # tests/ on sys.path (rootdir-relative runs)
-    from callers import call_as
+from tests.callers import call_as
 
 pytestmark = pytest.mark.needs_root  # chown to arbitrary ids; one test mounts
 

@@ -13,10 +13,7 @@ import pytest
 
 from shiftfs.idmap import Extent
 
-try:
-    from tests.callers import call_as
-except ModuleNotFoundError:
-    from callers import call_as
+from tests.callers import call_as
 
 pytestmark = pytest.mark.needs_root
 

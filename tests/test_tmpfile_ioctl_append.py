@@ -22,13 +22,13 @@ import threading
 
 import pytest
 
-from callers import call_as
-from conftest import ROOT_KEPT
-from oracle.kernel_idmap import idmapped_mount
+from tests.callers import call_as
+from tests.tables import ROOT_KEPT, tuples, upper_of
+from tests.oracle.kernel_idmap import idmapped_mount
 
 pytestmark = pytest.mark.needs_root
 
-USER = 101000  # upper id of lower 1000 under ROOT_KEPT
+USER = upper_of(1000, ROOT_KEPT)  # 101000
 FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
 FS_IOC_FSGETXATTR = 0x801C581F
@@ -43,7 +43,7 @@ def both(lower, workdir, mounter):
     subprocess.run(["cp", "-a", str(lower), str(twin)], check=True)
     kmnt = workdir / "kernel"
     kmnt.mkdir()
-    ext = [(e.lower, e.upper, e.count) for e in ROOT_KEPT]
+    ext = tuples(ROOT_KEPT)
     with idmapped_mount(str(twin), str(kmnt), ext, ext):
         yield mounter(lower, uidmap=ROOT_KEPT), kmnt, twin
 

@@ -21,28 +21,21 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-import rootless as namespace
-
 import shiftfs
-from shiftfs.mount import is_mounted, unmount
 
-try:
-    from tests.conftest import ROOT_KEPT, foreground_daemon, server_pid
-except ImportError:
-    from conftest import ROOT_KEPT, foreground_daemon, server_pid
+from tests import rootless as namespace
+from tests.daemon import foreground_daemon, server_pid
+from tests.procs import cpu_seconds, fanotify_marks
+from tests.tables import ROOT_KEPT, STD, args
 
 pytestmark = pytest.mark.needs_root
 
 LIMIT = 0.1  # a change behind the mount shows within this (issue 19's goal)
-RUSER = 1000  # the rootless daemon's user
-CODE = os.path.dirname(os.path.dirname(os.path.abspath(shiftfs.__file__)))
 
 
 def seen_within(check, limit):
@@ -93,32 +86,6 @@ def kept(path) -> bool:
     return mounted_at(path) and (Path(path) / "data").read_text() == "kept"
 
 
-def daemon_pid(mountpoint) -> int:
-    """The shiftfs server serving ``mountpoint`` (its supervisor forked it)."""
-    return server_pid(mountpoint)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (all threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def marks_held(pid: int) -> int:
-    """fanotify marks the daemon holds (its fanotify fd's fdinfo)."""
-    total = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[fanotify]":
-                continue
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                total += sum(line.startswith("fanotify ino:") for line in f)
-        except OSError:
-            continue
-    return total
-
-
 def make_tree(root: Path, dirs: int, files: int) -> int:
     """dirs directories of files files each; the number of paths made."""
     for d in range(dirs):
@@ -133,58 +100,6 @@ def walk(top) -> int:
     r = subprocess.run(["find", str(top), "-ls"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-500:]
     return r.stdout.count("\n")
-
-
-# ---- rootless: a daemon of uid 1000, mounted by fusermount3 ------------------------
-
-_ROOTLESS_SETUP = namespace.PROLOGUE + r"""
-exec setpriv --reuid=$RUSER --regid=$RUSER --clear-groups -- env -i PATH=/usr/bin:/bin \
-    PYTHONPATH="$CODE" HOME=/ "$PYTHON" -m shiftfs -f -q $EXTRA \
-    --uidmap 0:100000:65536 --gidmap 0:100000:65536 "$LOWER" "$MNT"
-"""
-
-
-@contextlib.contextmanager
-def rootless_mount(lower: Path, workdir: Path, *extra: str):
-    """shiftfs run by uid 1000 and mounted through fusermount3, in a mount
-    namespace of its own (where /etc/fuse.conf says user_allow_other and the
-    interpreter is reachable). Yields (daemon pid, the mount as this process
-    reaches it: /proc/PID/root/...). The namespace, and so the mount, goes
-    with the daemon, which is always stopped."""
-    mnt = workdir / "rootless-mnt"
-    scratch = workdir / "rootless-scratch"
-    mnt.mkdir()
-    scratch.mkdir()
-    os.chown(mnt, RUSER, RUSER)
-    env = dict(namespace.environment(scratch, RUSER), CODE=CODE,
-               PYTHON=os.path.realpath(sys.executable), LOWER=str(lower), MNT=str(mnt),
-               EXTRA=" ".join(extra))
-    log = workdir / "rootless.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(["unshare", "-m", "sh", "-c", _ROOTLESS_SETUP], env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
-    view = Path(f"/proc/{proc.pid}/root{mnt}")
-    try:
-        deadline = time.monotonic() + 20
-        while str(mnt) not in _points_of(proc.pid):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "rootless shiftfs did not mount within 20 s"
-            time.sleep(0.02)
-        yield proc.pid, view, log
-    finally:
-        proc.terminate()  # the daemon unmounts (fusermount3 -u) and exits
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # the mount goes with its namespace
-            proc.wait()
-
-
-def _points_of(pid: int) -> list[str]:
-    try:
-        return _mount_points(pid)
-    except OSError:
-        return []
 
 
 # ---- mounts stacked on the tree are never detached by the watcher's invalidations ----
@@ -265,8 +180,7 @@ def test_queue_overflow_expires_every_name_and_detaches_nothing(lower, workdir, 
     mp = workdir / "mnt"
     mp.mkdir()
     log = workdir / "daemon.log"
-    with foreground_daemon(lower, mp, "--uidmap", "0:0:1", "--uidmap", "1:100001:65535",
-                           "--gidmap", "0:0:1", "--gidmap", "1:100001:65535", log=log) as proc:
+    with foreground_daemon(lower, mp, *args(ROOT_KEPT), log=log) as proc:
         tiny_queue()
         os.stat(mp / "f")
         os.stat(mp / "vol")
@@ -309,27 +223,16 @@ def test_shrinker_pressure_keeps_mounts_stacked_on_the_tree(lower, workdir):
     make_tree(lower, 15, 100)
     mnt = workdir / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen(
-        ["setpriv", "--bounding-set=-dac_read_search", "--", sys.executable, "-m", "shiftfs",
-         "-f", "-q", "--map", "b:0:100000:65536", str(lower), str(mnt)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400)))
-    try:
-        deadline = time.monotonic() + 20
-        while not is_mounted(str(mnt)):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        with tmpfs_on(mnt / "vol"):
-            most = 0
-            for _ in range(2):
-                assert walk(mnt) == 1 + 1 + 1 + 15 * 101  # the root, vol, its data, the tree
-                most = max(most, len(os.listdir(f"/proc/{server_pid(mnt)}/fd")))
-            assert most <= 400
-            assert kept(mnt / "vol")
-    finally:
-        if is_mounted(str(mnt), None):
-            unmount(str(mnt), lazy=True)
-        proc.wait(timeout=20)
+    with foreground_daemon(lower, mnt, *args(STD),
+                           prefix=["setpriv", "--bounding-set=-dac_read_search", "--"],
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))), \
+            tmpfs_on(mnt / "vol"):
+        most = 0
+        for _ in range(2):
+            assert walk(mnt) == 1 + 1 + 1 + 15 * 101  # the root, vol, its data, the tree
+            most = max(most, len(os.listdir(f"/proc/{server_pid(mnt)}/fd")))
+        assert most <= 400
+        assert kept(mnt / "vol")
 
 
 # ---- what is watched: only what the kernel holds -----------------------------------
@@ -342,7 +245,7 @@ def test_an_unrelated_writer_on_the_same_filesystem_costs_the_daemon_nothing(low
     elsewhere = workdir / "elsewhere"
     elsewhere.mkdir()
     assert os.stat(elsewhere).st_dev == os.stat(lower).st_dev
-    pid = daemon_pid(mp)
+    pid = server_pid(mp)
     before = cpu_seconds(pid)
     for i in range(20000):
         p = elsewhere / f"x{i}"
@@ -358,12 +261,12 @@ def test_marks_follow_what_the_kernel_holds(lower, mounter):
     for plain files; gone when the kernel forgets the nodes."""
     make_tree(lower, 20, 50)
     mp = mounter(lower, uidmap=ROOT_KEPT)
-    pid = daemon_pid(mp)
-    assert marks_held(pid) == 1  # the root
+    pid = server_pid(mp)
+    assert fanotify_marks(pid) == 1  # the root
     walk(mp)
-    assert marks_held(pid) == 1 + 20
+    assert fanotify_marks(pid) == 1 + 20
     shutil.rmtree(mp / "d000")  # through the mount: the kernel forgets those nodes
-    assert seen_within(lambda: marks_held(pid) == 1 + 19, 1.0) is not None
+    assert seen_within(lambda: fanotify_marks(pid) == 1 + 19, 1.0) is not None
 
 
 def test_changes_through_names_no_watched_directory_holds_show(lower, workdir, mounter):
@@ -514,12 +417,12 @@ def test_a_warm_walk_is_served_by_the_kernel(lower, mounter, counter):
 
 @pytest.fixture
 def rootless_lower(lower):
-    os.chown(lower, RUSER, RUSER)
+    os.chown(lower, namespace.RUSER, namespace.RUSER)
     return lower
 
 
 def test_rootless_lower_changes_show_within_a_tenth_of_a_second(rootless_lower, workdir):
-    with rootless_mount(rootless_lower, workdir) as (_pid, view, log):
+    with namespace.mount_as_user(rootless_lower, workdir) as (_pid, view, log):
         delays = _changes_show_within_the_limit(rootless_lower, view)
         assert all(d is not None and d <= LIMIT for d in delays.values()), (delays, log.read_text())
 
@@ -530,7 +433,7 @@ def test_rootless_a_warm_walk_is_served_by_the_kernel(rootless_lower, workdir, c
     POSIX ACLs on, so it never caches its ACL, and a path walk from the
     mount root asks for it (docs/caching.md)."""
     make_tree(rootless_lower, *WARM_TREE)
-    with rootless_mount(rootless_lower, workdir) as (_pid, view, _log):
+    with namespace.mount_as_user(rootless_lower, workdir) as (_pid, view, _log):
         counts, paths = _warm_walk(counter, view)
     acl = counts.pop("FUSE_GETXATTR", 0)
     assert acl == counts.pop("xattr:system.posix_acl_access", 0)  # the root's ACL, nothing else
@@ -551,8 +454,7 @@ def test_a_containers_proc_survives_a_flood_on_the_same_filesystem(lower, workdi
     mp = workdir / "mnt"
     mp.mkdir()
     log = workdir / "daemon.log"
-    with foreground_daemon(lower, mp, "--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536",
-                           log=log):
+    with foreground_daemon(lower, mp, *args(STD), log=log):
         tiny_queue()
         assert os.listdir(mp / "tmp") == []  # the kernel holds tmp: it is watched
         subprocess.run(["mount", "-t", "proc", "proc", str(mp / "proc")], check=True)
@@ -563,7 +465,7 @@ def test_a_containers_proc_survives_a_flood_on_the_same_filesystem(lower, workdi
                     if i % 2:
                         (d / f"f{i}").unlink()
             assert seen_within(lambda: len(os.listdir(mp / "tmp")) == 1500, 5.0) is not None
-            assert str(mp / "proc") in _points_of(os.getpid())
+            assert str(mp / "proc") in namespace.mount_points(os.getpid())
             assert (mp / "proc" / "self" / "status").read_text().startswith("Name:")
             # (on ext4 the flood overflows the 8-event queue; on CI's tmpfs /tmp it need not:
             # test_queue_overflow_expires_every_name_and_detaches_nothing forces one)

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from fuse_wire import ROOT, Wire, dirents, forget_batch
+from tests.fuse_wire import ROOT, Wire, dirents, forget_batch
 from shiftfs import protocol as P
 from shiftfs.session import MAX_WRITE
 

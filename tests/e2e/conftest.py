@@ -11,14 +11,9 @@ import tempfile
 
 import pytest
 
-from shiftfs.idmap import Extent
 from shiftfs.mount import is_mounted, mount, unmount
 
 from .rootfs import build_rootfs
-
-
-def table(upper: int, lower: int = 0, count: int = 65536) -> list[Extent]:
-    return [Extent(lower, upper, count)]
 
 
 @pytest.fixture

@@ -29,21 +29,15 @@ import pytest
 
 from shiftfs.mount import is_mounted, unmount
 
-from .conftest import table
-
-try:
-    from tests.callers import Errno, call_as, call_as_userns_root
-    from tests.conftest import foreground_daemon
-    from tests.oracle.kernel_idmap import idmapped_mount
-except ModuleNotFoundError:
-    from callers import Errno, call_as, call_as_userns_root
-    from conftest import foreground_daemon
-    from oracle.kernel_idmap import idmapped_mount
+from tests.callers import Errno, call_as, call_as_userns_root
+from tests.daemon import foreground_daemon
+from tests.oracle.kernel_idmap import idmapped_mount
+from tests.tables import BASE, STD, args, table, tuples
 
 pytestmark = pytest.mark.needs_root
 
-UP = 100000  # the table: lower 0..65535 seen as 100000..165535
-EXTENTS = [(0, UP, 65536)]
+UP = BASE  # the table (STD): lower 0..65535 seen as 100000..165535
+EXTENTS = tuples(STD)
 ROOT = dict(uid_extents=EXTENTS, gid_extents=EXTENTS)  # container root: upper 100000
 USER = 1000  # a container user, upper 101000
 OWNERS = {"by-root": (0, 0), "by-user": (USER, USER), "by-www": (33, 34)}
@@ -373,7 +367,7 @@ def test_the_mount_names_what_the_lower_lacks(lower, e2e_dir):
     mp = os.path.join(e2e_dir, "logged")
     os.mkdir(mp)
     log = os.path.join(e2e_dir, "log")
-    with foreground_daemon(lower.path, mp, "--map", "b:0:100000:65536", log=log):
+    with foreground_daemon(lower.path, mp, *args(STD), log=log):
         os.listdir(mp)
     lacks = [line for line in open(log).read().splitlines() if "lacks" in line]
     if lower.kind == "tmpfs":

@@ -33,7 +33,7 @@ import pytest
 
 from shiftfs.idmap import Extent
 
-from .conftest import table
+from tests.tables import table
 from .debian import KNOWN, RESOLV_CONF, USER, copy_image
 from .rootfs import diff_manifests, manifest
 

@@ -19,7 +19,7 @@ import shiftfs
 from shiftfs.mount import is_mounted
 
 from . import container
-from .conftest import table
+from tests.tables import table
 from .rootfs import (CAP_BINARY, PACKAGE_MEMBERS, SETGID_DIR, SETUID_BINARY, STAFF, USER, WWW,
                      diff_manifests, manifest)
 

@@ -28,12 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
-try:
-    from tests.callers import Errno, call_as, call_as_userns_root
-    from tests.oracle.kernel_idmap import idmapped_mount
-except ModuleNotFoundError:
-    from callers import Errno, call_as, call_as_userns_root
-    from oracle.kernel_idmap import idmapped_mount
+from tests.callers import Errno, call_as, call_as_userns_root
+from tests.oracle.kernel_idmap import idmapped_mount
 
 from shiftfs.idmap import Extent
 from shiftfs.mount import is_mounted, mount, unmount

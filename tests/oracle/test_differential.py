@@ -20,14 +20,9 @@ import pytest
 
 from shiftfs.daemon import handles_killpriv_v2
 
-try:
-    from tests.oracle.differential import (
-        ACL_ACCESS, ACL_DEFAULT, CALLERS, CAPS, GROUP, GROUP_OBJ, MASK, OTHER, OVERFLOW_UID,
-        UNMAPPED_UPPER, USER, USER_OBJ, MountPair, Up, acl, acl_text, cap_text, cap_v2, cap_v3, v)
-except ModuleNotFoundError:
-    from oracle.differential import (
-        ACL_ACCESS, ACL_DEFAULT, CALLERS, CAPS, GROUP, GROUP_OBJ, MASK, OTHER, OVERFLOW_UID,
-        UNMAPPED_UPPER, USER, USER_OBJ, MountPair, Up, acl, acl_text, cap_text, cap_v2, cap_v3, v)
+from tests.oracle.differential import (
+    ACL_ACCESS, ACL_DEFAULT, CALLERS, CAPS, GROUP, GROUP_OBJ, MASK, OTHER, OVERFLOW_UID,
+    UNMAPPED_UPPER, USER, USER_OBJ, MountPair, Up, acl, acl_text, cap_text, cap_v2, cap_v3, v)
 
 pytestmark = pytest.mark.needs_root
 
