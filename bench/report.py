@@ -17,6 +17,7 @@ import sys
 from bench.common import FSNAMES, FUSE_FS, SHORT
 from bench.measure import nreq
 from bench.peers import revision
+from shiftfs import libfuse as sfuse
 
 WALKS = ("find", "du", "tar", "stat")  # rows whose daemon CPU is reported per path walked
 
@@ -51,11 +52,15 @@ def versions(rev: str = "") -> str:
             return (r.stdout or r.stderr).strip().splitlines()[0]
         except (OSError, IndexError):
             return "?"
-    from shiftfs import libfuse as sfuse
     rev = rev or revision()
+    try:
+        sfuse.load()
+        lib = f"libfuse {sfuse.LIBFUSE_VERSION[0]}.{sfuse.LIBFUSE_VERSION[1]} " \
+              f"({os.path.basename(sfuse.LIBFUSE_PATH)})"
+    except ImportError as e:
+        lib = f"libfuse ? ({e})"
     ovl = first_line(["sh", "-c", "fuse-overlayfs --version 2>&1 | grep -i 'fuse-overlayfs'"])
-    return (f"{first_line(['bindfs', '--version'])}; {ovl}; libfuse {sfuse.LIBFUSE_VERSION[0]}."
-            f"{sfuse.LIBFUSE_VERSION[1]} ({os.path.basename(sfuse.LIBFUSE_PATH)}); "
+    return (f"{first_line(['bindfs', '--version'])}; {ovl}; {lib}; "
             f"Python {platform.python_version()}; shiftfs {rev}")
 
 
