@@ -7,6 +7,8 @@ in it."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,16 @@ def test_the_handlers_import_nothing_of_the_fuse_layer():
                 todo.append(nxt)
     assert reached & FUSE_LAYER == set()
     assert "cache" in reached and "caller" in reached  # the walk follows real imports
+
+
+def test_the_client_api_loads_nothing_of_the_fuse_layer():
+    """``from shiftfs import mount`` (a Python caller's import) loads the
+    client API only: no serving code, no libfuse."""
+    import subprocess
+    import sys
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom shiftfs import mount\n"
+         "print(' '.join(sorted(m for m in sys.modules if m.startswith(('shiftfs', 'mfusepy')))))"],
+        capture_output=True, text=True, check=True, cwd=PACKAGE.parent).stdout.split()
+    assert "shiftfs.mount" in out
+    assert {m.split(".")[-1] for m in out} & (FUSE_LAYER | {"mfusepy", "ops", "watch"}) == set()
