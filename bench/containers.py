@@ -40,7 +40,8 @@ Rows run in rounds; in each round each row runs on every column, the column
 order rotated per round; ratios are to native in the same round and the table
 shows medians over rounds. "cold" = the column freshly mounted (unmounted and
 mounted again; native: nothing to mount) after `sync; echo 3 >
-/proc/sys/vm/drop_caches`; "warm" = the same command ran just before,
+/proc/sys/vm/drop_caches`, then the host's unshare, sh, setpriv and mount read
+back in (so that only the image is cold, alike for every column); "warm" = the same command ran just before,
 untimed. Write rows run after a `sync` and clean up after themselves,
 untimed. After the timed rounds, an untimed pass counts the FUSE requests of
 some rows with the fuse:fuse_request_send tracepoint (a private tracefs
@@ -575,6 +576,15 @@ REPS = {"start-cold": 3, "start-warm": 5, "dpkg-l": 5, "imports-cold": 2, "impor
         "configure": 2, "make": 2}
 
 
+def warm_host() -> None:
+    """After drop_caches: the host's helpers that enter the container (unshare,
+    sh, setpriv, mount and their libraries) read back in, so that a cold row
+    is cold in the image only, the same for every column (a FUSE daemon's
+    remount would otherwise warm some of them for its column alone)."""
+    subprocess.run("unshare --version; setpriv --version; mount --version; umount --version; /bin/sh -c :",
+                   shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_row(row, col: Column) -> float:
     key, label, cmd, mode, klass, prep, cleanup = row
     ts = []
@@ -584,6 +594,7 @@ def run_row(row, col: Column) -> float:
         if mode == "cold":
             drop_caches()
             col.remount()
+            warm_host()
         elif mode == "warm" and not ts:
             run_in(col.root, cmd)
         elif klass == "write":
@@ -779,7 +790,8 @@ def main(argv=None) -> int:
     wanted = [c for c in args.columns.split(",") if c]
     rows = [r for r in ROWS if not args.only or r[0] in args.only.split(",")]
     t_start = time.time()
-    notes: list[str] = []
+    notes: list[str] = [f"load average at the start: {open('/proc/loadavg').read().split()[0]} "
+                        "(the machine is shared with another session's test runs)"]
     work = args.workdir
     fs = os.path.join(work, "fs")
     img_file = work.rstrip("/") + ".img"
@@ -802,11 +814,13 @@ def main(argv=None) -> int:
             if not args.keep:
                 with contextlib.suppress(OSError):
                     os.unlink(img_file)
+                    os.rmdir(fs)
+                    os.rmdir(work)
         stack.callback(_cleanup_fs)
 
         img = prepare_image(fs, args.base, args.cache, notes)
         du = out(["du", "-sh", "--apparent-size", img]).split()[0]
-        nfiles = sum(1 + len(d) + len(f) for _, d, f in os.walk(img))
+        nfiles = 1 + sum(len(d) + len(f) for _, d, f in os.walk(img))
         image_info = (f"Image: Debian {open(os.path.join(img, 'etc/debian_version')).read().strip()} "
                       f"root ({du}, {nfiles} paths), from {args.base}.")
         for name in ["native"] + wanted:
@@ -870,6 +884,7 @@ def main(argv=None) -> int:
                                 if mode == "cold":
                                     drop_caches()
                                     col.remount()
+                                    warm_host()
                                 elif mode == "warm":
                                     run_in(col.root, cmd)
                                 os.sync()
@@ -888,6 +903,7 @@ def main(argv=None) -> int:
                 finally:
                     tr.close()
         elapsed = time.time() - t_start
+        notes.append(f"load average at the end: {open('/proc/loadavg').read().split()[0]}")
         report = render(args, v, rows, times, errors, rss, reqs, cpu, notes, elapsed, image_info)
     if args.out:
         with open(args.out, "w") as f:
