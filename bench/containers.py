@@ -55,6 +55,7 @@ import collections
 import contextlib
 import ctypes
 import datetime
+import fcntl
 import io
 import os
 import platform
@@ -72,7 +73,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-BASE = "/var/cache/shiftfs-ci/trixie-8ff25276f3494f26"
+CI_CACHE = "/var/cache/shiftfs-ci"  # .ci/other-release caches its Debian 13 root here
+
+
+def default_base() -> str | None:
+    """The newest complete Debian 13 root .ci/other-release has cached (its
+    name changes with .ci/setup)."""
+    try:
+        roots = [os.path.join(CI_CACHE, d) for d in os.listdir(CI_CACHE) if d.startswith("trixie-")]
+    except OSError:
+        return None
+    roots = [r for r in roots if os.path.exists(os.path.join(r, ".complete"))]
+    return max(roots, key=os.path.getmtime) if roots else None
 SHIFT, COUNT = 100000, 65536
 COLUMNS = ["native", "kernel", "bindfs", "fuse-overlayfs", "shiftfs"]
 FUSE_COLUMNS = ["bindfs", "fuse-overlayfs", "shiftfs"]
@@ -232,6 +244,7 @@ class Column:
         self.daemon_pids: list[int] = []
         self.upper = os.path.join(work, "ovl-upper")
         self.wdir = os.path.join(work, "ovl-work")
+        self.log: str | None = None
 
     @property
     def root(self) -> str:
@@ -255,8 +268,17 @@ class Column:
                         f"uidmapping={ext},gidmapping={ext},allow_other", self.mnt])
         elif self.name == "shiftfs":
             env = dict(os.environ, PYTHONPATH=ROOT)
-            sh([sys.executable, "-m", "shiftfs", "-q", self.tree, self.mnt,
-                "--map", f"b:0:{SHIFT}:{COUNT}"], env=env, cwd=ROOT)
+            cmd = [sys.executable, "-m", "shiftfs", "-q", self.tree, self.mnt, "--map", f"b:0:{SHIFT}:{COUNT}"]
+            if self.log:  # in the foreground, its log (stderr) kept
+                with open(self.log, "a") as f:
+                    self.proc = subprocess.Popen(cmd + ["-f"], env=env, cwd=ROOT, stdout=f, stderr=f)
+                end = time.time() + 20
+                while not ismount(self.mnt):
+                    if self.proc.poll() is not None or time.time() > end:
+                        raise RuntimeError(f"shiftfs -f: no mount (see {self.log})")
+                    time.sleep(0.02)
+            else:  # as a user runs it: it daemonizes once mounted
+                sh(cmd, env=env, cwd=ROOT)
             st = out([sys.executable, "-m", "shiftfs", "status", self.mnt])
             # "MNT: supervisor 1, server 2, restarts 0, open files kept 0"
             words = st.replace(",", " ").split()
@@ -383,7 +405,13 @@ def prepare_image(work: str, base: str, cache: str, notes: list) -> str:
     if os.path.exists(img):
         sh(["rm", "-rf", img])
     log(f"copying {base} -> {img}")
-    sh(["cp", "-a", base, img])
+    lock = os.path.join(os.path.dirname(base), ".lock")
+    with open(lock, "a") as lk:
+        # .ci/other-release builds a new root and removes the older ones under this lock
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        if not os.path.isdir(base):
+            raise RuntimeError(f"{base} is gone (replaced by a newer CI root?); pass --base")
+        sh(["cp", "-a", base, img])
     os.makedirs(cache, exist_ok=True)
     bench = os.path.join(img, "root", "bench")
     os.makedirs(bench, exist_ok=True)
@@ -776,17 +804,23 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated row keys (default: every row): "
                     + ",".join(r[0] for r in ROWS))
     ap.add_argument("--columns", default=",".join(COLUMNS[1:]), help="columns beside native")
-    ap.add_argument("--base", default=BASE, help="the Debian root to copy (only read)")
+    ap.add_argument("--base", default=default_base(),
+                    help=f"the Debian 13 root to copy (only read; default: the newest in {CI_CACHE})")
     ap.add_argument("--workdir", default="/var/tmp/shiftfs-containers")
     ap.add_argument("--cache", default="/var/cache/shiftfs-containers",
                     help="where make's .debs and zlib's source are kept between runs")
     ap.add_argument("--loop-size", default="12G")
     ap.add_argument("--keep", action="store_true", help="keep the loop file and the prepared image")
     ap.add_argument("--no-requests", action="store_true", help="skip the request-counting pass")
+    ap.add_argument("--shiftfs-log", metavar="FILE",
+                    help="run shiftfs in the foreground (-f) with its log kept in FILE; its lines "
+                         "other than the 'serving' one are reported")
     ap.add_argument("--out", help="write the markdown report here (default: stdout)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         ap.error("needs root")
+    if not args.base:
+        ap.error(f"no Debian 13 root in {CI_CACHE} (run .ci/other-release once, or pass --base)")
     wanted = [c for c in args.columns.split(",") if c]
     rows = [r for r in ROWS if not args.only or r[0] in args.only.split(",")]
     t_start = time.time()
@@ -835,6 +869,9 @@ def main(argv=None) -> int:
                 log("chown +100000 of native's copy")
                 shift_tree(col.tree)
             cols[name] = col
+            if name == "shiftfs" and args.shiftfs_log:
+                col.log = os.path.abspath(args.shiftfs_log)
+                open(col.log, "w").close()
         for col in cols.values():
             col.mount()
         check_ownership(cols, notes)
@@ -904,6 +941,14 @@ def main(argv=None) -> int:
                     tr.close()
         elapsed = time.time() - t_start
         notes.append(f"load average at the end: {open('/proc/loadavg').read().split()[0]}")
+        if args.shiftfs_log and "shiftfs" in cols:
+            for c in cols.values():  # the log is complete once the daemons are gone
+                with contextlib.suppress(Exception):
+                    c.umount()
+            lines = [ln.rstrip() for ln in open(args.shiftfs_log) if ln.strip() and " serving " not in ln]
+            notes.append(f"shiftfs ran in the foreground, its log in {args.shiftfs_log}: "
+                         + (f"{len(lines)} line(s) besides 'serving', e.g. " + "; ".join(lines[:5])
+                            if lines else "nothing but its 'serving' lines"))
         report = render(args, v, rows, times, errors, rss, reqs, cpu, notes, elapsed, image_info)
     if args.out:
         with open(args.out, "w") as f:
