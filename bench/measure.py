@@ -123,7 +123,10 @@ def _strace_counts(trace: str) -> tuple[collections.Counter, int]:
 def _straced_run(fs: dict, name: str, prep, run, clean, counter: RequestCounter) -> dict:
     trace = f"/dev/shm/shiftfs-bench-strace-{os.getpid()}-{name}"
     prep(fs)
-    tracer = subprocess.Popen(["strace", "-f", "-qq", "-y", "-o", trace, "-p", str(fs["pid"])],
+    # every process of the daemon: shiftfs's supervisor and the server it
+    # forked (-f follows only forks made after attaching)
+    procs = [w for pid in family(fs["pid"]) for w in ("-p", str(pid))]
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-y", "-o", trace, *procs],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attached to every thread
     counter.start(fs["dev"])
