@@ -525,7 +525,7 @@ def _take_over(session: Session, watcher: Watcher | None, granted) -> bool:
     session.start()
     if watcher is not None:
         watcher.start(session)
-        watcher.expire_all()
+        watcher.expire_all("what changed while no server watched")
     if granted.resend and session.resend() == 0:
         log.info("server %d took over: requests the dead one had read are resent", os.getpid())
     else:

@@ -411,7 +411,7 @@ class Watcher:
             return
         session.inval_entry(parent.node_id, name, expire_only=True)
 
-    def expire_all(self) -> None:
+    def expire_all(self, why: str = "fanotify queue overflow") -> None:
         """After a queue overflow: every node's attributes and data, every
         name the daemon handed out (absent ones too) expired; nothing the
         kernel holds is dropped, so nothing mounted on the tree goes."""
@@ -430,5 +430,5 @@ class Watcher:
         now = time.monotonic()
         if now - self._last_overflow_log >= _OVERFLOW_LOG_EVERY:
             self._last_overflow_log = now
-            log.warning("fanotify queue overflow: every cached name and attribute (%d nodes) expired,"
-                        " nothing detached", len(nodes))
+            log.warning("%s: every cached name and attribute (%d nodes) expired,"
+                        " nothing detached", why, len(nodes))
