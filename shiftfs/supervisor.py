@@ -343,8 +343,13 @@ class Supervisor:
                                 break
                         except BlockingIOError:
                             break
+                gone = False
                 if self._sock in r:
-                    self._receive()
+                    gone = self._receive() == 0
+                # a message only: no wait4 (a server that ends wakes the
+                # signal pipe with SIGCHLD, or leaves its socket at EOF)
+                if r and self._signal_r not in r and not gone:
+                    continue
                 pid, status = os.waitpid(self.server_pid, os.WNOHANG)
                 if not pid:
                     continue
