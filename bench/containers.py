@@ -10,7 +10,7 @@ as a container whose root is host uid 100000, by five ways of shifting:
     shiftfs         python3 -m shiftfs -q IMAGE MNT --map b:0:100000:65536
 
     python3 -m bench.containers --rounds 3 --out bench/containers.md
-    python3 bench/containers.py --rounds 1 --only start,find      # debugging
+    python3 -m bench.containers --rounds 1 --only start,find      # debugging
 
 Needs root, util-linux unshare, bindfs, fuse-overlayfs, fuse3, dpkg-deb, and
 the Debian 13 root the CI uses (--base; it is only read: copied). Everything
@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ctypes
 import datetime
 import fcntl
 import io
@@ -69,9 +68,9 @@ import sys
 import tarfile
 import time
 
+from tests.oracle import kernel_idmap
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 CI_CACHE = "/var/cache/shiftfs-ci"  # .ci/other-release caches its Debian 13 root here
 
@@ -162,74 +161,6 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-# ---- the kernel's idmapped mount (ctypes; util-linux 2.38 ignores X-mount.idmap) ----
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_NR = {"alpha": 110, "ia64": 1024}.get(platform.machine(), 0)
-NR_OPEN_TREE, NR_MOVE_MOUNT, NR_MOUNT_SETATTR = 428 + _NR, 429 + _NR, 442 + _NR
-AT_FDCWD, AT_EMPTY_PATH, AT_RECURSIVE = -100, 0x1000, 0x8000
-OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH, MOUNT_ATTR_IDMAP = 1, 0x4, 0x00100000
-CLONE_NEWUSER = 0x10000000
-
-
-class MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-
-def _syscall(nr, *args):
-    return _libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) if isinstance(a, int) else a for a in args))
-
-
-def userns_fd(maptext: str) -> int:
-    """An fd of a new user namespace whose uid_map and gid_map are maptext."""
-    r, w = os.pipe()
-    r2, w2 = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.close(w2)
-            err = 0 if _libc.unshare(CLONE_NEWUSER) == 0 else ctypes.get_errno()
-            os.write(w, str(err).encode())
-            os.read(r2, 1)
-        finally:
-            os._exit(0)
-    os.close(w)
-    os.close(r2)
-    try:
-        err = int(os.read(r, 16) or b"-1")
-        if err:
-            raise OSError(err, "unshare(CLONE_NEWUSER)")
-        for name in ("uid_map", "gid_map"):
-            with open(f"/proc/{pid}/{name}", "w") as f:
-                f.write(maptext)
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    finally:
-        os.close(w2)
-        os.close(r)
-        os.waitpid(pid, 0)
-
-
-def idmapped_mount(source: str, target: str) -> None:
-    ns = userns_fd(f"0 {SHIFT} {COUNT}\n")  # on-disk id 0 is seen as 100000
-    try:
-        fd = _syscall(NR_OPEN_TREE, AT_FDCWD, os.fsencode(source), OPEN_TREE_CLONE | os.O_CLOEXEC)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), f"open_tree({source})")
-        try:
-            attr = MountAttr(attr_set=MOUNT_ATTR_IDMAP, userns_fd=ns)
-            if _syscall(NR_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)) < 0:
-                raise OSError(ctypes.get_errno(), "mount_setattr(MOUNT_ATTR_IDMAP)")
-            if _syscall(NR_MOVE_MOUNT, fd, b"", AT_FDCWD, os.fsencode(target), MOVE_MOUNT_F_EMPTY_PATH) < 0:
-                raise OSError(ctypes.get_errno(), f"move_mount(-> {target})")
-        finally:
-            os.close(fd)
-    finally:
-        os.close(ns)
-
-
 # ---- the columns ---------------------------------------------------------------
 
 
@@ -245,6 +176,7 @@ class Column:
         self.upper = os.path.join(work, "ovl-upper")
         self.wdir = os.path.join(work, "ovl-work")
         self.log: str | None = None
+        self._idmapped: contextlib.ExitStack | None = None  # the kernel column's mount
 
     @property
     def root(self) -> str:
@@ -254,8 +186,10 @@ class Column:
         if self.name == "native":
             return
         os.makedirs(self.mnt, exist_ok=True)
-        if self.name == "kernel":
-            idmapped_mount(self.tree, self.mnt)
+        if self.name == "kernel":  # util-linux 2.38 ignores X-mount.idmap: the oracle's syscalls
+            self._idmapped = contextlib.ExitStack()
+            self._idmapped.enter_context(kernel_idmap.idmapped_mount(
+                self.tree, self.mnt, [(0, SHIFT, COUNT)], [(0, SHIFT, COUNT)]))
         elif self.name == "bindfs":
             self._fuse(["bindfs", "-f", f"--uid-offset={SHIFT}", f"--gid-offset={SHIFT}",
                         self.tree, self.mnt])
@@ -301,7 +235,11 @@ class Column:
     def umount(self) -> None:
         if self.name == "native":
             return
-        umount(self.mnt)
+        if self._idmapped is not None:
+            self._idmapped.close()
+            self._idmapped = None
+        else:
+            umount(self.mnt)
         for pid in self.daemon_pids:
             wait_gone(pid, self.name)
         if self.proc is not None:
