@@ -551,19 +551,29 @@ def warm_host() -> None:
                    shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def ready(col: Column, row, warm_up: bool) -> bool:
+    """Before a run of ``row``: its prep, then for a cold row the caches
+    dropped and the column remounted, for a warm one (``warm_up``) one
+    untimed run. Whether a cold or warm step was taken."""
+    _key, _label, cmd, mode, _klass, prep, _cleanup = row
+    if prep:
+        run_in(col.root, prep)
+    if mode == "cold":
+        drop_caches()
+        col.remount()
+        warm_host()
+        return True
+    if mode == "warm" and warm_up:
+        run_in(col.root, cmd)
+        return True
+    return False
+
+
 def run_row(row, col: Column) -> float:
     key, label, cmd, mode, klass, prep, cleanup = row
     ts = []
     for _ in range(REPS.get(key, 1)):
-        if prep:
-            run_in(col.root, prep)
-        if mode == "cold":
-            drop_caches()
-            col.remount()
-            warm_host()
-        elif mode == "warm" and not ts:
-            run_in(col.root, cmd)
-        elif klass == "write":
+        if not ready(col, row, warm_up=not ts) and klass == "write":
             os.sync()
         try:
             ts.append(run_in(col.root, cmd))
@@ -854,14 +864,7 @@ def main(argv=None) -> int:
                             try:
                                 if key == "rm":  # rm needs the tree untar made
                                     run_in(col.root, "mkdir /root/untar && tar -xf /root/bench/tree.tar -C /root/untar")
-                                if prep:
-                                    run_in(col.root, prep)
-                                if mode == "cold":
-                                    drop_caches()
-                                    col.remount()
-                                    warm_host()
-                                elif mode == "warm":
-                                    run_in(col.root, cmd)
+                                ready(col, row, warm_up=True)
                                 os.sync()
                                 t0 = col.cpu_s()
                                 tr.start(col.dev())
