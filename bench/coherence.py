@@ -4,8 +4,9 @@ loop-mounted ext4 this script makes (no other writer or watcher on it):
 
 - an unrelated writer (20,000 creates and removes in a directory beside
   the lower) with no mount present and with 8 idle shiftfs mounts of one
-  lower (each with a walked tree cached): its time, interleaved rounds,
-  median, as a ratio;
+  lower (each with a walked tree cached): its time, rounds in alternating
+  order, each run on a synced filesystem a minute after the last (ext4
+  allocates around inodes freed recently), median, as a ratio;
 - the daemon CPU (supervisor and server) each idle mount spends on that
   writer, against bindfs and fuse-overlayfs mounted the same way;
 - fanotify marks a daemon holds after walking 20,000 files in 100
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -72,15 +74,58 @@ def peer(kind: str, lower: str, mnt: str):
         yield proc.pid
 
 
+# ext4 skips inode numbers freed in the last 60 s (300 s while their inode
+# table block is dirty) when it allocates: a writer run soon after another
+# pays for the other's 20,000 removals. Each run starts on a synced
+# filesystem at least this long after the previous one ended.
+QUIET_S = 61.0
+
+
+class Writer:
+    """The unrelated writer, run so that no run inherits another's cost."""
+
+    def __init__(self, where: str) -> None:
+        self.where, self.ended = where, 0.0
+
+    def ready(self) -> None:
+        os.sync()
+        time.sleep(max(0.0, QUIET_S - (time.monotonic() - self.ended)))
+
+    def run(self) -> float:
+        """Ready (``ready``, if not called already), then timed."""
+        self.ready()
+        took = writer(self.where)
+        self.ended = time.monotonic()
+        return took
+
+
+def idle(pids, quiet=1.0, timeout=60.0) -> float:
+    """Wait until the daemons of ``pids`` spend no CPU for ``quiet`` s: an
+    idle mount (after a walk past 60 % of its fd limit its shrinker works
+    for a while); the seconds waited."""
+    t0 = time.monotonic()
+    last = cpu(x for p in pids for x in family(p))
+    while time.monotonic() - t0 < timeout:
+        time.sleep(quiet)
+        now = cpu(x for p in pids for x in family(p))
+        if now == last:
+            break
+        last = now
+    return time.monotonic() - t0
+
+
 def shiftfs_rounds(base: str, lower: str, beside: str, rounds: int) -> dict:
-    """Interleaved rounds: the writer with no mount, then with 8 idle shiftfs
-    mounts of ``lower`` (each walked): its times, the most CPU one mount's
-    daemon spent meanwhile, and the marks the first mount holds after its
-    walk and after drop_caches."""
-    alone, with8, spent = [], [], []
+    """Rounds in alternating order (none, then 8 mounts; then 8 mounts,
+    then none): the writer with no mount, and with 8 idle shiftfs mounts of
+    ``lower`` (each walked); its times, the most CPU one mount's daemon
+    spent meanwhile, and the marks the first mount holds after its walk and
+    after drop_caches."""
+    alone, with8, spent, waited = [], [], [], []
     held = after = 0
-    for _ in range(rounds):
-        alone.append(writer(beside))
+    w = Writer(beside)
+    for r in range(rounds):
+        if r % 2 == 0:
+            alone.append(w.run())
         with contextlib.ExitStack() as stack:
             mps = []
             for k in range(8):
@@ -91,14 +136,18 @@ def shiftfs_rounds(base: str, lower: str, beside: str, rounds: int) -> dict:
                 walk(mp)
             pids = [read_status(mp)["supervisor"] for mp in mps]
             held = marks(read_status(mps[0])["server"])
+            w.ready()
+            waited.append(idle(pids))
             c0 = [cpu(family(p)) for p in pids]
-            with8.append(writer(beside))
+            with8.append(w.run())
             spent.append(max(cpu(family(p)) - c for p, c in zip(pids, c0)))
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("2")
             time.sleep(1.0)
             after = marks(read_status(mps[0])["server"])
-    return dict(alone=alone, with8=with8, spent=spent, held=held, after=after)
+        if r % 2 == 1:
+            alone.append(w.run())
+    return dict(alone=alone, with8=with8, spent=spent, held=held, after=after, waited=waited)
 
 
 def peer_cpu(base: str, lower: str, beside: str) -> dict:
@@ -125,6 +174,9 @@ def rows(s: dict, peers: dict) -> list[str]:
         f"| ≤ 0.05 s |",
         f"| fanotify marks after walking {FILES:,} files in {DIRS} directories / after "
         f"drop_caches | {s['held']} / {s['after']} | |",
+        f"| wait after the walks until the 8 daemons were idle (RLIMIT_NOFILE "
+        f"{resource.getrlimit(resource.RLIMIT_NOFILE)[1]}) | "
+        f"{' / '.join(f'{x:.1f} s' for x in s['waited'])} | |",
     ]
 
 
