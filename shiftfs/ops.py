@@ -65,6 +65,7 @@ from .setattr import AttrChanges
 
 _ACL_ACCESS = "system.posix_acl_access"
 NO_ID = 0xFFFFFFFF  # (uid_t)-1, shown for an unmapped id
+PARKED = 64  # listings under way kept between READDIRs without an open
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 log = logging.getLogger("shiftfs")
 # what an OPEN's flags may not carry to the lower: the kernel made the name
@@ -138,6 +139,7 @@ class Operations:
         self.passthrough = Passthrough()
         self.daemon_uid, self.daemon_gid = self.fsids.daemon_uid, self.fsids.daemon_gid
         self._dirs: dict[int, linux.DirStream] = {}
+        self._parked: dict[int, linux.DirStream] = {}  # node id -> a listing under way (list_open)
         # an unmapped id is shown as (uid_t)-1: the FUSE client makes it
         # INVALID_UID, so its own checks treat the inode as an idmapped
         # mount does (no owner, no capability, no write), and stat shows
@@ -176,9 +178,10 @@ class Operations:
         return os.open(str(fd), flags, dir_fd=self._proc_fd)
 
     def destroy(self) -> None:
-        for d in list(self._dirs.values()):
+        for d in [*self._dirs.values(), *self._parked.values()]:
             os.close(d.fd)
         self._dirs.clear()
+        self._parked.clear()
         self.table.close()
         if self._proc_fd is not None:
             os.close(self._proc_fd)
@@ -561,6 +564,48 @@ class Operations:
         # the kernel may keep the listing while the watcher invalidates the
         # directory on every change behind the mount
         return Opened(fd, self.cache.watching(node))
+
+    def list_open(self, ctx: Context, node_id: int) -> int:
+        """A READDIR, FSYNCDIR or directory ioctl without an open (the
+        kernel's no-opendir mode): an fd of the directory for this request,
+        to be given to ``list_close``. A listing goes on where the last
+        request on the node left its stream (parked): a directory offset
+        is only sure to mean something to the open that gave it (sshfs
+        fails a fresh open's seek). The kernel checked the caller's open
+        of the directory; a frozen one is checked here again."""
+        node = self.table.get(node_id)
+        if not node.is_dir():
+            raise OSError(errno.ENOTDIR, "not a directory")
+        stream = self._parked.pop(node_id, None)
+        fd = stream.fd if stream is not None else self._reopen(
+            node.fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if self._frozen(st):
+                self._frozen_access(ctx, node, st, policy.MAY_READ)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._dirs[fd] = stream or linux.DirStream(fd)
+        return fd
+
+    def list_close(self, node_id: int, fd: int, ended: bool = True) -> None:
+        """The request is done with ``list_open``'s fd: closed if the
+        listing ``ended`` (or failed), else parked for the next READDIR of
+        the node (at most PARKED listings; the oldest goes)."""
+        stream = self._dirs.pop(fd, None)
+        if ended or stream is None:
+            os.close(fd)
+            return
+        old = self._parked.pop(node_id, None)
+        self._parked[node_id] = stream
+        if old is not None:
+            os.close(old.fd)
+        while len(self._parked) > PARKED:
+            try:
+                os.close(self._parked.pop(next(iter(self._parked))).fd)
+            except (KeyError, RuntimeError, StopIteration):  # another thread took it
+                break
 
     def readdir(self, node_id: int, fh: int, off: int) -> linux.DirStream:
         stream = self._dirs[fh]
