@@ -15,8 +15,6 @@ names (entries)    long in a directory with a mark of its own   the watcher's in
                    where the kernel can expire a name without   with EXPIRE_ONLY (nothing
                    detaching a mount on it (FUSE_EXPIRE_ONLY,   mounted on it is detached)
                    Linux 6.2+); short otherwise
-                   0 in a frozen directory (an unmapped owner   -- (every lookup there
-                   or group): each search reaches the daemon    reaches the daemon)
 absent names       as names, and only while the watcher keeps   the watcher, after a queue
 (negative entries) the name (to expire it after a queue         overflow
                    overflow); short beyond that
@@ -28,8 +26,7 @@ page cache         kept across opens while the lower file's     the kernel, when
                    lower's page cache is)
 symlink targets    with the page cache (FUSE_CACHE_SYMLINKS)    as the page cache
 directory          kept across opens where the directory has a  the watcher's inval_inode
-listings           mark (FOPEN_CACHE_DIR); never for frozen     of the directory
-                   directories
+listings           mark (FOPEN_CACHE_DIR)                       of the directory
 =================  ===========================================  =========================
 
 "Long" and "short" come from ``-o cache=``: with a watcher (cache=auto
@@ -41,11 +38,11 @@ watcher that stops (an error reading its queue) turns every long lifetime
 short from then on. Where marks run out (fs.fanotify.max_user_marks) the
 nodes without one get the short lifetimes.
 
-Frozen inodes' attributes (and with them their ACLs) are cached as any
-inode's: no decision is made on a GETATTR, and a lifetime 0 only made the
-kernel ask again before each of its own checks. The accesses the daemon
-decides on frozen inodes (lookup in a frozen directory, OPEN, OPENDIR,
-GETXATTR of user.* names) always reach it.
+Frozen inodes (an unmapped owner or group) are cached as any inode: they
+are shown with the id (uid_t)-1, which the FUSE client holds as
+INVALID_UID, so its own checks decide them as an idmapped mount does (no
+owner or group class, no capability, no write; policy.py). The daemon
+still decides the requests that reach it by the same rules.
 """
 
 from __future__ import annotations
@@ -139,11 +136,9 @@ class CachePolicy:
             return self.long
         return self.short
 
-    def entry(self, node, parent, in_frozen_dir: bool) -> float:
+    def entry(self, node, parent) -> float:
         """The lifetime of ``node``'s name in ``parent`` (None: ROOT_NAME in
         the FUSE root, which nothing else changes)."""
-        if in_frozen_dir:
-            return 0.0
         if parent is not None:
             return self.names(parent).entry
         return self.long.entry if node is self.table.root else self.short.entry

@@ -27,6 +27,7 @@ The handler interface (``Operations``) by request, and what each returns:
 | RELEASE | ``release(node, fh)`` | None |
 | FSYNC, FALLOCATE, COPY_FILE_RANGE, LSEEK | ``fsync(fh, datasync)``, ``fallocate(fh, mode, off, len)``, ``copy_file_range(...)`` | None; int |
 | OPENDIR, READDIR(PLUS), RELEASEDIR | ``opendir(ctx, node)`` -> Opened; ``readdir(node, fh, off)`` -> a stream with ``peek()``/``advance()``; ``readdir_entry(ctx, parent, fh, name, d_type)`` -> Entry or None | |
+| READDIR(PLUS), FSYNCDIR, directory IOCTL with fh 0 (no-opendir mode) | ``list_open(ctx, node)`` -> an fd for that request; ``list_close(node, fd, ended)`` | |
 | GETXATTR, LISTXATTR, SETXATTR, REMOVEXATTR | ``getxattr(ctx, node, name)``, ``listxattr(ctx, node)`` -> bytes; ``setxattr(ctx, node, name, value, flags)``, ``removexattr(ctx, node, name)`` | |
 | IOCTL | ``ioctl(ctx, node, fh, cmd, arg_in, out_size)`` | (result, bytes) |
 | STATFS | ``statfs(ctx, node)`` | os.statvfs_result |
@@ -143,3 +144,4 @@ class Granted(NamedTuple):
     expire_only: bool      # inval_entry can expire a name without detaching mounts
     max_write: int
     resend: bool = False   # FUSE_NOTIFY_RESEND: a new server gets the dead one's requests
+    no_opendir: bool = False  # OPENDIR answered ENOSYS: directories are listed without an open

@@ -155,10 +155,10 @@ class DirStream:
     offsets the lower gives: memory per handle is one batch, whatever the
     directory's size."""
 
-    __slots__ = ("fd", "frozen", "pos", "batch", "index", "buf")
+    __slots__ = ("fd", "pos", "batch", "index", "buf")
 
-    def __init__(self, fd: int, frozen: bool) -> None:
-        self.fd, self.frozen = fd, frozen
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
         self.pos = 0
         self.batch: list = []
         self.index = 0

@@ -11,7 +11,11 @@ directory ioctls, EXPIRE_ONLY invalidations (Linux 6.2), mmap of
 direct-I/O opens. Asked for where the daemon can use them:
 HANDLE_KILLPRIV_V2 (root: set-id bits cleared by the daemon) and
 PASSTHROUGH (root: backing files). RESEND (6.9) and PRUNE (7.45) need no
-flag; they are noted from what the kernel offers."""
+flag; they are noted from what the kernel offers. Where the kernel offers
+NO_OPENDIR_SUPPORT (Linux 5.1) the daemon answers OPENDIR with ENOSYS:
+from then on the kernel opens and releases directories without asking,
+keeps every listing (FOPEN_CACHE_DIR) until the directory changes, and
+READDIR comes with fh 0."""
 
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ def settle(body, killpriv_v2: bool, passthrough: bool,
                       killpriv_v2=bool(got & P.HANDLE_KILLPRIV_V2),
                       expire_only=bool(got & P.HAS_EXPIRE_ONLY) or (
                           minor >= 38 and bool(offered & P.HAS_EXPIRE_ONLY)),
-                      max_write=MAX_WRITE, resend=bool(offered & P.HAS_RESEND))
+                      max_write=MAX_WRITE, resend=bool(offered & P.HAS_RESEND),
+                      no_opendir=bool(offered & P.NO_OPENDIR_SUPPORT))
     reply = P.INIT_OUT.pack(
         P.KERNEL_MAJOR, minor, min(kernel_readahead, max_readahead), got & 0xFFFFFFFF,
         16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0, got >> 32,
@@ -56,4 +61,6 @@ def settle(body, killpriv_v2: bool, passthrough: bool,
     shown = ", ".join(n.lower() for n in _NAMES if got & getattr(P, n)) or "nothing"
     if granted.resend:
         shown += ", has_resend"
+    if granted.no_opendir:
+        shown += ", no_opendir"
     return granted, reply, f"INIT: protocol 7.{minor}, max_write {MAX_WRITE}, granted {shown}"

@@ -64,6 +64,8 @@ from .passthrough import Passthrough
 from .setattr import AttrChanges
 
 _ACL_ACCESS = "system.posix_acl_access"
+NO_ID = 0xFFFFFFFF  # (uid_t)-1, shown for an unmapped id
+PARKED = 64  # listings under way kept between READDIRs without an open
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 log = logging.getLogger("shiftfs")
 # what an OPEN's flags may not carry to the lower: the kernel made the name
@@ -137,7 +139,12 @@ class Operations:
         self.passthrough = Passthrough()
         self.daemon_uid, self.daemon_gid = self.fsids.daemon_uid, self.fsids.daemon_gid
         self._dirs: dict[int, linux.DirStream] = {}
-        self._ovf_uid, self._ovf_gid = idmap.overflow_uid, idmap.overflow_gid
+        self._parked: dict[int, linux.DirStream] = {}  # node id -> a listing under way (list_open)
+        # an unmapped id is shown as (uid_t)-1: the FUSE client makes it
+        # INVALID_UID, so its own checks treat the inode as an idmapped
+        # mount does (no owner, no capability, no write), and stat shows
+        # the overflow id
+        self._ovf_uid = self._ovf_gid = NO_ID
         self._uid_up, self._gid_up = self.uids.to_upper, self.gids.to_upper
         self.request_done = self.table.request_done  # the method below, one call fewer
         self._proc_fd: int | None = None  # /proc/self/fd, held from INIT on (_reopen)
@@ -171,9 +178,10 @@ class Operations:
         return os.open(str(fd), flags, dir_fd=self._proc_fd)
 
     def destroy(self) -> None:
-        for d in list(self._dirs.values()):
+        for d in [*self._dirs.values(), *self._parked.values()]:
             os.close(d.fd)
         self._dirs.clear()
+        self._parked.clear()
         self.table.close()
         if self._proc_fd is not None:
             os.close(self._proc_fd)
@@ -209,13 +217,12 @@ class Operations:
         return Attr(st, self._ovf_uid if uid is None else uid, self._ovf_gid if gid is None else gid,
                     self.cache.attr(node, st))
 
-    def _entry(self, node: Node, st: os.stat_result, in_frozen_dir: bool,
-               parent: Node | None) -> Entry:
+    def _entry(self, node: Node, st: os.stat_result, parent: Node | None) -> Entry:
         """The reply for ``node``'s name in ``parent`` (None: ROOT_NAME in the
         FUSE root, which nothing else changes)."""
         st, uid, gid, attr_timeout = self._attr(st, node)
         return Entry(node.node_id, st, uid, gid, attr_timeout,
-                     self.cache.entry(node, parent, in_frozen_dir))
+                     self.cache.entry(node, parent))
 
     def _as_caller(self, ctx: Context, parent: Node, name: bytes, mode: int, make,
                    opened: bool = False) -> tuple[int, os.stat_result]:
@@ -266,7 +273,7 @@ class Operations:
         """The entry just made under ``name`` (_as_caller's fd and stat),
         counted as one lookup."""
         fd, st = made
-        return self._entry(self.table.add(fd, st, parent.node_id, name), st, False, parent)
+        return self._entry(self.table.add(fd, st, parent.node_id, name), st, parent)
 
     def _frozen_access(self, ctx: Context, node: Node, st: os.stat_result, want: int) -> None:
         """EACCES unless the caller may ``want`` this frozen inode as an
@@ -294,17 +301,16 @@ class Operations:
             if name != ROOT_NAME:
                 return NEGATIVE
             root = self.table.root
-            return self._entry(root, os.fstat(root.fd), False, None)
+            return self._entry(root, os.fstat(root.fd), None)
         parent = self.table.get(parent_id)
         pst = os.fstat(parent.fd)
-        frozen_dir = self._frozen(pst)
-        if frozen_dir:  # a lookup searches the directory: decided as the kernel would
+        if self._frozen(pst):  # a lookup searches the directory: decided as the kernel would
             self._frozen_access(ctx, parent, pst, policy.MAY_EXEC)
         try:
             node, st = self.table.lookup_at(parent, self._name(name))
         except FileNotFoundError:
-            return NEGATIVE if frozen_dir else Entry(0, None, 0, 0, 0.0, self.cache.absent(parent, name))
-        return self._entry(node, st, frozen_dir, parent)
+            return Entry(0, None, 0, 0, 0.0, self.cache.absent(parent, name))
+        return self._entry(node, st, parent)
 
     def forget(self, pairs) -> None:
         for node_id, nlookup in pairs:
@@ -325,7 +331,7 @@ class Operations:
     def resume_dir(self, fh: int) -> None:
         """An open directory a dead server held (the supervisor kept it):
         its stream, from the offsets the kernel sends."""
-        self._dirs[fh] = linux.DirStream(fh, self._frozen(os.fstat(fh)))
+        self._dirs[fh] = linux.DirStream(fh)
 
     def mknod(self, ctx, parent_id, name, mode, rdev) -> Entry:
         parent = self.table.get(parent_id)
@@ -351,7 +357,7 @@ class Operations:
         os.link(node.path, self._name(name), dst_dir_fd=parent.fd, follow_symlinks=True)
         fd = os.dup(node.fd)
         st = os.fstat(fd)
-        return self._entry(self.table.add(fd, st, parent_id, name), st, False, parent)
+        return self._entry(self.table.add(fd, st, parent_id, name), st, parent)
 
     def _delete(self, parent_id: int, name: bytes, remove) -> None:
         parent = self.table.get(parent_id)
@@ -487,7 +493,7 @@ class Operations:
             raise
         fh, backing = self._serve(node, fd, st, flags, uid, fresh=True)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
-        return self._entry(node, st, False, parent), Opened(fh, False, backing, _whole_appends(flags, backing))
+        return self._entry(node, st, parent), Opened(fh, False, backing, _whole_appends(flags, backing))
 
     def tmpfile(self, ctx: Context, parent_id: int, mode: int, flags: int) -> tuple[Entry, Opened]:
         """O_TMPFILE: an unnamed file in ``parent``, born the caller's (as a
@@ -513,7 +519,7 @@ class Operations:
             raise
         fh, backing = self._serve(node, fd, st, flags, ctx.uid, fresh=True)
         node.stamp = None if backing else (st.st_size, st.st_mtime_ns)
-        return self._entry(node, st, False, parent), Opened(fh, False, backing, _whole_appends(flags, backing))
+        return self._entry(node, st, parent), Opened(fh, False, backing, _whole_appends(flags, backing))
 
     def handed_out(self, node_id: int, fh: int, directory: bool = False) -> bool:
         """Whether ``fh`` is an open file (directory) of ``node_id``."""
@@ -548,17 +554,58 @@ class Operations:
         fd = self._reopen(node.fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
-            frozen = self._frozen(st)
-            if frozen:
+            if self._frozen(st):
                 self._frozen_access(ctx, node, st, policy.MAY_READ)
         except BaseException:
             os.close(fd)
             raise
         self.table.dir_opened(fd, uid, node_id)
-        self._dirs[fd] = linux.DirStream(fd, frozen)
+        self._dirs[fd] = linux.DirStream(fd)
         # the kernel may keep the listing while the watcher invalidates the
-        # directory on every change behind the mount (frozen ones: never)
-        return Opened(fd, not frozen and self.cache.watching(node))
+        # directory on every change behind the mount
+        return Opened(fd, self.cache.watching(node))
+
+    def list_open(self, ctx: Context, node_id: int) -> int:
+        """A READDIR, FSYNCDIR or directory ioctl without an open (the
+        kernel's no-opendir mode): an fd of the directory for this request,
+        to be given to ``list_close``. A listing goes on where the last
+        request on the node left its stream (parked): a directory offset
+        is only sure to mean something to the open that gave it (sshfs
+        fails a fresh open's seek). The kernel checked the caller's open
+        of the directory; a frozen one is checked here again."""
+        node = self.table.get(node_id)
+        if not node.is_dir():
+            raise OSError(errno.ENOTDIR, "not a directory")
+        stream = self._parked.pop(node_id, None)
+        fd = stream.fd if stream is not None else self._reopen(
+            node.fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if self._frozen(st):
+                self._frozen_access(ctx, node, st, policy.MAY_READ)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._dirs[fd] = stream or linux.DirStream(fd)
+        return fd
+
+    def list_close(self, node_id: int, fd: int, ended: bool = True) -> None:
+        """The request is done with ``list_open``'s fd: closed if the
+        listing ``ended`` (or failed), else parked for the next READDIR of
+        the node (at most PARKED listings; the oldest goes)."""
+        stream = self._dirs.pop(fd, None)
+        if ended or stream is None:
+            os.close(fd)
+            return
+        old = self._parked.pop(node_id, None)
+        self._parked[node_id] = stream
+        if old is not None:
+            os.close(old.fd)
+        while len(self._parked) > PARKED:
+            try:
+                os.close(self._parked.pop(next(iter(self._parked))).fd)
+            except (KeyError, RuntimeError, StopIteration):  # another thread took it
+                break
 
     def readdir(self, node_id: int, fh: int, off: int) -> linux.DirStream:
         stream = self._dirs[fh]
@@ -568,17 +615,14 @@ class Operations:
     def readdir_entry(self, ctx: Context, parent_id: int, fh: int, name: bytes,
                       d_type: int) -> Entry | None:
         """A readdirplus entry with attributes (one lookup), or None: the
-        dot entries, a vanished name, and all entries of a frozen directory
-        (the kernel then looks each up when it needs it, and lookup decides
-        whether the caller may search the directory)."""
-        stream = self._dirs[fh]
-        if stream.frozen or name in (b".", b".."):
+        dot entries and a vanished name."""
+        if name in (b".", b".."):
             return None
         try:
             fd, st = self.table.open_at(fh, name)
         except OSError:
             return None
-        return self._entry(self.table.add(fd, st, parent_id, name), st, False,
+        return self._entry(self.table.add(fd, st, parent_id, name), st,
                            self.table.peek(parent_id))
 
     def releasedir(self, node_id: int, fh: int) -> None:

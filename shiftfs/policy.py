@@ -2,11 +2,14 @@
 
 A kernel idmapped mount treats an inode whose lower uid or gid has no upper
 counterpart as *frozen*: the mount shows it (as the overflow id) but will
-not change it, and capabilities do not override that. A FUSE daemon running
-as root passes the kernel's own checks for such inodes (the upper kernel
-sees an ordinary owner, 65534), so the daemon refuses them here, with the
-errno and in the order the kernel's VFS uses (measured against a real
-idmapped mount by tests/oracle/test_differential.py):
+not change it, and capabilities do not override that. shiftfs shows such
+an id as (uid_t)-1, which the FUSE client holds as INVALID_UID (stat shows
+the overflow id): the client's own checks (``inode_permission``,
+``notify_change``, ``capable_wrt_inode_uidgid``) then refuse as on an
+idmapped mount, before any request. A FUSE daemon running as root would
+pass the kernel's checks on the lower, so the daemon also refuses what
+reaches it here, with the errno and in the order the kernel's VFS uses
+(measured against a real idmapped mount by tests/oracle/test_differential.py):
 
 - writing to a frozen inode -- open for write, truncate, utimes to "now",
   and creating, linking, renaming or removing names in a frozen directory --
@@ -25,8 +28,8 @@ mode bits and the ACL alone (``acl_permission_check``): the owner class
 applies only to a caller whose fsuid is the inode's *mapped* owner, the
 group class only to members of its *mapped* group, ACL entries only to the
 ids they map to, and no capability overrides (``capable_wrt_inode_uidgid``
-needs both ids mapped). The FUSE client sees the overflow id, a valid id,
-and lets host root through; the daemon refuses with ``frozen_permitted``.
+needs both ids mapped): the FUSE client decides so itself, and the daemon
+with ``frozen_permitted`` for the requests that reach it.
 
 Pure functions over lower ``os.stat_result`` values and the tables: testable
 as a table of cases without a mount (tests/test_policy.py).

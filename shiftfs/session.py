@@ -78,6 +78,7 @@ class Session:
         self._old_signals: dict | None = None
         self.expire_only = bool(granted and granted.expire_only)
         self.can_prune = bool(granted and granted.minor >= 45)  # FUSE_NOTIFY_PRUNE, Linux 6.18
+        self.no_opendir = bool(granted and granted.no_opendir)
         self._request_done = fs.request_done
         self._ops = {
             P.LOOKUP: self._lookup, P.GETATTR: self._getattr, P.SETATTR: self._setattr,
@@ -348,6 +349,7 @@ class Session:
             return
         self.expire_only = self.granted.expire_only
         self.can_prune = self.granted.minor >= 45
+        self.no_opendir = self.granted.no_opendir
         try:
             self.fs.init(self.granted, self)
         except BaseException as e:  # noqa: B902
@@ -505,6 +507,13 @@ class Session:
 
     def _fsync(self, ctx, nodeid, body, directory=False):
         fh, flags, _ = P.FSYNC_IN.unpack_from(body)
+        if directory and fh == 0 and self.no_opendir:
+            fh = self.fs.list_open(ctx, nodeid)
+            try:
+                self.fs.fsync(fh, flags & P.FSYNC_FDATASYNC)
+            finally:
+                self.fs.list_close(nodeid, fh)
+            return b"", None
         self.fs.fsync(self._fd(nodeid, fh, directory), flags & P.FSYNC_FDATASYNC)
         return b"", None
 
@@ -531,10 +540,17 @@ class Session:
         fh, flags, cmd, _arg, in_size, out_size = P.IOCTL_IN.unpack_from(body)
         if flags & P.IOCTL_UNRESTRICTED:
             raise OSError(errno.ENOTTY, "unrestricted ioctl")
-        fh = self._fd(nodeid, fh, bool(flags & P.IOCTL_DIR))
         out_size = min(out_size, 1 << 16)  # the kernel's ioctl buffer is at most max_pages
         data = bytes(body[P.IOCTL_IN.size:P.IOCTL_IN.size + in_size])
-        result, out = self.fs.ioctl(ctx, nodeid, fh, cmd, data, out_size)
+        if flags & P.IOCTL_DIR and fh == 0 and self.no_opendir:
+            fh = self.fs.list_open(ctx, nodeid)
+            try:
+                result, out = self.fs.ioctl(ctx, nodeid, fh, cmd, data, out_size)
+            finally:
+                self.fs.list_close(nodeid, fh)
+        else:
+            fh = self._fd(nodeid, fh, bool(flags & P.IOCTL_DIR))
+            result, out = self.fs.ioctl(ctx, nodeid, fh, cmd, data, out_size)
         return [P.IOCTL_OUT.pack(result, 0, 0, 0), out[:out_size]], None
 
     def _fd(self, nodeid: int, fh: int, directory: bool = False) -> int:
@@ -551,6 +567,8 @@ class Session:
 
     # ---- directories --------------------------------------------------------
     def _opendir(self, ctx, nodeid, body):
+        if self.no_opendir:  # the kernel opens directories itself from now on
+            raise OSError(errno.ENOSYS, "directories are listed without an open")
         o = self.fs.opendir(ctx, nodeid)
         return self._open_out(o, directory=True), lambda: self.fs.releasedir(nodeid, o.fh)
 
@@ -566,12 +584,22 @@ class Session:
         return self._list(ctx, nodeid, body, True)
 
     def _list(self, ctx, nodeid, body, plus: bool):
+        fh, off, size, _rf, _lo, _fl, _ = P.READ_IN.unpack_from(body)
+        if fh == 0 and self.no_opendir:  # no open: the node's stream under way, or a new one
+            fh = self.fs.list_open(ctx, nodeid)
+            reply = None
+            try:
+                reply = self._fill(ctx, nodeid, fh, off, size, plus)
+                return reply
+            finally:  # an empty reply ends the kernel's listing
+                self.fs.list_close(nodeid, fh, reply is None or not len(reply[0]))
+        return self._fill(ctx, nodeid, self._fd(nodeid, fh, True), off, size, plus)
+
+    def _fill(self, ctx, nodeid, fh, off, size, plus: bool):
         """Fill one reply from the handle's stream: an entry goes in only
         if it fits, and only then is it looked up (a readdirplus entry
         counts as a lookup, so one left out must not be counted). An error
         after the first entry ends the reply; it comes again next time."""
-        fh, off, size, _rf, _lo, _fl, _ = P.READ_IN.unpack_from(body)
-        fh = self._fd(nodeid, fh, True)
         size = min(size, MAX_WRITE)  # the kernel's buffer is at most max_pages
         out = bytearray(size)  # zeros: no padding to write
         pos = 0

@@ -57,6 +57,7 @@ MAGIC = b"shiftfs\0"
 # magic, version, next node id, slots in use (high-water mark), protocol minor, INIT grants
 HEADER = struct.Struct("=8sIQQII")
 GRANT_PASSTHROUGH, GRANT_KILLPRIV_V2, GRANT_EXPIRE_ONLY, GRANT_RESEND = 1, 2, 4, 8
+GRANT_NO_OPENDIR = 16
 # node id, nlookup, parent id, st_dev, st_ino, mode, backing id, handle length, handle
 SLOT = struct.Struct("=QQQQQIiH138s")
 SLOT_SIZE = 192
@@ -101,12 +102,14 @@ class NodeJournal:
         """What INIT settled, as the first server wrote it (set_granted)."""
         _, _, _, _, minor, bits = HEADER.unpack_from(self.map, 0)
         return Granted(minor, bool(bits & GRANT_PASSTHROUGH), bool(bits & GRANT_KILLPRIV_V2),
-                       bool(bits & GRANT_EXPIRE_ONLY), max_write, bool(bits & GRANT_RESEND))
+                       bool(bits & GRANT_EXPIRE_ONLY), max_write, bool(bits & GRANT_RESEND),
+                       bool(bits & GRANT_NO_OPENDIR))
 
     def set_granted(self, g: Granted) -> None:
         struct.pack_into("=II", self.map, 28, g.minor,
                          GRANT_PASSTHROUGH * g.passthrough + GRANT_KILLPRIV_V2 * g.killpriv_v2
-                         + GRANT_EXPIRE_ONLY * g.expire_only + GRANT_RESEND * g.resend)
+                         + GRANT_EXPIRE_ONLY * g.expire_only + GRANT_RESEND * g.resend
+                         + GRANT_NO_OPENDIR * g.no_opendir)
 
     def set_next_id(self, next_id: int) -> None:
         struct.pack_into("=Q", self.map, 12, next_id)

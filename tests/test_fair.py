@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource  # here: a caller that drops to a user cannot load it later
 import subprocess
 
 import pytest
@@ -33,7 +34,6 @@ def _hold_until_refused(paths: list[str], directories: bool):
     """Open ``paths`` one by one and keep them open: how many opened, and
     the errno that stopped it (None: all opened). Its own limit first
     raised as far as it may go (the user's hard limit)."""
-    import resource
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     flags = os.O_RDONLY | (os.O_DIRECTORY if directories else 0)
@@ -73,23 +73,28 @@ def tree(lower):
 @pytest.mark.parametrize("what", ["files", "dirs"])
 def test_one_user_holding_files_gets_emfile_and_the_others_keep_working(tree, workdir, what):
     """Under a daemon limited to 2,000 fds, a user opens and holds files
-    (or directories) until refused: it is refused with EMFILE, long before
-    the daemon runs out, and another user's ls and cat still work; what
-    the hog closes it may open again."""
+    until refused: it is refused with EMFILE, long before the daemon runs
+    out, and another user's ls and cat still work; what the hog closes it
+    may open again. Directories are opened by the kernel without the
+    daemon (no-opendir mode): the hog holds all 1,500, which cost the
+    daemon no fd, and the others still work."""
     mnt = workdir / "mnt"
     mnt.mkdir()
     paths = [f"{mnt}/{what}/{'f' if what == 'files' else 'd'}{i}" for i in range(COUNT)]
     with foreground_daemon(tree, mnt, *args(STD), log=workdir / "log",
                            fd_limit=LIMIT), Caller(HOG, HOG) as hog:
         held, err = hog.call(_hold_until_refused, paths, what == "dirs")
-        assert err == errno.EMFILE, (held, err)
-        assert held < LIMIT // 4, f"the hog held {held} files before it was refused"
+        if what == "dirs":
+            assert (held, err) == (COUNT, None)
+        else:
+            assert err == errno.EMFILE, (held, err)
+            assert held < LIMIT // 4, f"the hog held {held} files before it was refused"
         ls = _as(OTHER, "ls", "-ln", f"{mnt}/other")
         assert ls.returncode == 0 and ls.stdout.count("\n") == 21, ls.stderr
         cat = _as(OTHER, "cat", f"{mnt}/other/o7", f"{mnt}/other/o19")
         assert (cat.returncode, cat.stdout) == (0, "other's 7\nother's 19\n"), cat.stderr
         assert hog.call(_close_held, held) is None
-        assert hog.call(_hold_until_refused, paths, what == "dirs") == (held, errno.EMFILE)
+        assert hog.call(_hold_until_refused, paths, what == "dirs") == (held, err)
 
 
 # ---- the table's accounting, without a mount ----

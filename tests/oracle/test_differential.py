@@ -399,25 +399,20 @@ EXEC_OPS = {
 # by the difference in docs/semantics.md (Differences from kernel idmapped mounts) that explains it. Such a case
 # must still differ, and only in the way its difference allows (see
 # ALLOWED), so a fix or a new difference shows up.
-NON_ROOT = ("user", "member", "unmapped", "gid_unmapped", "container_root")
 UNPRIVILEGED = ("user", "member", "unmapped", "gid_unmapped")
 KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {}
 for _ops, _callers, _doc in [
     # D2: the FUSE client refuses before the daemon is asked
-    (("chmod_frozen", "utime_set_frozen", "utime_now_omit_frozen", "chown_frozen_gid_only"),
-     NON_ROOT, "D2"),
-    (("chmod_frozen_gid",), ("member", "unmapped"), "D2"),
-    (("chown_overflow", "chown_unmapped_uid", "unlink_sticky_frozen"), UNPRIVILEGED, "D2"),
+    (("chown_overflow", "chown_unmapped_uid"), UNPRIVILEGED, "D2"),
     (("chown_unmapped_gid",), ("user", "member", "unmapped"), "D2"),
     (("create_in_priv",), ("unmapped",), "D2"),
     (("mknod_chr",), ("unmapped", "gid_unmapped"), "D2"),
-    # D4: set-uid exec of a frozen file (only with -o suid)
-    (("exec_suid_frozen",), ("host_root",) + UNPRIVILEGED, "D4"),
+    (("create_in_frozen_dir", "mkdir_in_frozen_dir", "symlink_in_frozen_dir",
+      "link_into_frozen_dir", "rename_into_frozen_dir"),
+     ("host_root", "unmapped", "gid_unmapped"), "D2"),
     # D5: chown of a frozen set-id file by host root; gone where the daemon
     # clears set-id bits itself (FUSE_HANDLE_KILLPRIV_V2), and so decides
     (("chown_frozen_suid_out",), () if handles_killpriv_v2() else ("host_root",), "D5"),
-    # D7: access(2) is answered by the FUSE client alone
-    (("access_frozen_600",), ("host_root",), "D7"),
 ]:
     for _op in _ops:
         for _caller in _callers:
@@ -432,9 +427,7 @@ def _only_errno_differs(rows, kernel_errno="EOVERFLOW"):
 
 ALLOWED = {
     "D2": _only_errno_differs,
-    "D4": lambda rows: len(rows) == 1 and "shiftfs=(0, '65534')" in rows[0],
     "D5": lambda rows: rows == [" result: shiftfs=Errno(EOVERFLOW) kernel=Errno(EPERM)"],
-    "D7": lambda rows: rows == [" result: shiftfs=True kernel=False"],
 }
 
 
