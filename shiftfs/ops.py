@@ -568,11 +568,10 @@ class Operations:
     def list_open(self, ctx: Context, node_id: int) -> int:
         """A READDIR, FSYNCDIR or directory ioctl without an open (the
         kernel's no-opendir mode): an fd of the directory for this request,
-        to be given to ``list_close``. A listing goes on where the last
-        request on the node left its stream (parked): a directory offset
-        is only sure to mean something to the open that gave it (sshfs
-        fails a fresh open's seek). The kernel checked the caller's open
-        of the directory; a frozen one is checked here again."""
+        for ``list_close``. A listing goes on in the stream the last request
+        on the node parked: an offset is only sure to mean something to the
+        open that gave it (sshfs fails a fresh open's seek). The kernel
+        checked the caller's open; a frozen directory is checked again."""
         node = self.table.get(node_id)
         if not node.is_dir():
             raise OSError(errno.ENOTDIR, "not a directory")

@@ -33,7 +33,7 @@ import struct
 import sys
 import threading
 
-from . import negotiate
+from . import listing, negotiate
 from . import protocol as P
 from .negotiate import MAX_WRITE
 from .filesystem import Context, Granted, Opened, SetAttr
@@ -589,54 +589,12 @@ class Session:
             fh = self.fs.list_open(ctx, nodeid)
             reply = None
             try:
-                reply = self._fill(ctx, nodeid, fh, off, size, plus)
+                reply = listing.fill(self.fs, ctx, nodeid, fh, off, min(size, MAX_WRITE), plus)
                 return reply
             finally:  # an empty reply ends the kernel's listing
                 self.fs.list_close(nodeid, fh, reply is None or not len(reply[0]))
-        return self._fill(ctx, nodeid, self._fd(nodeid, fh, True), off, size, plus)
-
-    def _fill(self, ctx, nodeid, fh, off, size, plus: bool):
-        """Fill one reply from the handle's stream: an entry goes in only
-        if it fits, and only then is it looked up (a readdirplus entry
-        counts as a lookup, so one left out must not be counted). An error
-        after the first entry ends the reply; it comes again next time."""
-        size = min(size, MAX_WRITE)  # the kernel's buffer is at most max_pages
-        out = bytearray(size)  # zeros: no padding to write
-        pos = 0
-        stream = self.fs.readdir(nodeid, fh, off)
-        counted = []
-        peek, advance, dirent = stream.peek, stream.advance, P.pack_dirent
-        extra = P.DIRENT.size + 7 + (P.ENTRY_OUT.size if plus else 0)
-        try:
-            if plus:
-                entry = self.fs.readdir_entry
-                entry_into, esize = P.pack_entry_into, P.ENTRY_OUT.size
-            while True:
-                item = peek()
-                if item is None:
-                    break
-                name, d_ino, d_type, d_off = item
-                if pos + ((len(name) + extra) & ~7) > size:
-                    break
-                if plus:
-                    e = entry(ctx, nodeid, fh, name, d_type)
-                    if e is None:  # no attributes: the kernel looks it up when it needs them
-                        P.ENTRY_OUT.pack_into(out, pos, 0, 0, 0, 0, 0, 0, d_ino, 0, 0, 0, 0, 0,
-                                              0, 0, 0, d_type << 12, 0, 0, 0, 0, 0, 0)
-                    else:
-                        counted.append(e.node_id)
-                        entry_into(out, pos, *e)
-                    pos = dirent(out, pos + esize, d_ino, d_off, name, d_type, True)
-                else:
-                    pos = dirent(out, pos, d_ino, d_off, name, d_type, True)
-                advance()
-        except OSError:
-            if pos == 0:
-                raise
-
-        def undo():  # the kernel never saw these entries: their lookups go back
-            self.fs.forget([(n, 1) for n in counted])
-        return memoryview(out)[:pos], (undo if counted else None)
+        return listing.fill(self.fs, ctx, nodeid, self._fd(nodeid, fh, True), off,
+                            min(size, MAX_WRITE), plus)
 
     # ---- extended attributes ------------------------------------------------
     @staticmethod

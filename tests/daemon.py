@@ -207,3 +207,14 @@ def server_pid(mountpoint) -> int:
     status = read_status(str(mountpoint))
     assert status is not None and status["server"] > 0, f"no server for {mountpoint}"
     return status["server"]
+
+
+def space_back(mountpoint, timeout: float = 5.0) -> bool:
+    """After a file was closed and unlinked through the mount on a full
+    lower: whether space shows as free again within ``timeout`` s (the
+    daemon lets the inode go once it has the file's RELEASE and FORGET,
+    which the kernel sends after the close and the unlink)."""
+    deadline = time.monotonic() + timeout
+    while os.statvfs(mountpoint).f_bavail == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.statvfs(mountpoint).f_bavail > 0
