@@ -64,8 +64,13 @@ SLOT_SIZE = 192
 JOURNAL_BYTES = 1 << 30  # sparse: pages exist only where slots were written
 # server -> supervisor: kind (OPEN, SHARE, CLOSE, READY), fh, node id, uid, flags
 MSG = struct.Struct("=BqQII")
+_FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)  # one fd a message
 OPEN, SHARE, CLOSE, READY = 1, 2, 3, 4
 RESTART_PAUSE = 0.05  # between restarts of a server that keeps dying at once
+# After a batch of messages the supervisor lets the next ones gather for
+# this long: an fd in flight stays open in the socket, so nothing is lost
+# if the server dies meanwhile, and a create no longer wakes it twice.
+GATHER_PAUSE = 0.005
 
 
 class NodeJournal:
@@ -247,6 +252,8 @@ class Supervisor:
     def fork_server(self, restored: bool) -> None:
         """Fork a server; it reports READY once it serves."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # room for the messages of a gathering pause (capped at wmem_max)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         pid = os.fork()
         if pid == 0:
             try:
@@ -292,15 +299,20 @@ class Supervisor:
                 return False
         return False
 
-    def _receive(self) -> int:
+    def _receive(self, wait: bool = True) -> int:
         """One message from the server (its open files); the message kind,
-        0 when the server is gone."""
+        0 when the server is gone (or, not ``wait``ing, when none is queued)."""
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self._sock, MSG.size, 1)
+            data, anc, _flags, _addr = self._sock.recvmsg(
+                MSG.size, _FD_SPACE, 0 if wait else socket.MSG_DONTWAIT)
         except OSError:
             return 0
         if not data:
             return 0
+        fds = array.array("i")
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
         kind, fh, node_id, uid, flags = MSG.unpack(data)
         if kind == OPEN and fds:
             old = self.held.pop(fh, None)
@@ -349,9 +361,13 @@ class Supervisor:
                 gone = False
                 if self._sock in r:
                     gone = self._receive() == 0
-                # a message only: no wait4 (a server that ends wakes the
+                    if not gone:  # the batch
+                        while self._receive(wait=False):
+                            pass
+                # messages only: no wait4 (a server that ends wakes the
                 # signal pipe with SIGCHLD, or leaves its socket at EOF)
                 if r and self._signal_r not in r and not gone:
+                    time.sleep(GATHER_PAUSE)
                     continue
                 pid, status = os.waitpid(self.server_pid, os.WNOHANG)
                 if not pid:
