@@ -547,18 +547,10 @@ class Operations:
         """An open lower directory; ``keep_cache``: the kernel may keep
         its listing across opens."""
         node = self.table.get(node_id)
-        if not node.is_dir():
-            raise OSError(errno.ENOTDIR, "not a directory")
         uid = ctx.uid
-        self.table.admit(uid)
-        fd = self._reopen(node.fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if self._frozen(st):
-                self._frozen_access(ctx, node, st, policy.MAY_READ)
-        except BaseException:
-            os.close(fd)
-            raise
+        if node.is_dir():
+            self.table.admit(uid)
+        fd = self._open_dir(ctx, node)
         self.table.dir_opened(fd, uid, node_id)
         self._dirs[fd] = linux.DirStream(fd)
         # the kernel may keep the listing while the watcher invalidates the
@@ -573,11 +565,19 @@ class Operations:
         open that gave it (sshfs fails a fresh open's seek). The kernel
         checked the caller's open; a frozen directory is checked again."""
         node = self.table.get(node_id)
+        stream = self._parked.pop(node_id, None) if node.is_dir() else None
+        fd = self._open_dir(ctx, node, stream.fd if stream is not None else None)
+        self._dirs[fd] = stream or linux.DirStream(fd)
+        return fd
+
+    def _open_dir(self, ctx: Context, node: Node, fd: int | None = None) -> int:
+        """``node``'s directory opened for reading (or ``fd``, an open of it
+        already), a frozen one decided as the kernel would; closed again
+        where refused."""
         if not node.is_dir():
             raise OSError(errno.ENOTDIR, "not a directory")
-        stream = self._parked.pop(node_id, None)
-        fd = stream.fd if stream is not None else self._reopen(
-            node.fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if fd is None:
+            fd = self._reopen(node.fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             if self._frozen(st):
@@ -585,7 +585,6 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        self._dirs[fd] = stream or linux.DirStream(fd)
         return fd
 
     def list_close(self, node_id: int, fd: int, ended: bool = True) -> None:
