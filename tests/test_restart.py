@@ -121,6 +121,27 @@ def test_a_killed_server_is_replaced_and_callers_see_nothing(lower, served):
     assert read_status(str(mnt))["server"] != killed
 
 
+def test_a_listing_cut_by_a_kill_goes_on_whole(lower, served):
+    """A directory read part of the way (the kernel asks for the rest
+    without an open: no-opendir mode) when the server is killed: the new
+    server, which has no stream parked for it, opens the directory again
+    at the kernel's offset, and the listing ends with every name once."""
+    mnt, _status = served
+    big = lower / "big"
+    big.mkdir()
+    names = {f"entry-{i:05d}-{'y' * (i % 40)}" for i in range(4000)}
+    for n in names:
+        (big / n).write_text("")
+    seen = []
+    with os.scandir(mnt / "big") as it:
+        for entry in it:
+            seen.append(entry.name)
+            if len(seen) == 300:
+                killed = _kill_server(mnt)
+    assert sorted(seen) == sorted(names)
+    assert read_status(str(mnt))["server"] != killed
+
+
 def test_twenty_kills_in_a_row(lower, served):
     mnt, status = served
     t, out = _running_loop(mnt, 8)
