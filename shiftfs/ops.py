@@ -441,8 +441,7 @@ class Operations:
         fd = self._reopen(node.fd, (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
-            frozen = self._frozen(st)
-            if frozen:
+            if self._frozen(st):
                 if flags & (os.O_WRONLY | os.O_RDWR):
                     policy.check_modify(st, self.uids, self.gids, "write")
                 else:  # read or exec of a frozen file
@@ -450,21 +449,20 @@ class Operations:
         except BaseException:
             os.close(fd)
             raise
-        fh, backing = self._serve(node, fd, st, flags, uid, frozen)
+        fh, backing = self._serve(node, fd, st, flags, uid)
         stamp = None if backing else (st.st_size, st.st_mtime_ns)  # passthrough skips this cache
         keep = stamp is not None and node.stamp == stamp
         node.stamp = stamp
         return Opened(fh, keep, backing, _whole_appends(flags, backing))
 
     def _serve(self, node: Node, fd: int, st: os.stat_result, flags: int, uid: int,
-               frozen: bool = False, fresh: bool = False):
+               fresh: bool = False):
         """A new open of ``node`` by ``uid`` on the lower ``fd`` (the table
         takes it): (fh, passthrough backing id), the fh an fd the daemon
-        can read and write where the id is 0. ``frozen``: as the caller
-        found ``st``; ``fresh``: a file this request made (the caller's,
-        so not frozen, and with no security.capability)."""
+        can read and write where the id is 0. ``fresh``: a file this
+        request made (it has no security.capability)."""
         fh, backing = self.table.opened(node, fd, flags, uid, self.passthrough.chooser(
-            fd, st, frozen, fresh))
+            fd, st, fresh))
         if not backing:
             _buffered(fh, flags)
         return fh, backing

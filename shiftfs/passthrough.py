@@ -2,10 +2,11 @@
 with CAP_SYS_ADMIN): the kernel then does a regular file's reads and
 writes on the lower file itself, and no READ or WRITE reaches the daemon.
 
-Not for files whose writes or reads the daemon must see: frozen files
-(every access is decided here), files with a set-uid bit or a set-gid bit
-with group exec (a write clears them), files with a security.capability
-(a write removes it). Nor for lowers the kernel refuses as backing files
+Not for files whose writes the daemon must see: files with a set-uid bit
+or a set-gid bit with group exec (a write clears them), files with a
+security.capability (a write removes it). Frozen files are passed through:
+the kernel decides their opens as an idmapped mount does (their unmapped
+ids show as (uid_t)-1) and refuses every open of them for writing. Nor for lowers the kernel refuses as backing files
 (stacked too deep: overlayfs, a second shiftfs), which the first refusal
 shows. The choice is made at an inode's first open (InodeTable.opened).
 """
@@ -29,7 +30,7 @@ class Passthrough:
         self.files = files
         self._closer = files  # still gives back what was opened after a refusal
 
-    def chooser(self, fd: int, st: os.stat_result, frozen: bool, fresh: bool):
+    def chooser(self, fd: int, st: os.stat_result, fresh: bool):
         """What InodeTable.opened calls at the first open of the inode
         ``fd`` holds, for its backing id (0: served by the daemon), or None
         where nothing is passed through. ``fresh``: a file this request
@@ -38,7 +39,7 @@ class Passthrough:
             return None
 
         def choose() -> int:
-            if policy.setid_always_cleared(st.st_mode) or frozen:
+            if policy.setid_always_cleared(st.st_mode):
                 return 0
             if not fresh:
                 try:
