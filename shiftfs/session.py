@@ -23,6 +23,7 @@ registers passthrough backing files (ioctls on the same fd)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -507,14 +508,8 @@ class Session:
 
     def _fsync(self, ctx, nodeid, body, directory=False):
         fh, flags, _ = P.FSYNC_IN.unpack_from(body)
-        if directory and fh == 0 and self.no_opendir:
-            fh = self.fs.list_open(ctx, nodeid)
-            try:
-                self.fs.fsync(fh, flags & P.FSYNC_FDATASYNC)
-            finally:
-                self.fs.list_close(nodeid, fh)
-            return b"", None
-        self.fs.fsync(self._fd(nodeid, fh, directory), flags & P.FSYNC_FDATASYNC)
+        with self._open_fd(ctx, nodeid, fh, directory) as fd:
+            self.fs.fsync(fd, flags & P.FSYNC_FDATASYNC)
         return b"", None
 
     def _fsyncdir(self, ctx, nodeid, body):
@@ -542,16 +537,23 @@ class Session:
             raise OSError(errno.ENOTTY, "unrestricted ioctl")
         out_size = min(out_size, 1 << 16)  # the kernel's ioctl buffer is at most max_pages
         data = bytes(body[P.IOCTL_IN.size:P.IOCTL_IN.size + in_size])
-        if flags & P.IOCTL_DIR and fh == 0 and self.no_opendir:
-            fh = self.fs.list_open(ctx, nodeid)
-            try:
-                result, out = self.fs.ioctl(ctx, nodeid, fh, cmd, data, out_size)
-            finally:
-                self.fs.list_close(nodeid, fh)
-        else:
-            fh = self._fd(nodeid, fh, bool(flags & P.IOCTL_DIR))
-            result, out = self.fs.ioctl(ctx, nodeid, fh, cmd, data, out_size)
+        with self._open_fd(ctx, nodeid, fh, bool(flags & P.IOCTL_DIR)) as fd:
+            result, out = self.fs.ioctl(ctx, nodeid, fd, cmd, data, out_size)
         return [P.IOCTL_OUT.pack(result, 0, 0, 0), out[:out_size]], None
+
+    @contextlib.contextmanager
+    def _open_fd(self, ctx, nodeid: int, fh: int, directory: bool):
+        """The fd a request on an open file or directory acts on: its fh
+        (``_fd``), or, for a directory the kernel opened without the daemon
+        (no-opendir mode: fh 0), one opened for this request only."""
+        if not (directory and fh == 0 and self.no_opendir):
+            yield self._fd(nodeid, fh, directory)
+            return
+        fd = self.fs.list_open(ctx, nodeid)
+        try:
+            yield fd
+        finally:
+            self.fs.list_close(nodeid, fd)
 
     def _fd(self, nodeid: int, fh: int, directory: bool = False) -> int:
         """A request's fh, used as an fd: only one the daemon handed out
