@@ -64,7 +64,10 @@ from .passthrough import Passthrough
 from .setattr import AttrChanges
 
 _ACL_ACCESS = "system.posix_acl_access"
-NO_ID = 0xFFFFFFFF  # (uid_t)-1, shown for an unmapped id
+# an unmapped id is shown as (uid_t)-1: the FUSE client makes it INVALID_UID,
+# so its own checks treat the inode as an idmapped mount does (no owner, no
+# capability, no write), and stat shows the overflow id
+NO_ID = 0xFFFFFFFF
 PARKED = 64  # listings under way kept between READDIRs without an open
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 log = logging.getLogger("shiftfs")
@@ -140,11 +143,6 @@ class Operations:
         self.daemon_uid, self.daemon_gid = self.fsids.daemon_uid, self.fsids.daemon_gid
         self._dirs: dict[int, linux.DirStream] = {}
         self._parked: dict[int, linux.DirStream] = {}  # node id -> a listing under way (list_open)
-        # an unmapped id is shown as (uid_t)-1: the FUSE client makes it
-        # INVALID_UID, so its own checks treat the inode as an idmapped
-        # mount does (no owner, no capability, no write), and stat shows
-        # the overflow id
-        self._ovf_uid = self._ovf_gid = NO_ID
         self._uid_up, self._gid_up = self.uids.to_upper, self.gids.to_upper
         self.request_done = self.table.request_done  # the method below, one call fewer
         self._proc_fd: int | None = None  # /proc/self/fd, held from INIT on (_reopen)
@@ -214,7 +212,7 @@ class Operations:
         # no decision is made on a GETATTR (see the module docstring)
         uid = self._uid_up(st.st_uid)
         gid = self._gid_up(st.st_gid)
-        return Attr(st, self._ovf_uid if uid is None else uid, self._ovf_gid if gid is None else gid,
+        return Attr(st, NO_ID if uid is None else uid, NO_ID if gid is None else gid,
                     self.cache.attr(node, st))
 
     def _entry(self, node: Node, st: os.stat_result, parent: Node | None) -> Entry:
@@ -563,7 +561,7 @@ class Operations:
         open that gave it (sshfs fails a fresh open's seek). The kernel
         checked the caller's open; a frozen directory is checked again."""
         node = self.table.get(node_id)
-        stream = self._parked.pop(node_id, None) if node.is_dir() else None
+        stream = self._parked.pop(node_id, None)
         fd = self._open_dir(ctx, node, stream.fd if stream is not None else None)
         self._dirs[fd] = stream or linux.DirStream(fd)
         return fd
