@@ -122,7 +122,7 @@ class CachePolicy:
                 return self.long.attr
             if st.st_nlink == 1 or stat.S_ISDIR(st.st_mode):
                 parent = self.table.peek(node.parent_id)
-                if parent is not None and parent.marked and parent.key[0] == node.key[0]:
+                if parent is not None and parent.marked and parent.dev == node.dev:
                     return self.long.attr
         return self.short.attr
 

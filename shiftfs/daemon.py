@@ -450,6 +450,7 @@ def _server(s: _Serving, journal: NodeJournal, sock, held: dict[int, Held],
                 operations.resume_dir(fh)
     else:
         _log_lacks(operations, s.lower)
+        journal.fit(table.root.handle)
         table.journal = journal
     store = FdStore(sock)
     table.store = store

@@ -87,35 +87,57 @@ from . import linux
 
 ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
 OPEN_BUDGET = 0.3  # of RLIMIT_NOFILE: the fds all callers' open files may hold
+CLOCK_HOLDS = 256  # holds a tick of the clock that orders nodes by last use
 OPEN_SHARE = 4  # one uid may hold 1/OPEN_SHARE of the budget
 # flags that only matter while opening: opens that differ in them alone may share an fd
 _OPENING = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC | os.O_CLOEXEC
 log = logging.getLogger("shiftfs")
 
 
+# A node's fields cost memory per inode the kernel holds (200,000 after a big
+# walk): its key is one int, not a (dev, ino) tuple of two (~100 bytes less),
+# and its type bits are one of a few shared ints.
+_FILE_TYPES = {t: t for t in range(0, 0o200000, 0o10000)}
+
+
+def inode_key(dev: int, ino: int) -> int:
+    """What identifies a lower inode by number: ``ino`` and ``dev`` (a
+    kernel dev_t: 32 bits) in one int."""
+    return ino << 32 | dev
+
+
+def key_of(st: os.stat_result) -> int:
+    return st.st_ino << 32 | st.st_dev
+
+
 class Node:
     """One lower inode. ``mode`` is its file type bits (they never change
-    for an inode), ``fd`` an O_PATH fd of it."""
+    for an inode), ``fd`` an O_PATH fd of it, ``key`` its inode_key."""
 
     __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens", "busy",
                  "handle", "used", "stamp", "backing", "fid", "marked",
                  "slot", "released", "forgotten")
 
-    def __init__(self, node_id: int, fd: int, key: tuple[int, int], mode: int) -> None:
-        self.node_id, self.fd, self.key, self.mode = node_id, fd, key, mode
+    def __init__(self, node_id: int, fd: int, key: int, mode: int) -> None:
+        self.node_id, self.fd, self.key, self.mode = node_id, fd, key, _FILE_TYPES[mode]
         self.nlookup = 0
         self.parent_id, self.name = 0, b""  # the last name it was looked up by
         self.opens = 0  # lower file handles open on it
         self.busy = 0  # running requests that named it: its fd stays while > 0
         self.handle: bytes | None = None  # its inode's identity; reopens it once its fd was given back
-        self.used = 0  # when a request last named it (InodeTable's count of holds)
+        self.used = 0  # when a request last named it (InodeTable's clock)
         self.stamp = None  # (size, mtime) at the last open: keep the page cache if unchanged
         self.backing = 0  # passthrough backing id while its opens are passed through
-        self.fid: bytes | None = None  # fsid + file handle: how fanotify names it (watch.py)
+        self.fid: bytes | None = None  # the handle fanotify names it by (watch.py)
         self.marked = False  # a fanotify mark of its own reports its changes (watch.py)
         self.slot = -1  # its slot in the supervisor's journal (supervisor.NodeJournal)
         self.released = False  # its fd was pointed at a placeholder (release_if_gone)
         self.forgotten = False  # FORGET took its last lookup while a request held it
+
+    @property
+    def dev(self) -> int:
+        """The lower device it is on."""
+        return self.key & 0xFFFFFFFF
 
     @property
     def path(self) -> str:
@@ -148,16 +170,21 @@ class InodeTable:
     def __init__(self, root_fd: int, lower_type: str, root_id: int = ROOT_ID) -> None:
         """``lower_type``: the root's filesystem type as mountinfo names it."""
         st = os.fstat(root_fd)
-        root = Node(root_id, root_fd, (st.st_dev, st.st_ino), stat.S_IFMT(st.st_mode))
+        root = Node(root_id, root_fd, key_of(st), stat.S_IFMT(st.st_mode))
         root.nlookup = 1 << 62  # never forgotten
         root.handle = linux.name_to_handle(root_fd)
         self.root = root
         self._by_id: dict[int, Node] = {root_id: root}
-        self._by_key: dict[tuple[int, int], Node] = {root.key: root}
+        self._by_key: dict[int, Node] = {root.key: root}
         self._lock = threading.Lock()
         self._held = threading.local()  # the nodes this thread's request has named
         self._next_id = root_id + 1
-        self._holds = 0  # holds so far: the clock that orders nodes by last use
+        # The clock that orders nodes by last use: a tick every CLOCK_HOLDS
+        # holds, so the nodes named within one tick share one int object
+        # (a unique one each would cost 32 bytes a node; the order the
+        # shrinker needs is coarse).
+        self._holds = 0
+        self._clock = 0
         self.peak = 1
         self.high, self.low = 1 << 62, 1 << 62  # set by the mount from RLIMIT_NOFILE
         self.shrink_wanted = threading.Event()
@@ -213,7 +240,9 @@ class InodeTable:
         # under the lock: from here give_back() leaves this node's fd alone
         node.busy += 1
         self._holds += 1
-        node.used = self._holds
+        if not self._holds % CLOCK_HOLDS:
+            self._clock += 1
+        node.used = self._clock
         try:
             self._held.nodes.append(node)
         except AttributeError:
@@ -242,7 +271,7 @@ class InodeTable:
                 raise OSError(errno.ESTALE, f"node {node.node_id} has no fd")
             fd = linux.open_by_handle(self._mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)
             st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != node.key:  # cannot happen; never act on another inode
+            if key_of(st) != node.key:  # cannot happen; never act on another inode
                 os.close(fd)
                 raise OSError(errno.ESTALE, f"node {node.node_id} reopened as another inode")
             node.fd = fd
@@ -259,18 +288,19 @@ class InodeTable:
         How many were given back."""
         if not self.handles:
             return 0
-        dev = self.root.key[0]  # handles reopen through the root's mount: not what is mounted below it
+        dev = self.root.dev  # handles reopen through the root's mount: not what is mounted below it
         with self._lock:
             idle_nodes = sorted((n for n in self._by_id.values()
-                                 if n.fd >= 0 and n.key[0] == dev and not n.opens and not n.busy
+                                 if n.fd >= 0 and n.dev == dev and not n.opens and not n.busy
                                  and n is not self.root and not n.released),
                                 key=lambda n: n.used)[:count]
             fds = []
             for n in idle_nodes:
                 if n.handle is None:  # taken now, from the fd that still holds the inode
-                    n.handle = linux.name_to_handle(n.fd)
-                    if n.handle is None:
+                    h = linux.name_to_handle(n.fd)
+                    if h is None:
                         continue
+                    n.handle = n.fid if h == n.fid else h  # one copy where the watcher's is the same
                 fds.append(n.fd)
                 n.fd = -1
             self.open_fds -= len(fds)
@@ -282,7 +312,7 @@ class InodeTable:
         """The node of a lower inode, if the kernel holds one; with the
         inode's ``handle`` (watch.py), not a node whose inode was freed and
         its number reused."""
-        node = self._by_key.get((dev, ino))
+        node = self._by_key.get(inode_key(dev, ino))
         if node is not None and handle is not None and not self._names(node, handle):
             return None
         return node
@@ -334,7 +364,7 @@ class InodeTable:
         handles are taken only where a node is met again by its number
         (to tell its inode from another under a reused number) and when a
         node gives its fd back (give_back): a new node needs none."""
-        key = (st.st_dev, st.st_ino)
+        key = key_of(st)
         # a node met again under this number: the new fd's handle, taken
         # before the lock (the node's own, from its fd, under it)
         # (and every new node's where a journal keeps the table for the next server)
@@ -573,7 +603,8 @@ class InodeTable:
         open files the supervisor kept (``held``: fh -> supervisor.Held),
         at the fh numbers the kernel has."""
         with self._lock:
-            for slot, node_id, nlookup, parent_id, key, mode, backing, handle in journal.records():
+            for slot, node_id, nlookup, parent_id, (dev, ino), mode, backing, handle in journal.records():
+                key = inode_key(dev, ino)
                 node = Node(node_id, -1, key, mode)
                 node.slot, node.nlookup, node.parent_id = slot, nlookup, parent_id
                 node.handle, node.backing = handle, backing

@@ -52,15 +52,21 @@ from .filesystem import Granted
 
 log = logging.getLogger("shiftfs")
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 MAGIC = b"shiftfs\0"
-# magic, version, next node id, slots in use (high-water mark), protocol minor, INIT grants
-HEADER = struct.Struct("=8sIQQII")
+# magic, version, next node id, slots in use (high-water mark), protocol minor, INIT grants,
+# slot size (0 until the first server sets it from its root's handle: fit)
+HEADER = struct.Struct("=8sIQQIII")
 GRANT_PASSTHROUGH, GRANT_KILLPRIV_V2, GRANT_EXPIRE_ONLY, GRANT_RESEND = 1, 2, 4, 8
 GRANT_NO_OPENDIR = 16
-# node id, nlookup, parent id, st_dev, st_ino, mode, backing id, handle length, handle
-SLOT = struct.Struct("=QQQQQIiH138s")
-SLOT_SIZE = 192
+# node id, nlookup, parent id, ino, dev, backing id, mode, handle length; the handle follows
+SLOT = struct.Struct("=QQQQIiHH")
+# A slot a node, 200,000 of them after a big walk: 96 bytes hold the
+# handles of local filesystems (ext4 16, xfs and tmpfs up to 24, btrfs 28,
+# overlayfs ~40); a root with a longer handle (NFS) gets 192-byte slots.
+# The slots start after the header's own 192 bytes.
+SLOT_SIZES = (96, 192)
+SLOTS_AT = 192
 JOURNAL_BYTES = 1 << 30  # sparse: pages exist only where slots were written
 # server -> supervisor: kind (OPEN, SHARE, CLOSE, READY), fh, node id, uid, flags
 MSG = struct.Struct("=BqQII")
@@ -85,7 +91,7 @@ class NodeJournal:
             fd = os.memfd_create("shiftfs-nodes", 0)  # not CLOEXEC: kept across an upgrade
             os.ftruncate(fd, JOURNAL_BYTES)
             self.map = mmap.mmap(fd, JOURNAL_BYTES)
-            HEADER.pack_into(self.map, 0, MAGIC, STATE_VERSION, 0, 0, 0, 0)
+            HEADER.pack_into(self.map, 0, MAGIC, STATE_VERSION, 0, 0, 0, 0, 0)
         else:
             self.map = mmap.mmap(fd, JOURNAL_BYTES)
             magic, version = HEADER.unpack_from(self.map, 0)[:2]
@@ -97,15 +103,28 @@ class NodeJournal:
     def reload(self) -> None:
         """Take up what an earlier server wrote (a forked server starts
         with the supervisor's view of the header, which it never writes)."""
-        _, _, _, self.high, _, _ = HEADER.unpack_from(self.map, 0)
+        _, _, _, self.high, _, _, size = HEADER.unpack_from(self.map, 0)
+        self.slot_size = size or SLOT_SIZES[0]
         self._free = [i for i in range(self.high) if not self._node_at(i)]
 
+    def fit(self, handle: bytes | None) -> None:
+        """A first server sizes the slots for its root's file handle: the
+        handles of the nodes below it are as long, or nearly."""
+        if HEADER.unpack_from(self.map, 0)[6]:
+            return
+        room = SLOT_SIZES[0] - SLOT.size
+        self.slot_size = SLOT_SIZES[0] if handle is None or len(handle) + 12 <= room else SLOT_SIZES[1]
+        struct.pack_into("=I", self.map, 36, self.slot_size)
+
+    def _at(self, i: int) -> int:
+        return SLOTS_AT + self.slot_size * i
+
     def _node_at(self, i: int) -> int:
-        return struct.unpack_from("=Q", self.map, SLOT_SIZE * (i + 1))[0]
+        return struct.unpack_from("=Q", self.map, self._at(i))[0]
 
     def granted(self, max_write: int) -> Granted:
         """What INIT settled, as the first server wrote it (set_granted)."""
-        _, _, _, _, minor, bits = HEADER.unpack_from(self.map, 0)
+        _, _, _, _, minor, bits, _ = HEADER.unpack_from(self.map, 0)
         return Granted(minor, bool(bits & GRANT_PASSTHROUGH), bool(bits & GRANT_KILLPRIV_V2),
                        bool(bits & GRANT_EXPIRE_ONLY), max_write, bool(bits & GRANT_RESEND),
                        bool(bits & GRANT_NO_OPENDIR))
@@ -123,7 +142,9 @@ class NodeJournal:
         return struct.unpack_from("=Q", self.map, 12)[0]
 
     def put(self, node) -> None:
-        """Write the whole slot of ``node`` (taking one if it has none)."""
+        """Write the whole slot of ``node`` (taking one if it has none). A
+        handle longer than the slot holds is not kept (cannot happen on
+        one filesystem: see fit): the next server answers ESTALE for it."""
         slot = node.slot
         if slot < 0:
             if self._free:
@@ -133,16 +154,19 @@ class NodeJournal:
                 struct.pack_into("=Q", self.map, 20, self.high)
             node.slot = slot
         handle = node.handle or b""
-        SLOT.pack_into(self.map, SLOT_SIZE * (slot + 1), node.node_id, node.nlookup,
-                       node.parent_id, node.key[0], node.key[1], node.mode, node.backing,
-                       len(handle), handle)
+        if len(handle) > self.slot_size - SLOT.size:
+            handle = b""
+        at = self._at(slot)
+        SLOT.pack_into(self.map, at, node.node_id, node.nlookup, node.parent_id, node.key >> 32,
+                       node.dev, node.backing, node.mode, len(handle))
+        self.map[at + SLOT.size:at + SLOT.size + len(handle)] = handle
 
     def count(self, node) -> None:
-        struct.pack_into("=Q", self.map, SLOT_SIZE * (node.slot + 1) + 8, node.nlookup)
+        struct.pack_into("=Q", self.map, self._at(node.slot) + 8, node.nlookup)
 
     def drop(self, node) -> None:
         if node.slot >= 0:
-            struct.pack_into("=Q", self.map, SLOT_SIZE * (node.slot + 1), 0)
+            struct.pack_into("=Q", self.map, self._at(node.slot), 0)
             self._free.append(node.slot)
             node.slot = -1
 
@@ -150,10 +174,11 @@ class NodeJournal:
         """(slot, node id, nlookup, parent id, (dev, ino), mode, backing, handle) in use."""
         self.reload()
         for i in range(self.high):
-            node_id, nlookup, parent, dev, ino, mode, backing, hlen, handle = SLOT.unpack_from(
-                self.map, SLOT_SIZE * (i + 1))
+            at = self._at(i)
+            node_id, nlookup, parent, ino, dev, backing, mode, hlen = SLOT.unpack_from(self.map, at)
             if node_id:
-                yield i, node_id, nlookup, parent, (dev, ino), mode, backing, handle[:hlen] or None
+                handle = bytes(self.map[at + SLOT.size:at + SLOT.size + hlen]) if hlen else None
+                yield i, node_id, nlookup, parent, (dev, ino), mode, backing, handle
 
 
 class FdStore:

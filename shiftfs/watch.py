@@ -149,8 +149,8 @@ class Watcher:
         self.running = True
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._by_fid: dict[bytes, object] = {}
-        self._marked: dict[tuple[int, int], int] = {}  # inode key -> nodes relying on its mark
+        self._by_fid: dict[bytes, dict[bytes, object]] = {}  # fsid -> handle -> node
+        self._marked: dict[int, int] = {}  # inode key -> nodes relying on its mark
         self._fsids: dict[int, bytes] = {}
         self._full = False  # marks ran out: try again once one was removed
         self._unmarkable: set[int] = set()  # devices whose inodes are not marked
@@ -167,7 +167,7 @@ class Watcher:
             self._fd = linux.fanotify_init(base)
         root = table.root
         try:
-            kind = linux.fs_type(root.key[0])
+            kind = linux.fs_type(root.dev)
             if kind.startswith(_REMOTE):
                 raise OSError(errno.ENODEV, f"a {kind} lower changes where fanotify does not see it")
             linux.fanotify_mark(self._fd, linux.FAN_MARK_ADD, _DIR_MASK, ".", root.fd)
@@ -197,8 +197,9 @@ class Watcher:
     def forgotten(self, node, fd: int) -> None:
         """A node the kernel forgot; ``fd`` still open (or -1: given back)."""
         with self._lock:
-            if node.fid is not None and self._by_fid.get(node.fid) is node:
-                del self._by_fid[node.fid]
+            nodes = self._by_fid.get(self._fsids.get(node.dev, b""))
+            if node.fid is not None and nodes and nodes.get(node.fid) is node:
+                del nodes[node.fid]
             names = self._negatives.pop(node.node_id, None)
             if names:
                 self._negative_count -= len(names)
@@ -206,14 +207,17 @@ class Watcher:
             self._unmark(node, fd)
 
     def _index(self, node, fd: int) -> bytes | None:
-        """Index ``node`` by its fid, as fanotify will name it."""
-        dev = node.key[0]
+        """Index ``node`` by its fid, as fanotify will name it: its handle
+        under its filesystem's fsid (``node.fid`` is the handle alone, the
+        same bytes as ``node.handle`` where it has one: no copy a node)."""
+        dev = node.dev
         fsid = self._fsids.get(dev)
         if fsid is None:
             fid = linux.fid_of(fd, node.handle)
             if fid is None:
                 return None
-            self._fsids[dev] = fid[:8]
+            fsid = self._fsids[dev] = fid[:8]
+            handle = node.handle or fid[8:]
             kind = linux.fs_type(dev)
             if kind.startswith(_REMOTE):
                 self._unmarkable.add(dev)
@@ -228,15 +232,22 @@ class Watcher:
                     handle = linux.name_to_handle(fd)
                 if handle is None:
                     return None
-            fid = fsid + handle
-        node.fid = fid
+        node.fid = handle
         with self._lock:
-            self._by_fid[fid] = node
-        return fid
+            nodes = self._by_fid.get(fsid)
+            if nodes is None:
+                nodes = self._by_fid[fsid] = {}
+            nodes[handle] = node
+        return handle
+
+    def _find(self, fid: bytes):
+        """The node an event's fid (fsid and handle) names, or None."""
+        nodes = self._by_fid.get(fid[:8])
+        return None if nodes is None else nodes.get(fid[8:])
 
     def _mark(self, node, is_dir: bool) -> bool:
         """An inode mark on ``node`` (its fd open); whether it has one now."""
-        if node.key[0] in self._unmarkable:
+        if node.dev in self._unmarkable:
             return False
         with self._lock:
             count = self._marked.get(node.key, 0)
@@ -259,10 +270,10 @@ class Watcher:
                                 " attributes of nodes beyond them get %s lifetimes", self.marks,
                                 "the short")
                 elif e.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.ENODEV, errno.EINVAL):
-                    self._unmarkable.add(node.key[0])
+                    self._unmarkable.add(node.dev)
                     log.warning("cannot watch inodes on device %d:%d (%s): their names and attributes"
-                                " get the short lifetimes", os.major(node.key[0]),
-                                os.minor(node.key[0]), e.strerror)
+                                " get the short lifetimes", os.major(node.dev),
+                                os.minor(node.dev), e.strerror)
                 return False
             self._marked[node.key] = 1
             self.marks += 1
@@ -348,7 +359,7 @@ class Watcher:
                 time.sleep(BATCH_SECONDS)
 
     def _apply(self, events) -> None:
-        find = self._by_fid.get
+        find = self._find
         inodes: dict[int, object] = {}  # once each per read, after the names
         moved: dict[int, object] = {}  # moved away, and not (yet) into a watched directory
         for mask, _pid, infos in events:
