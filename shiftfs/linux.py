@@ -6,6 +6,7 @@ the data path needs. Imports nothing of ours."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 
@@ -345,8 +346,16 @@ def fs_type(dev: int) -> str:
 
 
 def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
-    """``handle`` is a struct file_handle as name_to_handle gives it."""
-    return _check(_libc.open_by_handle_at(mount_fd, handle, flags))
+    """``handle`` is a struct file_handle as name_to_handle gives it. A
+    handle whose inode is gone fails ESTALE, or ENOMEM where decoding found
+    no dentry (fs/fhandle.c turns that NULL into ENOMEM; nfsd takes either
+    as stale): ESTALE both."""
+    try:
+        return _check(_libc.open_by_handle_at(mount_fd, handle, flags))
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise OSError(errno.ESTALE, "stale file handle") from None
+        raise
 
 
 AT_HANDLE_FID = 0x200  # Linux 6.5: the handle fanotify reports, also where none can be opened
