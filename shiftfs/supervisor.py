@@ -61,11 +61,12 @@ GRANT_PASSTHROUGH, GRANT_KILLPRIV_V2, GRANT_EXPIRE_ONLY, GRANT_RESEND = 1, 2, 4,
 GRANT_NO_OPENDIR = 16
 # node id, nlookup, parent id, ino, dev, backing id, mode, handle length; the handle follows
 SLOT = struct.Struct("=QQQQIiHH")
-# A slot a node, 200,000 of them after a big walk: 96 bytes hold the
-# handles of local filesystems (ext4 16, xfs and tmpfs up to 24, btrfs 28,
-# overlayfs ~40); a root with a longer handle (NFS) gets 192-byte slots.
+# A slot a node, 200,000 of them after a big walk, sized for the root's
+# handle with 4 bytes to spare (the handles below it are as long, or
+# nearly): 64 bytes for ext4's (16) and xfs's (16; 20 past 2^32 inodes),
+# 96 for tmpfs (20), btrfs (28) and overlayfs (~40), 192 for NFS (up to 136).
 # The slots start after the header's own 192 bytes.
-SLOT_SIZES = (96, 192)
+SLOT_SIZES = (64, 96, 192)
 SLOTS_AT = 192
 JOURNAL_BYTES = 1 << 30  # sparse: pages exist only where slots were written
 # server -> supervisor: kind (OPEN, SHARE, CLOSE, READY), fh, node id, uid, flags
@@ -104,7 +105,7 @@ class NodeJournal:
         """Take up what an earlier server wrote (a forked server starts
         with the supervisor's view of the header, which it never writes)."""
         _, _, _, self.high, _, _, size = HEADER.unpack_from(self.map, 0)
-        self.slot_size = size or SLOT_SIZES[0]
+        self.slot_size = size or SLOT_SIZES[-1]
         self._free = [i for i in range(self.high) if not self._node_at(i)]
 
     def fit(self, handle: bytes | None) -> None:
@@ -112,8 +113,8 @@ class NodeJournal:
         handles of the nodes below it are as long, or nearly."""
         if HEADER.unpack_from(self.map, 0)[6]:
             return
-        room = SLOT_SIZES[0] - SLOT.size
-        self.slot_size = SLOT_SIZES[0] if handle is None or len(handle) + 12 <= room else SLOT_SIZES[1]
+        need = SLOT.size + len(handle or b"") + 4
+        self.slot_size = next((size for size in SLOT_SIZES if size >= need), SLOT_SIZES[-1])
         struct.pack_into("=I", self.map, 36, self.slot_size)
 
     def _at(self, i: int) -> int:

@@ -35,15 +35,19 @@ def test_a_next_server_reads_every_node_back():
 
 
 def test_slots_are_small_for_local_handles_and_wide_for_long_ones():
-    small, wide = NodeJournal(), NodeJournal()
-    small.fit(bytes(16))
+    small, middle, wide = NodeJournal(), NodeJournal(), NodeJournal()
+    small.fit(bytes(16))  # ext4
+    middle.fit(bytes(8 + 20))  # btrfs
     wide.fit(bytes(8 + 64))  # an NFS file handle
-    assert (small.slot_size, wide.slot_size) == SLOT_SIZES
+    assert (small.slot_size, middle.slot_size, wide.slot_size) == SLOT_SIZES
     node = _node(5, 6, os.urandom(8 + 128))  # MAX_HANDLE_SZ: fits a wide slot
     wide.put(node)
     assert [r[-1] for r in NodeJournal(wide.fd).records()] == [node.handle]
     small.fit(bytes(8 + 64))  # a later server keeps the first one's size
     assert NodeJournal(small.fd).slot_size == SLOT_SIZES[0]
+    xfs = _node(9, 10, os.urandom(8 + 12))  # an xfs inode past 2^32: still fits
+    small.put(xfs)
+    assert [r[-1] for r in NodeJournal(small.fd).records()] == [xfs.handle]
 
 
 def test_a_handle_too_long_for_its_slot_is_not_kept():
@@ -51,7 +55,7 @@ def test_a_handle_too_long_for_its_slot_is_not_kept():
     answers ESTALE for that node rather than reopen a guess."""
     journal = NodeJournal()
     journal.fit(bytes(16))
-    long, short = _node(5, 6, os.urandom(8 + 100)), _node(7, 8, os.urandom(16))
+    long, short = _node(5, 6, os.urandom(8 + 40)), _node(7, 8, os.urandom(16))
     journal.put(long)
     journal.put(short)
     got = {r[1]: r[-1] for r in NodeJournal(journal.fd).records()}

@@ -515,3 +515,48 @@ def test_a_containers_proc_survives_a_flood_on_the_same_filesystem(lower, workdi
             # test_queue_overflow_expires_every_name_and_detaches_nothing forces one)
         finally:
             subprocess.run(["umount", "-l", str(mp / "proc")], capture_output=True)
+
+
+@pytest.mark.parametrize("kind", ["ext4", "tmpfs"])
+def test_events_find_their_nodes_with_or_without_an_index(lower, kind):
+    """On ext4 (FILEID_INO32_GEN handles: the inode's number and
+    generation) the watcher finds an event's node by number, with no index
+    entry a node; on tmpfs (other handles) by its index. Either way a fid
+    with the right number and another generation (the inode freed, its
+    number given to a new file) finds nothing."""
+    from shiftfs import watch
+    from shiftfs.idmap import build_idmap
+    from shiftfs.cache import Lifetimes, Plan
+    from shiftfs.filesystem import Context
+    from shiftfs.ops import Operations
+
+    if kind == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "shiftfs-fids", str(lower)], check=True)
+    ops = watcher = None
+    try:
+        assert subprocess.run(["stat", "-f", "-c", "%T", str(lower)], capture_output=True,
+                              text=True).stdout.strip() == {"ext4": "ext2/ext3", "tmpfs": "tmpfs"}[kind]
+        for i in range(50):
+            (lower / f"f{i}").write_text("")
+        ops = Operations(str(lower), build_idmap([shiftfs.Extent(0, 100000, 65536)], []),
+                         Plan("auto", Lifetimes(1, 1, 1)))
+        watcher = watch.Watcher(ops.table)
+        ctx = Context(0, 0, 1)
+        nodes = [ops.table.peek(ops.lookup(ctx, 1, f"f{i}".encode()).node_id) for i in range(50)]
+        ops.table.request_done()
+        fsid = watcher._fsids[nodes[0].dev]
+        assert all(watcher._find(fsid + n.fid) is n for n in nodes)
+        indexed = sum(len(d) for d in watcher._by_fid.values())
+        assert indexed == (0 if kind == "ext4" else 51), indexed  # the root too, on tmpfs
+        for n in nodes:
+            other = bytearray(n.fid)
+            other[12] ^= 1  # generation (ext4), or a byte of tmpfs's own handle
+            assert watcher._find(fsid + bytes(other)) is None
+    finally:
+        if watcher is not None:
+            os.close(watcher._fd)
+        if ops is not None:
+            ops.table.request_done()
+            ops.destroy()
+        if kind == "tmpfs":
+            subprocess.run(["umount", str(lower)], check=True)
