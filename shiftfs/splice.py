@@ -67,7 +67,12 @@ class Pipes:
 
     def __init__(self, want: int) -> None:
         self.a_r, self.a_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self.b_r, self.b_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            self.b_r, self.b_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            os.close(self.a_r)
+            os.close(self.a_w)
+            raise
         # a pipe holds one page, or part of one, per slot: B the header's
         # and then A's, which are the read's pages
         self.slots = min(_grow(self.a_w, want), _grow(self.b_w, want)) // PAGE - 1
@@ -144,7 +149,10 @@ class Splicer:
             return os.pread(fd, size, off)
         pipes = getattr(self._local, "pipes", None)
         if pipes is None:
-            pipes = self._local.pipes = Pipes(self._want)
+            try:
+                pipes = self._local.pipes = Pipes(self._want)
+            except OSError:  # out of fds (EMFILE): this read the plain way, the next tries again
+                return os.pread(fd, size, off)
         if (off % PAGE + size + PAGE - 1) // PAGE > pipes.slots:  # not in one pipe
             return os.pread(fd, size, off)
         got = 0
