@@ -15,7 +15,13 @@ flag; they are noted from what the kernel offers. Where the kernel offers
 NO_OPENDIR_SUPPORT (Linux 5.1) the daemon answers OPENDIR with ENOSYS:
 from then on the kernel opens and releases directories without asking,
 keeps every listing (FOPEN_CACHE_DIR) until the directory changes, and
-READDIR comes with fh 0."""
+READDIR comes with fh 0.
+
+Spliced READ replies (splice.py) need no flag either: the kernel offers
+FUSE_SPLICE_WRITE, _MOVE and _READ in every INIT (fuse_send_init,
+fs/fuse/inode.c) to say what its device can do, never reads them back
+from the reply, and fuse_dev_splice_write (fs/fuse/dev.c) tests nothing
+negotiated; in libfuse they are capabilities of the library alone."""
 
 from __future__ import annotations
 

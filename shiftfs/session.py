@@ -1,6 +1,8 @@
 """Serving the FUSE protocol on a /dev/fuse fd: read a request into a
 preallocated buffer, parse it with protocol.py's structs, call the handler
-(filesystem.py's interface, ops.Operations), answer with one writev.
+(filesystem.py's interface, ops.Operations), answer with one writev; a
+big READ's data goes from the lower file to /dev/fuse through pipes
+(splice.py), in no Python object.
 
 Threads. One reader serves, where it reads them, every request that
 cannot block for long (lookups, attributes, opens, small reads and writes
@@ -34,7 +36,7 @@ import struct
 import sys
 import threading
 
-from . import listing, negotiate
+from . import listing, negotiate, splice
 from . import protocol as P
 from .negotiate import MAX_WRITE
 from .filesystem import Context, Granted, Opened, SetAttr
@@ -81,6 +83,7 @@ class Session:
         self.can_prune = bool(granted and granted.minor >= 45)  # FUSE_NOTIFY_PRUNE, Linux 6.18
         self.no_opendir = bool(granted and granted.no_opendir)
         self._request_done = fs.request_done
+        self._splicer = splice.Splicer(MAX_WRITE)
         self._ops = {
             P.LOOKUP: self._lookup, P.GETATTR: self._getattr, P.SETATTR: self._setattr,
             P.READLINK: self._readlink, P.SYMLINK: self._symlink, P.MKNOD: self._mknod,
@@ -309,6 +312,8 @@ class Session:
     def _reply(self, unique: int, parts) -> bool:
         """Send a reply (a bytes-like or a list of them); False if the
         kernel no longer waits for it."""
+        if type(parts) is splice.Pipes:  # a READ's data, waiting in this thread's pipe
+            return parts.send(self.fd, unique, self._splicer)
         try:
             if type(parts) is list:
                 os.writev(self.fd, [_OUT_HEADER(16 + sum(map(len, parts)), 0, unique), *parts])
@@ -475,7 +480,7 @@ class Session:
 
     def _read(self, ctx, nodeid, body):
         fh, off, size, _rf, _lo, _fl, _ = P.READ_IN.unpack_from(body)
-        return os.pread(self._fd(nodeid, fh), min(size, MAX_WRITE), off), None
+        return self._splicer.read(self._fd(nodeid, fh), off, min(size, MAX_WRITE)), None
 
     def _write(self, ctx, nodeid, body):
         fh, off, size, wflags, _lo, flags, _ = P.WRITE_IN.unpack_from(body)
