@@ -22,11 +22,19 @@ in the lower kernel) tell those apart too. Handles are taken only where
 they are needed: by a node about to give its fd back (from that fd, which
 still holds the inode), by a lookup that meets a node again under its
 number (the new fd's and the node's; a new node made there keeps its own).
-A node a create or a first lookup makes takes none, and the watcher's
-question (find) takes none either: a node without a handle holds its fd,
+A node a create or a first lookup makes takes none (unless the journal
+keeps it), and the watcher's question (find) takes none either: a node
+without a handle holds its fd,
 so its number names its inode (or, on a FUSE lower whose numbers repeat,
 an event for another inode under it invalidates this node too, which is
 harmless).
+
+A file a readdirplus entry names (not a directory, one link, on a
+filesystem whose handles hold the inode's number: ext4, xfs) gets a node
+without an fd (add_unopened): its handle is taken by name, then its
+attributes, and the numbers must agree; a request reopens it by that
+handle. A walk of 200,000 files then holds an fd a directory, not one a
+path that the shrinker must give back.
 
 Lookup counts follow the kernel's: every reply that hands a node to the
 kernel (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK, each readdirplus entry
@@ -84,6 +92,7 @@ import stat
 import threading
 
 from . import linux
+from .node import Node, OpenFile, inode_key, key_of
 
 ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
 OPEN_BUDGET = 0.3  # of RLIMIT_NOFILE: the fds all callers' open files may hold
@@ -92,78 +101,6 @@ OPEN_SHARE = 4  # one uid may hold 1/OPEN_SHARE of the budget
 # flags that only matter while opening: opens that differ in them alone may share an fd
 _OPENING = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC | os.O_CLOEXEC
 log = logging.getLogger("shiftfs")
-
-
-# A node's fields cost memory per inode the kernel holds (200,000 after a big
-# walk): its key is one int, not a (dev, ino) tuple of two (~100 bytes less),
-# and its type bits are one of a few shared ints.
-_FILE_TYPES = {t: t for t in range(0, 0o200000, 0o10000)}
-
-
-def inode_key(dev: int, ino: int) -> int:
-    """What identifies a lower inode by number: ``ino`` and ``dev`` (a
-    kernel dev_t: 32 bits) in one int."""
-    return ino << 32 | dev
-
-
-def key_of(st: os.stat_result) -> int:
-    return st.st_ino << 32 | st.st_dev
-
-
-class Node:
-    """One lower inode. ``mode`` is its file type bits (they never change
-    for an inode), ``fd`` an O_PATH fd of it, ``key`` its inode_key."""
-
-    __slots__ = ("node_id", "fd", "key", "mode", "nlookup", "parent_id", "name", "opens", "busy",
-                 "handle", "used", "stamp", "backing", "fid", "marked",
-                 "slot", "released", "forgotten")
-
-    def __init__(self, node_id: int, fd: int, key: int, mode: int) -> None:
-        self.node_id, self.fd, self.key, self.mode = node_id, fd, key, _FILE_TYPES[mode]
-        self.nlookup = 0
-        self.parent_id, self.name = 0, b""  # the last name it was looked up by
-        self.opens = 0  # lower file handles open on it
-        self.busy = 0  # running requests that named it: its fd stays while > 0
-        self.handle: bytes | None = None  # its inode's identity; reopens it once its fd was given back
-        self.used = 0  # when a request last named it (InodeTable's clock)
-        self.stamp = None  # (size, mtime) at the last open: keep the page cache if unchanged
-        self.backing = 0  # passthrough backing id while its opens are passed through
-        self.fid: bytes | None = None  # the handle fanotify names it by (watch.py)
-        self.marked = False  # a fanotify mark of its own reports its changes (watch.py)
-        self.slot = -1  # its slot in the supervisor's journal (supervisor.NodeJournal)
-        self.released = False  # its fd was pointed at a placeholder (release_if_gone)
-        self.forgotten = False  # FORGET took its last lookup while a request held it
-
-    @property
-    def dev(self) -> int:
-        """The lower device it is on."""
-        return self.key & 0xFFFFFFFF
-
-    @property
-    def path(self) -> str:
-        """A path the kernel resolves straight to this inode (the magic link
-        jumps; a symlink node is not followed), for calls that take no fd."""
-        return f"/proc/self/fd/{self.fd}"
-
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-
-class OpenFile:
-    """A lower fd the daemon holds for callers' opens: of a file (``node``)
-    or a directory (``node`` None), of node ``node_id``. ``opens``: the
-    opens it serves (more than one only where passed-through opens share
-    it, under ``shared``)."""
-
-    __slots__ = ("fd", "node", "node_id", "uid", "opens", "shared")
-
-    def __init__(self, fd: int, node: Node | None, uid: int, shared, node_id: int = 0) -> None:
-        self.fd, self.node, self.uid, self.shared = fd, node, uid, shared
-        self.node_id = node.node_id if node is not None else node_id
-        self.opens = 1
 
 
 class InodeTable:
@@ -270,8 +207,9 @@ class InodeTable:
             if node.handle is None:
                 raise OSError(errno.ESTALE, f"node {node.node_id} has no fd")
             fd = linux.open_by_handle(self._mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)
-            st = os.fstat(fd)
-            if key_of(st) != node.key:  # cannot happen; never act on another inode
+            # cannot happen, but never act on another inode: a handle that
+            # holds the node's number (and generation) needs no fstat to say so
+            if linux.handle_ino(node.handle) != node.key >> 32 and key_of(os.fstat(fd)) != node.key:
                 os.close(fd)
                 raise OSError(errno.ESTALE, f"node {node.node_id} reopened as another inode")
             node.fd = fd
@@ -358,18 +296,44 @@ class InodeTable:
         fd, st = self.open_at(parent.fd, name)
         return self.add(fd, st, parent.node_id, name), st
 
-    def add(self, fd: int, st: os.stat_result, parent_id: int = 0, name: bytes = b"") -> Node:
+    def add_unopened(self, dir_fd: int, name: bytes, parent_id: int) -> tuple[Node, os.stat_result] | None:
+        """Like lookup_at, for a readdirplus entry, but with no fd: a file
+        (not a directory, one link) found by its handle, taken by name
+        before its attributes; None where that cannot be (no handles, a
+        handle without the inode's number, a directory, a hard link, a
+        name changed in between: the caller opens it). A walk then holds
+        an fd a directory, not a path, and reopens a file by its handle
+        when a request names it. The handle comes first: if the name
+        changes before the stat, its number differs and nothing is made,
+        or the number was reused and the handle (the old generation)
+        answers ESTALE; never attributes of one inode for another's node."""
+        if not self.handles:
+            return None
+        handle = linux.name_to_handle(dir_fd, 0, name)
+        ino = None if handle is None else linux.handle_ino(handle)
+        if ino is None:
+            return None
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if st.st_ino != ino or st.st_dev != self.root.dev or st.st_nlink != 1 \
+                or stat.S_ISDIR(st.st_mode):
+            return None
+        return self.add(-1, st, parent_id, name, handle), st
+
+    def add(self, fd: int, st: os.stat_result, parent_id: int = 0, name: bytes = b"",
+            handle: bytes | None = None) -> Node:
         """Count one lookup of the inode ``fd`` holds (the table takes the
-        fd: kept for a new node, closed for one it already has). File
-        handles are taken only where a node is met again by its number
-        (to tell its inode from another under a reused number) and when a
-        node gives its fd back (give_back): a new node needs none."""
+        fd: kept for a new node, closed for one it already has), or of
+        the inode ``handle`` names (fd -1: add_unopened). File handles are
+        taken only where a node is met again by its number (to tell its
+        inode from another under a reused number), when a node gives its
+        fd back (give_back), and where a journal keeps the table for the
+        next server."""
         key = key_of(st)
         # a node met again under this number: the new fd's handle, taken
         # before the lock (the node's own, from its fd, under it)
         # (and every new node's where a journal keeps the table for the next server)
-        handle = linux.name_to_handle(fd) if (self.journal is not None
-                                              or key in self._by_key) else None
+        if handle is None and (self.journal is not None or key in self._by_key):
+            handle = linux.name_to_handle(fd)
         with self._lock:
             node = self._by_key.get(key)
             if node is not None:
@@ -384,21 +348,9 @@ class InodeTable:
                     node = None
             created = node is None
             if created:
-                node = Node(self._next_id, fd, key, stat.S_IFMT(st.st_mode))
-                node.handle = handle  # None unless it shares a number: then what tells them apart
-                self._next_id += 1
-                if self.journal is not None:
-                    self.journal.set_next_id(self._next_id)
-                self._by_id[node.node_id] = node
-                self._by_key[key] = node
-                n = len(self._by_id)
-                if n > self.peak:
-                    self.peak = n
-                self.open_fds += 1
-                if self.open_fds > self.high:
-                    self.shrink_wanted.set()
+                node = self._new(fd, key, st, handle)
                 fd = -1
-            elif node.fd < 0:  # it had given its fd back: take this one (its own inode's)
+            elif node.fd < 0 and fd >= 0:  # it had given its fd back: take this one (its own inode's)
                 node.fd, fd = fd, -1
                 self.open_fds += 1
             self._hold(node)
@@ -414,6 +366,24 @@ class InodeTable:
             os.close(fd)
         if created and self.watch is not None:  # the kernel holds it from this reply on
             self.watch.added(node, st)
+        return node
+
+    def _new(self, fd: int, key: int, st: os.stat_result, handle: bytes | None) -> Node:
+        # under the lock: a node for an inode the table has none of (fd -1: by its handle)
+        node = Node(self._next_id, fd, key, stat.S_IFMT(st.st_mode))
+        node.handle = handle  # None unless it shares a number: then what tells them apart
+        self._next_id += 1
+        if self.journal is not None:
+            self.journal.set_next_id(self._next_id)
+        self._by_id[node.node_id] = node
+        self._by_key[key] = node
+        n = len(self._by_id)
+        if n > self.peak:
+            self.peak = n
+        if fd >= 0:
+            self.open_fds += 1
+            if self.open_fds > self.high:
+                self.shrink_wanted.set()
         return node
 
     def admit(self, uid: int) -> None:

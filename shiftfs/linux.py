@@ -9,6 +9,7 @@ import ctypes
 import errno
 import os
 import struct
+import threading
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -321,16 +322,36 @@ _libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char
 _MAX_HANDLE_SZ = 128
 
 
-def name_to_handle(fd: int, flags: int = 0) -> bytes | None:
-    """The file handle (struct file_handle) of the inode ``fd`` holds, or
-    None where the filesystem has none."""
-    buf = ctypes.create_string_buffer(8 + _MAX_HANDLE_SZ)
-    struct.pack_into("=I", buf, 0, _MAX_HANDLE_SZ)
-    mount_id = ctypes.c_int()
-    if _libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH | flags) < 0:
+_handle_buffers = threading.local()
+_SIZE = struct.Struct("=I")
+
+
+def name_to_handle(fd: int, flags: int = 0, name: bytes = b"") -> bytes | None:
+    """The file handle (struct file_handle) of the inode ``fd`` holds (or
+    of ``name`` in directory ``fd``, never through a symlink), or None
+    where the filesystem has none."""
+    try:
+        buf, mount_id, view = _handle_buffers.held
+    except AttributeError:  # one buffer a thread, not one a call
+        buf = ctypes.create_string_buffer(8 + _MAX_HANDLE_SZ)
+        mount_id, view = ctypes.byref(ctypes.c_int()), memoryview(buf).cast("B")
+        _handle_buffers.held = buf, mount_id, view
+    _SIZE.pack_into(buf, 0, _MAX_HANDLE_SZ)
+    if _libc.name_to_handle_at(fd, name, buf, mount_id, flags if name else AT_EMPTY_PATH | flags) < 0:
         return None
-    size = struct.unpack_from("=I", buf, 0)[0]
-    return buf.raw[:8 + size]
+    return view[:8 + _SIZE.unpack_from(buf, 0)[0]].tobytes()
+
+
+# struct file_handle's head for FILEID_INO32_GEN (ext4, xfs below 2^32
+# inodes): 8 bytes, the inode's number and generation
+_INO32_GEN = struct.pack("=Ii", 8, 1)
+
+
+def handle_ino(handle: bytes) -> int | None:
+    """The inode number a FILEID_INO32_GEN handle holds; None for any other."""
+    if handle[:8] != _INO32_GEN:
+        return None
+    return _SIZE.unpack_from(handle, 8)[0]
 
 
 def fs_type(dev: int) -> str:

@@ -59,7 +59,8 @@ from .caller import CAP_SYS_ADMIN, Callers, Fsids, Groups
 from .describe import Describer
 from .filesystem import NEGATIVE, Attr, Context, Entry, Granted, Opened, SetAttr
 from .idmap import IdMap
-from .inodes import ROOT_ID, InodeTable, Node
+from .inodes import ROOT_ID, InodeTable
+from .node import Node
 from .passthrough import Passthrough
 from .setattr import AttrChanges
 
@@ -613,11 +614,13 @@ class Operations:
         if name in (b".", b".."):
             return None
         try:
-            fd, st = self.table.open_at(fh, name)
+            found = None if d_type == _DT_DIR else self.table.add_unopened(fh, name, parent_id)
+            if found is None:
+                fd, st = self.table.open_at(fh, name)
+                found = self.table.add(fd, st, parent_id, name), st
         except OSError:
             return None
-        return self._entry(self.table.add(fd, st, parent_id, name), st,
-                           self.table.peek(parent_id))
+        return self._entry(found[0], found[1], self.table.peek(parent_id))
 
     def releasedir(self, node_id: int, fh: int) -> None:
         if not self.handed_out(node_id, fh, True):
@@ -681,6 +684,7 @@ class Operations:
 
 # FS_IOC_GETFLAGS, FS_IOC_GETVERSION, FS_IOC_FSGETXATTR (and their sizes);
 # FS_IOC_SETFLAGS, FS_IOC_SETVERSION, FS_IOC_FSSETXATTR
+_DT_DIR = 4  # a dirent's d_type for a directory
 _IOCTL_READ = {0x80086601: 8, 0x80087601: 8, 0x801C581F: 28}
 _IOCTL_SET = {0x40086602, 0x40087602, 0x401C5820}
 

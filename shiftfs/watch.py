@@ -56,7 +56,6 @@ import errno
 import logging
 import os
 import stat
-import struct
 import threading
 import time
 
@@ -127,8 +126,6 @@ _DIR_INFOS = (linux.FAN_INFO_DFID_NAME, linux.FAN_INFO_OLD_DFID_NAME, linux.FAN_
 _SELF = (b".", b"")
 # filesystems changed where fanotify does not see it (another host, a FUSE
 # daemon's own backend): never watched, their nodes keep the short lifetimes
-# struct file_handle's head for FILEID_INO32_GEN (8 bytes: ino, generation)
-_INO32_GEN = struct.pack("=Ii", 8, 1)
 _REMOTE = ("fuse", "nfs", "cifs", "smb", "9p", "ceph", "virtiofs", "afs", "glusterfs", "lustre",
            "gfs2", "ocfs2")
 BATCH_SECONDS = 0.01  # after a read of only the daemon's own events: let more gather
@@ -238,7 +235,7 @@ class Watcher:
                     return None
         node.fid = handle
         one = self._devs.setdefault(fsid, dev)
-        if handle[:8] == _INO32_GEN and one == dev:
+        if one == dev and linux.handle_ino(handle) is not None:
             return handle  # found by its number (_find): no index entry
         indexed = [node]
         if one is not None and one != dev:  # two devices, one fsid: by the index only, all
@@ -263,10 +260,11 @@ class Watcher:
             node = nodes.get(fid[8:])
             if node is not None:
                 return node
-        if fid[8:16] == _INO32_GEN:
+        ino = linux.handle_ino(fid[8:])
+        if ino is not None:
             dev = self._devs.get(fid[:8])
             if dev is not None:
-                node = self.table.find(dev, int.from_bytes(fid[16:20], "little"))
+                node = self.table.find(dev, ino)
                 if node is not None and node.fid == fid[8:]:  # and its generation
                     return node
         return None

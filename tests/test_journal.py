@@ -3,7 +3,7 @@ next reads back whole, in slots sized for the lower's file handles."""
 
 import os
 
-from shiftfs.inodes import Node, inode_key
+from shiftfs.node import Node, inode_key
 from shiftfs.supervisor import SLOT_SIZES, NodeJournal
 
 

@@ -18,9 +18,11 @@ import errno
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
+from shiftfs import linux
 from shiftfs.inodes import ROOT_ID, InodeTable
 
 from tests.callers import Caller, Errno
@@ -251,3 +253,65 @@ def test_a_node_takes_its_handle_only_when_it_gives_its_fd_back(table):
     assert table.give_back(10) == 1 and n.fd < 0 and n.handle is not None
     assert os.fstat(table.get(n.node_id).fd).st_ino == st_a.st_ino
     table.request_done()
+
+
+def test_a_walk_makes_file_nodes_without_fds_found_by_their_own_handles(table, monkeypatch):
+    """add_unopened (readdirplus entries): a file's node holds no fd, only
+    the handle taken by name before its attributes; a request reopens that
+    inode and no other. If the name changes in between, nothing is made
+    (the caller opens the name)."""
+    root = f"/proc/self/fd/{table.root.fd}"
+    node, st = table.add_unopened(table.root.fd, b"a", ROOT_ID)
+    table.request_done()
+    assert node.fd < 0 and node.handle is not None and table.open_fds == 1  # the root's
+    assert (st.st_ino, os.stat(f"{root}/a").st_ino) == (node.key >> 32,) * 2
+    assert os.fstat(table.get(node.node_id).fd).st_ino == st.st_ino  # reopened: a itself
+    table.request_done()
+
+    os.mkdir(f"{root}/d")
+    assert table.add_unopened(table.root.fd, b"d", ROOT_ID) is None  # directories are opened
+    os.link(f"{root}/b", f"{root}/b2")
+    assert table.add_unopened(table.root.fd, b"b", ROOT_ID) is None  # and hard links (marks)
+
+    real = linux.name_to_handle
+
+    def then_swapped(fd, flags=0, name=b""):
+        handle = real(fd, flags, name)
+        if name == b"c":  # the name now names another inode
+            os.rename(f"{root}/b2", f"{root}/c")
+        return handle
+    (Path(root) / "c").write_text("c")
+    monkeypatch.setattr(linux, "name_to_handle", then_swapped)
+    assert table.add_unopened(table.root.fd, b"c", ROOT_ID) is None
+
+
+def test_a_walk_never_pairs_a_reused_number_with_the_old_files_handle(ext4, monkeypatch):
+    """The file goes between the handle and the stat, and ext4 gives its
+    number to a new file (another user's, 0600) at once: the node made has
+    the new file's attributes but the old file's handle, so it answers
+    ESTALE and never opens the new file."""
+    tmp = ext4 / "tmp"
+    (tmp / "e").write_text("the attacker's own")
+    table = InodeTable(os.open(tmp, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), "ext4")
+    real = linux.name_to_handle
+
+    def then_reused(fd, flags=0, name=b""):
+        handle = real(fd, flags, name)
+        if name == b"e":
+            os.unlink(tmp / "e")
+            fd2 = os.open(tmp / "e", os.O_CREAT | os.O_WRONLY, 0o600)
+            os.write(fd2, SECRET)
+            os.close(fd2)
+        return handle
+    try:
+        old = os.stat(tmp / "e").st_ino
+        monkeypatch.setattr(linux, "name_to_handle", then_reused)
+        node, st = table.add_unopened(table.root.fd, b"e", ROOT_ID)
+        table.request_done()
+        assert st.st_ino == old == os.stat(tmp / "e").st_ino, "precondition: ext4 reused the number"
+        with pytest.raises(OSError) as info:
+            table.get(node.node_id)
+        assert info.value.errno == errno.ESTALE
+        table.request_done()
+    finally:
+        table.close()
