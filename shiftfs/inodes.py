@@ -123,6 +123,7 @@ class InodeTable:
         self._holds = 0
         self._clock = 0
         self.peak = 1
+        self._sized_for = 1 << 12  # the most nodes since the dicts were last compacted (at least)
         self.high, self.low = 1 << 62, 1 << 62  # set by the mount from RLIMIT_NOFILE
         self.shrink_wanted = threading.Event()
         self.watch = None  # watch.Watcher: told of each node added and forgotten
@@ -380,6 +381,8 @@ class InodeTable:
         n = len(self._by_id)
         if n > self.peak:
             self.peak = n
+        if n > self._sized_for:
+            self._sized_for = n
         if fd >= 0:
             self.open_fds += 1
             if self.open_fds > self.high:
@@ -546,12 +549,22 @@ class InodeTable:
             del self._by_id[node_id]
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
+            if len(self._by_id) < self._sized_for >> 3:
+                self._compact()
             if node.busy:  # a running request acts on its fd: closed when that ends
                 node.forgotten = True
                 return True
             node, fd = self._take_fd(node)
         self._forgotten(node, fd)
         return True
+
+    def _compact(self) -> None:
+        # under the lock: most nodes forgotten (a big walk's, after the kernel
+        # evicted them): a dict never shrinks on its own, and two of 200,000
+        # entries hold 20 MB; copies are sized for what is left
+        self._by_id, self._by_key = dict(self._by_id), dict(self._by_key)
+        self._sized_for = max(len(self._by_id), 1 << 12)
+        linux.malloc_trim()
 
     def _take_fd(self, node: Node) -> tuple[Node, int]:
         # under the lock: a forgotten node's fd, taken from it

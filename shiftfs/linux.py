@@ -342,6 +342,14 @@ def name_to_handle(fd: int, flags: int = 0, name: bytes = b"") -> bytes | None:
     return view[:8 + _SIZE.unpack_from(buf, 0)[0]].tobytes()
 
 
+def malloc_trim() -> None:
+    """Give the C heap's free memory back to the system (glibc; nothing
+    where the C library has no malloc_trim)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 # struct file_handle's head for FILEID_INO32_GEN (ext4, xfs below 2^32
 # inodes): 8 bytes, the inode's number and generation
 _INO32_GEN = struct.pack("=Ii", 8, 1)

@@ -379,3 +379,33 @@ def test_a_walk_holds_an_fd_a_directory_not_a_file(lower, workdir):
         for d in range(0, 30, 7):
             for f in range(0, 100, 13):
                 assert (mnt / f"d{d}" / f"f{f}").read_text() == f"{d}/{f}"
+
+
+def test_the_table_shrinks_once_the_kernel_forgets_most_nodes(tmp_path):
+    """After a big walk the kernel may forget most nodes (memory pressure,
+    drop_caches): the table's dicts, which never shrink by themselves, are
+    copied to the size of what is left, and the nodes left still resolve."""
+    import sys
+    from shiftfs.inodes import InodeTable
+    for i in range(20000):
+        (tmp_path / f"f{i}").touch()
+    table = InodeTable(os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), "ext4")
+    try:
+        nodes = []
+        for i in range(20000):
+            node, _st = table.lookup_at(table.root, f"f{i}".encode())
+            table.request_done()
+            nodes.append(node.node_id)
+            if table.open_fds > 1000:
+                table.give_back(1000)
+        big = sys.getsizeof(table._by_id) + sys.getsizeof(table._by_key)
+        for node_id in nodes[:-100]:
+            table.forget(node_id, 1)
+        small = sys.getsizeof(table._by_id) + sys.getsizeof(table._by_key)
+        assert small * 8 < big, (small, big)
+        assert len(table) == 101
+        for node_id in nodes[-100:]:
+            assert os.fstat(table.get(node_id).fd).st_ino == table.peek(node_id).key >> 32
+        table.request_done()
+    finally:
+        table.close()
