@@ -315,3 +315,85 @@ def test_a_walk_never_pairs_a_reused_number_with_the_old_files_handle(ext4, monk
         table.request_done()
     finally:
         table.close()
+
+
+# ---- red team: handles that prove nothing (generation 0), handles of another filesystem ----
+
+def _gen0_image(workdir: Path, name: str, files: int, owner: int) -> Path:
+    """An ext4 image made by mke2fs -d (as container images are built):
+    e2fsprogs gives every inode it writes generation 0, and ext4 checks a
+    handle's generation only where it is not 0 (ext4_nfs_get_inode), so
+    such a handle opens whatever inode has its number now. tmp/ (1777)
+    holds ``files`` files f0.. owned by lower ``owner``. Mounted at
+    workdir/name."""
+    src, img, path = workdir / f"{name}-src", workdir / f"{name}.img", workdir / name
+    (src / "tmp").mkdir(parents=True)
+    os.chmod(src, 0o755)
+    os.chmod(src / "tmp", 0o1777)
+    for i in range(files):
+        (src / "tmp" / f"f{i}").write_text("the attacker's own\n")
+        os.chown(src / "tmp" / f"f{i}", owner, owner)
+    subprocess.run(["truncate", "-s", "64M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-N", "8192", "-d", str(src), str(img)], check=True)
+    path.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(path)], check=True)
+    return path
+
+
+def _umount(path: Path) -> None:
+    if subprocess.run(["umount", str(path)], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def gen0_ext4(workdir):
+    path = _gen0_image(workdir, "gen0", 1, 1000)
+    try:
+        yield path
+    finally:
+        _umount(path)
+
+
+def _walk_and_hold(tmp: str, name: str) -> int:
+    """ls -l (one READDIRPLUS), then an O_PATH fd of the entry: no request
+    reaches the daemon for it (the name is cached)."""
+    for n in os.listdir(tmp):
+        os.lstat(f"{tmp}/{n}")
+    return os.open(f"{tmp}/{name}", os.O_PATH)
+
+
+def _handle_generation(path: str) -> int:
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        return int.from_bytes(linux.name_to_handle(fd)[12:16], "little")
+    finally:
+        os.close(fd)
+
+
+def test_a_generation_0_handle_never_reopens_another_file(gen0_ext4, workdir):
+    """The lower was built by mke2fs -d: the attacker's file has generation
+    0, and its handle names its number, not its inode. A readdirplus gives
+    it a node without an fd; the attacker holds it (O_PATH), unlinks the
+    file, and the victim's new 0600 file gets the number. The old node
+    must answer ESTALE, never open the victim's file."""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    x, secret = gen0_ext4 / "tmp" / "f0", gen0_ext4 / "tmp" / "secret"
+    assert _handle_generation(str(x)) == 0, "precondition: mke2fs -d writes generation 0"
+    stop = workdir / "stop"
+    with foreground_daemon(gen0_ext4, mnt, *args(STD), log=workdir / "log") as daemon, \
+            Caller(ATTACKER, ATTACKER) as attacker, Caller(VICTIM, VICTIM) as victim:
+        k = attacker.call(_walk_and_hold, f"{mnt}/tmp", "f0")
+        assert isinstance(k, int), k
+        x_ino = os.stat(x).st_ino
+        assert attacker.call(os.unlink, f"{mnt}/tmp/f0") is None
+        attacker.start(_open_until, k, str(stop), 10.0)
+        time.sleep(0.1)
+        assert victim.call(_create_secret, f"{mnt}/tmp/secret") is None
+        time.sleep(0.1)
+        stop.touch()
+        read, errors = attacker.finish()
+        assert os.stat(secret).st_ino == x_ino, "precondition: ext4 reused the number"
+        assert SECRET not in read, f"the attacker read the victim's file ({errors})"
+        assert read == [] and set(errors) <= {errno.ESTALE, errno.ENOENT}, (read, errors)
+        assert os.stat(secret).st_uid == 1001 and os.stat(secret).st_mode & 0o777 == 0o600
