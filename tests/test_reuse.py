@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from shiftfs import linux
 from shiftfs.inodes import ROOT_ID, InodeTable
 
 from tests.callers import Caller, Errno
-from tests.daemon import foreground_daemon, server_pid
+from tests.daemon import foreground_daemon, read_status, server_pid
 from tests.tables import STD, args
 
 pytestmark = pytest.mark.needs_root
@@ -397,3 +398,52 @@ def test_a_generation_0_handle_never_reopens_another_file(gen0_ext4, workdir):
         assert SECRET not in read, f"the attacker read the victim's file ({errors})"
         assert read == [] and set(errors) <= {errno.ESTALE, errno.ENOENT}, (read, errors)
         assert os.stat(secret).st_uid == 1001 and os.stat(secret).st_mode & 0o777 == 0o600
+
+
+def _chmod_held(k: int, mode: int):
+    """chmod through the held O_PATH fd (the kernel checks the owner it
+    has cached: no LOOKUP, no GETATTR first), then its stat."""
+    try:
+        os.chmod(f"/proc/self/fd/{k}", mode)
+    except OSError as e:
+        return Errno(e.errno)
+    st = os.stat(f"/proc/self/fd/{k}")
+    return st.st_uid, st.st_ino, st.st_mode & 0o7777
+
+
+def test_a_node_on_a_filesystem_mounted_inside_the_lower_is_never_reopened_on_the_lower(
+        ext4, workdir):
+    """A filesystem the attacker made (an image, mounted at sub/ of the
+    lower) holds its own file with the number the victim's 0600 file has
+    on the lower (and generation 0). A server that dies leaves every node
+    to be reopened by its handle, through the lower root's mount: a handle
+    of the other filesystem must not be decoded there (it names the
+    victim's inode there), whatever its inode number says."""
+    secret = ext4 / "tmp" / "secret"
+    _create_secret(str(secret))
+    os.chown(secret, 1001, 1001)
+    n = os.stat(secret).st_ino
+    (ext4 / "sub").mkdir()
+    image = _gen0_image(workdir, "image", n, 1000)  # files f0.. at inodes 13 ..
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", "--bind", str(image), str(ext4 / "sub")], check=True)
+        ours = next(f"f{i}" for i in range(n) if os.stat(image / "tmp" / f"f{i}").st_ino == n)
+        with foreground_daemon(ext4, mnt, *args(STD), log=workdir / "log"), \
+                Caller(ATTACKER, ATTACKER) as attacker:
+            k = attacker.call(os.open, f"{mnt}/sub/tmp/{ours}", os.O_PATH)
+            assert isinstance(k, int), k
+            assert attacker.call(os.stat, f"/proc/self/fd/{k}").st_uid == ATTACKER
+            pid = server_pid(mnt)
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while read_status(str(mnt))["server"] in (pid, 0):
+                assert time.monotonic() < deadline, "no new server within 10 s"
+                time.sleep(0.01)
+            got = attacker.call(_chmod_held, k, 0o666)
+            assert os.stat(secret).st_mode & 0o777 == 0o600, f"the victim's file was chmod'ed ({got})"
+            assert got == Errno(errno.ESTALE) or got[0] == ATTACKER, got
+    finally:
+        _umount(ext4 / "sub")
+        _umount(image)
