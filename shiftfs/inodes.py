@@ -204,11 +204,12 @@ class InodeTable:
         with self._lock:
             if node.fd >= 0:
                 return
-            if node.handle is None:
+            if not self._reopenable(node):
                 raise OSError(errno.ESTALE, f"node {node.node_id} has no fd")
             fd = linux.open_by_handle(self._mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)
-            # cannot happen, but never act on another inode: a handle that
-            # holds the node's number (and generation) needs no fstat to say so
+            # cannot happen, but never act on another inode: a handle of the
+            # root's filesystem that holds the node's number (and a
+            # generation it checks) needs no fstat to say so
             if linux.handle_ino(node.handle) != node.key >> 32 and key_of(os.fstat(fd)) != node.key:
                 os.close(fd)
                 raise OSError(errno.ESTALE, f"node {node.node_id} reopened as another inode")
@@ -216,6 +217,17 @@ class InodeTable:
             self.open_fds += 1
         if self.open_fds > self.high:
             self.shrink_wanted.set()
+
+    def _reopenable(self, node: Node) -> bool:
+        """Whether ``node`` can be reopened by its handle: one that names
+        its inode alone (not a generation-0 ext4 handle, which opens
+        whatever has its number now), decoded on its own filesystem.
+        Handles are decoded through the root's mount, so a node of a
+        filesystem mounted below the root (a restarted server's, from the
+        journal) cannot be: decoded there, its handle names the root
+        filesystem's inode of the same number."""
+        return node.handle is not None and node.dev == self.root.dev \
+            and linux.names_one_inode(node.handle)
 
     def give_back(self, count: int) -> int:
         """Close the fds of up to ``count`` nodes that no running request
@@ -239,6 +251,8 @@ class InodeTable:
                     if h is None:
                         continue
                     n.handle = n.fid if h == n.fid else h  # one copy where the watcher's is the same
+                if not linux.names_one_inode(n.handle):  # could open another inode later: keep the fd
+                    continue
                 fds.append(n.fd)
                 n.fd = -1
             self.open_fds -= len(fds)
@@ -311,7 +325,7 @@ class InodeTable:
             return None
         handle = linux.name_to_handle(dir_fd, 0, name)
         ino = None if handle is None else linux.handle_ino(handle)
-        if ino is None:
+        if ino is None or not linux.names_one_inode(handle):
             return None
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if st.st_ino != ino or st.st_dev != self.root.dev or st.st_nlink != 1 \
@@ -629,7 +643,7 @@ class InodeTable:
     def reopen_fd(self, node: Node) -> int:
         """A new O_PATH fd of a node that gave its fd back (the caller closes
         it), or -1."""
-        if not self.handles or node.handle is None:
+        if not self.handles or not self._reopenable(node):
             return -1
         try:
             return linux.open_by_handle(self._mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)

@@ -396,7 +396,8 @@ def test_a_generation_0_handle_never_reopens_another_file(gen0_ext4, workdir):
         read, errors = attacker.finish()
         assert os.stat(secret).st_ino == x_ino, "precondition: ext4 reused the number"
         assert SECRET not in read, f"the attacker read the victim's file ({errors})"
-        assert read == [] and set(errors) <= {errno.ESTALE, errno.ENOENT}, (read, errors)
+        # its node held an fd (the file, then the empty placeholder of a file gone), or answers ESTALE
+        assert set(read) <= {b""} and set(errors) <= {errno.ESTALE}, (read, errors)
         assert os.stat(secret).st_uid == 1001 and os.stat(secret).st_mode & 0o777 == 0o600
 
 
