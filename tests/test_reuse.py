@@ -448,3 +448,22 @@ def test_a_node_on_a_filesystem_mounted_inside_the_lower_is_never_reopened_on_th
     finally:
         _umount(ext4 / "sub")
         _umount(image)
+
+
+def test_a_node_without_an_fd_keeps_its_number_while_its_file_has_a_name(table):
+    """release_if_gone of a node that holds no fd (a readdirplus node, or
+    one that gave its fd back) whose file got another name meanwhile (a
+    link made behind the mount after the UNLINK's stat, or after the last
+    RELEASE checked): the inode lives, so its number must still find its
+    node: the watcher finds ext4 nodes by number only, and a lookup of the
+    other name must not make a second node for one inode."""
+    root = f"/proc/self/fd/{table.root.fd}"
+    n, st = table.add_unopened(table.root.fd, b"a", ROOT_ID)
+    table.request_done()
+    assert n.fd < 0
+    os.link(f"{root}/a", f"{root}/a2")
+    os.unlink(f"{root}/a")
+    table.release_if_gone(n)
+    assert table.find(st.st_dev, st.st_ino, n.handle) is n
+    again, _st = _add(table, b"a2")
+    assert again is n
