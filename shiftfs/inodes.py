@@ -522,14 +522,16 @@ class InodeTable:
         filesystem), not at the FORGET that follows. The fd number stays
         taken until then, pointing at an empty memfd, so a request still
         in flight can never reach another file through a reused number.
-        A node that gave its fd back holds nothing to give; its inode,
-        freed, can never be looked up again, so its number finds it no
-        more."""
+        A node that gave its fd back holds nothing to give; if its handle
+        opens nothing (or an inode with no name), its inode, freed, can
+        never be looked up again, so its number finds it no more."""
         with self._lock:
             if node.opens or not stat.S_ISREG(node.mode) or node.node_id not in self._by_id:
                 return
             if node.fd < 0:
-                if self._by_key.get(node.key) is node:
+                # gone only if its handle says so: a link made behind the
+                # mount (after the UNLINK's stat, or the RELEASE's check) keeps it
+                if self._by_key.get(node.key) is node and self._gone(node):
                     del self._by_key[node.key]
                 return
             try:
@@ -543,6 +545,19 @@ class InodeTable:
             node.released = True
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
+
+    def _gone(self, node: Node) -> bool:
+        # under the lock: whether the inode of ``node`` (which gave its fd back) has no name left
+        if not self._reopenable(node):
+            return True  # nothing can reach it by number again: its number must not find it
+        try:
+            fd = linux.open_by_handle(self._mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return True
+        try:
+            return os.fstat(fd).st_nlink == 0
+        finally:
+            os.close(fd)
 
     def forget(self, node_id: int, nlookup: int) -> bool:
         """Take back ``nlookup`` lookups; True if that released the node."""
