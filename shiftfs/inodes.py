@@ -13,7 +13,16 @@ its file handle (which carries the generation) is the inode's, or, where
 no handle can be had, if it holds its fd. A node that gave its fd back is
 reopened by its own handle only; when a lookup finds a node whose inode
 was freed, it makes a new node, and the old one answers ESTALE (its file
-is gone: the daemon held nothing that kept it). Where a lower has no handles
+is gone: the daemon held nothing that kept it). Not every handle can
+do that: ext4 (ext2, f2fs) decode a generation-0 handle without checking
+the generation, so it opens whatever inode has its number now (mke2fs -d
+writes generation 0 into every inode of an image; a file's owner may set
+it with FS_IOC_SETVERSION where metadata_csum is off): nodes with such
+handles keep their fds (``_reopenable``). Handles are decoded through the
+root's mount, so a node of a filesystem mounted below the root (a
+restarted server has those without fds) is never reopened by its handle
+either: decoded there it names the root filesystem's inode of its
+number. Where a lower has no handles
 (some FUSE lowers, overlayfs without nfs_export) no node gives its fd
 back, so none can lose its inode. FUSE lowers report the lower daemon's
 inode numbers, which may repeat while the inode we hold lives (bindfs
