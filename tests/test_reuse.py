@@ -467,3 +467,34 @@ def test_a_node_without_an_fd_keeps_its_number_while_its_file_has_a_name(table):
     assert table.find(st.st_dev, st.st_ino, n.handle) is n
     again, _st = _add(table, b"a2")
     assert again is n
+
+
+def test_a_restarted_server_never_reopens_a_generation_0_handle(gen0_ext4, workdir):
+    """A server that dies leaves every node without an fd, to be reopened
+    by its handle: a generation-0 one (mke2fs -d) names the number only.
+    The attacker holds its file (O_PATH) across the restart, unlinks it,
+    and the victim's new 0600 file gets the number: the held node must not
+    open it (a chmod through it is checked by the kernel against the owner
+    it cached, the attacker's)."""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    x, secret = gen0_ext4 / "tmp" / "f0", gen0_ext4 / "tmp" / "secret"
+    stop = workdir / "stop"
+    with foreground_daemon(gen0_ext4, mnt, *args(STD), log=workdir / "log"), \
+            Caller(ATTACKER, ATTACKER) as attacker, Caller(VICTIM, VICTIM) as victim:
+        k = attacker.call(os.open, f"{mnt}/tmp/f0", os.O_PATH)
+        assert isinstance(k, int), k
+        x_ino = os.stat(x).st_ino
+        pid = server_pid(mnt)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while read_status(str(mnt))["server"] in (pid, 0):
+            assert time.monotonic() < deadline, "no new server within 10 s"
+            time.sleep(0.01)
+        assert attacker.call(os.unlink, f"{mnt}/tmp/f0") is None
+        assert victim.call(_create_secret, f"{mnt}/tmp/secret") is None
+        assert os.stat(secret).st_ino == x_ino, "precondition: ext4 reused the number"
+        got = attacker.call(_chmod_held, k, 0o666)  # the kernel checks the owner it cached
+        assert os.stat(secret).st_mode & 0o777 == 0o600, f"the victim's file was chmod'ed ({got})"
+        read, errors = attacker.call(_open_until, k, str(stop), 0.2)
+        assert SECRET not in read, f"the attacker read the victim's file ({errors})"
