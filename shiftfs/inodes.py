@@ -13,7 +13,16 @@ its file handle (which carries the generation) is the inode's, or, where
 no handle can be had, if it holds its fd. A node that gave its fd back is
 reopened by its own handle only; when a lookup finds a node whose inode
 was freed, it makes a new node, and the old one answers ESTALE (its file
-is gone: the daemon held nothing that kept it). Where a lower has no handles
+is gone: the daemon held nothing that kept it). Not every handle can
+do that: ext4 (ext2, f2fs) decode a generation-0 handle without checking
+the generation, so it opens whatever inode has its number now (mke2fs -d
+writes generation 0 into every inode of an image; a file's owner may set
+it with FS_IOC_SETVERSION where metadata_csum is off): nodes with such
+handles keep their fds (``_reopenable``). Handles are decoded through the
+root's mount, so a node of a filesystem mounted below the root (a
+restarted server has those without fds) is never reopened by its handle
+either: decoded there it names the root filesystem's inode of its
+number. Where a lower has no handles
 (some FUSE lowers, overlayfs without nfs_export) no node gives its fd
 back, so none can lose its inode. FUSE lowers report the lower daemon's
 inode numbers, which may repeat while the inode we hold lives (bindfs
@@ -205,11 +214,12 @@ class InodeTable:
         with self._lock:
             if node.fd >= 0:
                 return
-            if node.handle is None:
+            if not self._reopenable(node):
                 raise OSError(errno.ESTALE, f"node {node.node_id} has no fd")
             fd = linux.open_by_handle(self._mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)
-            # cannot happen, but never act on another inode: a handle that
-            # holds the node's number (and generation) needs no fstat to say so
+            # cannot happen, but never act on another inode: a handle of the
+            # root's filesystem that holds the node's number (and a
+            # generation it checks) needs no fstat to say so
             if linux.handle_ino(node.handle) != node.key >> 32 and key_of(os.fstat(fd)) != node.key:
                 os.close(fd)
                 raise OSError(errno.ESTALE, f"node {node.node_id} reopened as another inode")
@@ -217,6 +227,17 @@ class InodeTable:
             self.open_fds += 1
         if self.open_fds > self.high:
             self.shrink_wanted.set()
+
+    def _reopenable(self, node: Node) -> bool:
+        """Whether ``node`` can be reopened by its handle: one that names
+        its inode alone (not a generation-0 ext4 handle, which opens
+        whatever has its number now), decoded on its own filesystem.
+        Handles are decoded through the root's mount, so a node of a
+        filesystem mounted below the root (a restarted server's, from the
+        journal) cannot be: decoded there, its handle names the root
+        filesystem's inode of the same number."""
+        return node.handle is not None and node.dev == self.root.dev \
+            and linux.names_one_inode(node.handle)
 
     def give_back(self, count: int) -> int:
         """Close the fds of up to ``count`` nodes that no running request
@@ -240,6 +261,8 @@ class InodeTable:
                     if h is None:
                         continue
                     n.handle = n.fid if h == n.fid else h  # one copy where the watcher's is the same
+                if not linux.names_one_inode(n.handle):  # could open another inode later: keep the fd
+                    continue
                 fds.append(n.fd)
                 n.fd = -1
             self.open_fds -= len(fds)
@@ -312,7 +335,7 @@ class InodeTable:
             return None
         handle = linux.name_to_handle(dir_fd, 0, name)
         ino = None if handle is None else linux.handle_ino(handle)
-        if ino is None:
+        if ino is None or not linux.names_one_inode(handle):
             return None
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if st.st_ino != ino or st.st_dev != self.root.dev or st.st_nlink != 1 \
@@ -511,14 +534,16 @@ class InodeTable:
         filesystem), not at the FORGET that follows. The fd number stays
         taken until then, pointing at an empty memfd, so a request still
         in flight can never reach another file through a reused number.
-        A node that gave its fd back holds nothing to give; its inode,
-        freed, can never be looked up again, so its number finds it no
-        more."""
+        A node that gave its fd back holds nothing to give; if its handle
+        opens nothing (or an inode with no name), its inode, freed, can
+        never be looked up again, so its number finds it no more."""
         with self._lock:
             if node.opens or not stat.S_ISREG(node.mode) or node.node_id not in self._by_id:
                 return
             if node.fd < 0:
-                if self._by_key.get(node.key) is node:
+                # gone only if its handle says so: a link made behind the
+                # mount (after the UNLINK's stat, or the RELEASE's check) keeps it
+                if self._by_key.get(node.key) is node and self._gone(node):
                     del self._by_key[node.key]
                 return
             try:
@@ -532,6 +557,19 @@ class InodeTable:
             node.released = True
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
+
+    def _gone(self, node: Node) -> bool:
+        # under the lock: whether the inode of ``node`` (which gave its fd back) has no name left
+        if not self._reopenable(node):
+            return True  # nothing can reach it by number again: its number must not find it
+        try:
+            fd = linux.open_by_handle(self._mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return True
+        try:
+            return os.fstat(fd).st_nlink == 0
+        finally:
+            os.close(fd)
 
     def forget(self, node_id: int, nlookup: int) -> bool:
         """Take back ``nlookup`` lookups; True if that released the node."""
@@ -642,7 +680,7 @@ class InodeTable:
     def reopen_fd(self, node: Node) -> int:
         """A new O_PATH fd of a node that gave its fd back (the caller closes
         it), or -1."""
-        if not self.handles or node.handle is None:
+        if not self.handles or not self._reopenable(node):
             return -1
         try:
             return linux.open_by_handle(self._mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)

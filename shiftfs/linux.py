@@ -362,6 +362,16 @@ def handle_ino(handle: bytes) -> int | None:
     return _SIZE.unpack_from(handle, 8)[0]
 
 
+def names_one_inode(handle: bytes) -> bool:
+    """Whether ``handle`` names one inode, not whatever inode has its
+    number: False for a FILEID_INO32_GEN handle of generation 0, which
+    ext2/ext4 and f2fs decode without checking the generation
+    (ext4_nfs_get_inode: ``if (generation && ...)``). mke2fs -d writes
+    generation 0 into every inode of the image it builds, and the owner
+    of a file on ext4 without metadata_csum may set it (FS_IOC_SETVERSION)."""
+    return handle[:8] != _INO32_GEN or handle[12:16] != b"\0\0\0\0"
+
+
 def fs_type(dev: int) -> str:
     """The filesystem type of device ``dev`` as mountinfo names it
     ("tmpfs", "fuse.sshfs", ...); "" if no mount of it is listed."""

@@ -682,9 +682,9 @@ class Operations:
         raise OSError(errno.ENOTTY, "ioctl not passed to the lower")
 
 
+_DT_DIR = 4  # a dirent's d_type for a directory
 # FS_IOC_GETFLAGS, FS_IOC_GETVERSION, FS_IOC_FSGETXATTR (and their sizes);
 # FS_IOC_SETFLAGS, FS_IOC_SETVERSION, FS_IOC_FSSETXATTR
-_DT_DIR = 4  # a dirent's d_type for a directory
 _IOCTL_READ = {0x80086601: 8, 0x80087601: 8, 0x801C581F: 28}
 _IOCTL_SET = {0x40086602, 0x40087602, 0x401C5820}
 

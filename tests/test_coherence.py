@@ -149,3 +149,32 @@ def test_cache_forever_keeps_what_it_saw(lower, mounter):
     (lower / "new").write_text("n")
     time.sleep(1.5)  # past the 1 s default
     assert os.stat(a / "f").st_mode & 0o777 == 0o644 and not os.path.exists(a / "new")
+
+
+def test_watched_changes_show_at_once_after_a_server_restart(lower, watched):
+    """A restarted server's nodes come from the journal without a fid
+    (only the directories and open files are indexed again); ext4's are
+    found by their number, and must still be matched to the event's
+    handle: a file's change behind the mount shows as before the restart."""
+    import signal
+
+    from shiftfs.supervisor import read_status
+
+    a, _b = watched
+    (lower / "d" / "g").write_text("g")
+    os.stat(a / "d" / "g")
+    pid = read_status(str(a))["server"]
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    while read_status(str(a))["server"] in (pid, 0):
+        assert time.monotonic() - start < 10, "no new server within 10 s"
+        time.sleep(0.01)
+    time.sleep(0.2)  # the new server has expired every name once
+    for name in ("f", "d/g"):
+        os.stat(a / name)  # looked up again: the journal's nodes, cached for an hour
+        assert (a / name).read_text()
+    os.chmod(lower / "f", 0o600)
+    assert seen_within(lambda: (os.stat(a / "f").st_mode & 0o777) == 0o600, WATCH_LIMIT) is not None
+    with open(lower / "d" / "g", "a") as f:
+        f.write(" and more")
+    assert seen_within(lambda: (a / "d" / "g").read_text() == "g and more", WATCH_LIMIT) is not None

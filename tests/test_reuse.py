@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from shiftfs import linux
 from shiftfs.inodes import ROOT_ID, InodeTable
 
 from tests.callers import Caller, Errno
-from tests.daemon import foreground_daemon, server_pid
+from tests.daemon import foreground_daemon, read_status, server_pid
 from tests.tables import STD, args
 
 pytestmark = pytest.mark.needs_root
@@ -315,3 +316,185 @@ def test_a_walk_never_pairs_a_reused_number_with_the_old_files_handle(ext4, monk
         table.request_done()
     finally:
         table.close()
+
+
+# ---- red team: handles that prove nothing (generation 0), handles of another filesystem ----
+
+def _gen0_image(workdir: Path, name: str, files: int, owner: int) -> Path:
+    """An ext4 image made by mke2fs -d (as container images are built):
+    e2fsprogs gives every inode it writes generation 0, and ext4 checks a
+    handle's generation only where it is not 0 (ext4_nfs_get_inode), so
+    such a handle opens whatever inode has its number now. tmp/ (1777)
+    holds ``files`` files f0.. owned by lower ``owner``. Mounted at
+    workdir/name."""
+    src, img, path = workdir / f"{name}-src", workdir / f"{name}.img", workdir / name
+    (src / "tmp").mkdir(parents=True)
+    os.chmod(src, 0o755)
+    os.chmod(src / "tmp", 0o1777)
+    for i in range(files):
+        (src / "tmp" / f"f{i}").write_text("the attacker's own\n")
+        os.chown(src / "tmp" / f"f{i}", owner, owner)
+    subprocess.run(["truncate", "-s", "64M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-N", "8192", "-d", str(src), str(img)], check=True)
+    path.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(path)], check=True)
+    return path
+
+
+def _umount(path: Path) -> None:
+    if subprocess.run(["umount", str(path)], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def gen0_ext4(workdir):
+    path = _gen0_image(workdir, "gen0", 1, 1000)
+    try:
+        yield path
+    finally:
+        _umount(path)
+
+
+def _walk_and_hold(tmp: str, name: str) -> int:
+    """ls -l (one READDIRPLUS), then an O_PATH fd of the entry: no request
+    reaches the daemon for it (the name is cached)."""
+    for n in os.listdir(tmp):
+        os.lstat(f"{tmp}/{n}")
+    return os.open(f"{tmp}/{name}", os.O_PATH)
+
+
+def _handle_generation(path: str) -> int:
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        return int.from_bytes(linux.name_to_handle(fd)[12:16], "little")
+    finally:
+        os.close(fd)
+
+
+def test_a_generation_0_handle_never_reopens_another_file(gen0_ext4, workdir):
+    """The lower was built by mke2fs -d: the attacker's file has generation
+    0, and its handle names its number, not its inode. A readdirplus gives
+    it a node without an fd; the attacker holds it (O_PATH), unlinks the
+    file, and the victim's new 0600 file gets the number. The old node
+    must answer ESTALE, never open the victim's file."""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    x, secret = gen0_ext4 / "tmp" / "f0", gen0_ext4 / "tmp" / "secret"
+    assert _handle_generation(str(x)) == 0, "precondition: mke2fs -d writes generation 0"
+    stop = workdir / "stop"
+    with foreground_daemon(gen0_ext4, mnt, *args(STD), log=workdir / "log") as daemon, \
+            Caller(ATTACKER, ATTACKER) as attacker, Caller(VICTIM, VICTIM) as victim:
+        k = attacker.call(_walk_and_hold, f"{mnt}/tmp", "f0")
+        assert isinstance(k, int), k
+        x_ino = os.stat(x).st_ino
+        assert attacker.call(os.unlink, f"{mnt}/tmp/f0") is None
+        attacker.start(_open_until, k, str(stop), 10.0)
+        time.sleep(0.1)
+        assert victim.call(_create_secret, f"{mnt}/tmp/secret") is None
+        time.sleep(0.1)
+        stop.touch()
+        read, errors = attacker.finish()
+        assert os.stat(secret).st_ino == x_ino, "precondition: ext4 reused the number"
+        assert SECRET not in read, f"the attacker read the victim's file ({errors})"
+        # its node held an fd (the file, then the empty placeholder of a file gone), or answers ESTALE
+        assert set(read) <= {b""} and set(errors) <= {errno.ESTALE}, (read, errors)
+        assert os.stat(secret).st_uid == 1001 and os.stat(secret).st_mode & 0o777 == 0o600
+
+
+def _chmod_held(k: int, mode: int):
+    """chmod through the held O_PATH fd (the kernel checks the owner it
+    has cached: no LOOKUP, no GETATTR first), then its stat."""
+    try:
+        os.chmod(f"/proc/self/fd/{k}", mode)
+    except OSError as e:
+        return Errno(e.errno)
+    st = os.stat(f"/proc/self/fd/{k}")
+    return st.st_uid, st.st_ino, st.st_mode & 0o7777
+
+
+def test_a_node_on_a_filesystem_mounted_inside_the_lower_is_never_reopened_on_the_lower(
+        ext4, workdir):
+    """A filesystem the attacker made (an image, mounted at sub/ of the
+    lower) holds its own file with the number the victim's 0600 file has
+    on the lower (and generation 0). A server that dies leaves every node
+    to be reopened by its handle, through the lower root's mount: a handle
+    of the other filesystem must not be decoded there (it names the
+    victim's inode there), whatever its inode number says."""
+    secret = ext4 / "tmp" / "secret"
+    _create_secret(str(secret))
+    os.chown(secret, 1001, 1001)
+    n = os.stat(secret).st_ino
+    (ext4 / "sub").mkdir()
+    image = _gen0_image(workdir, "image", n, 1000)  # files f0.. at inodes 13 ..
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", "--bind", str(image), str(ext4 / "sub")], check=True)
+        ours = next(f"f{i}" for i in range(n) if os.stat(image / "tmp" / f"f{i}").st_ino == n)
+        with foreground_daemon(ext4, mnt, *args(STD), log=workdir / "log"), \
+                Caller(ATTACKER, ATTACKER) as attacker:
+            k = attacker.call(os.open, f"{mnt}/sub/tmp/{ours}", os.O_PATH)
+            assert isinstance(k, int), k
+            assert attacker.call(os.stat, f"/proc/self/fd/{k}").st_uid == ATTACKER
+            pid = server_pid(mnt)
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while read_status(str(mnt))["server"] in (pid, 0):
+                assert time.monotonic() < deadline, "no new server within 10 s"
+                time.sleep(0.01)
+            got = attacker.call(_chmod_held, k, 0o666)
+            assert os.stat(secret).st_mode & 0o777 == 0o600, f"the victim's file was chmod'ed ({got})"
+            assert got == Errno(errno.ESTALE) or got[0] == ATTACKER, got
+    finally:
+        _umount(ext4 / "sub")
+        _umount(image)
+
+
+def test_a_node_without_an_fd_keeps_its_number_while_its_file_has_a_name(table):
+    """release_if_gone of a node that holds no fd (a readdirplus node, or
+    one that gave its fd back) whose file got another name meanwhile (a
+    link made behind the mount after the UNLINK's stat, or after the last
+    RELEASE checked): the inode lives, so its number must still find its
+    node: the watcher finds ext4 nodes by number only, and a lookup of the
+    other name must not make a second node for one inode."""
+    root = f"/proc/self/fd/{table.root.fd}"
+    n, st = table.add_unopened(table.root.fd, b"a", ROOT_ID)
+    table.request_done()
+    assert n.fd < 0
+    os.link(f"{root}/a", f"{root}/a2")
+    os.unlink(f"{root}/a")
+    table.release_if_gone(n)
+    assert table.find(st.st_dev, st.st_ino, n.handle) is n
+    again, _st = _add(table, b"a2")
+    assert again is n
+
+
+def test_a_restarted_server_never_reopens_a_generation_0_handle(gen0_ext4, workdir):
+    """A server that dies leaves every node without an fd, to be reopened
+    by its handle: a generation-0 one (mke2fs -d) names the number only.
+    The attacker holds its file (O_PATH) across the restart, unlinks it,
+    and the victim's new 0600 file gets the number: the held node must not
+    open it (a chmod through it is checked by the kernel against the owner
+    it cached, the attacker's)."""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    x, secret = gen0_ext4 / "tmp" / "f0", gen0_ext4 / "tmp" / "secret"
+    stop = workdir / "stop"
+    with foreground_daemon(gen0_ext4, mnt, *args(STD), log=workdir / "log"), \
+            Caller(ATTACKER, ATTACKER) as attacker, Caller(VICTIM, VICTIM) as victim:
+        k = attacker.call(os.open, f"{mnt}/tmp/f0", os.O_PATH)
+        assert isinstance(k, int), k
+        x_ino = os.stat(x).st_ino
+        pid = server_pid(mnt)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while read_status(str(mnt))["server"] in (pid, 0):
+            assert time.monotonic() < deadline, "no new server within 10 s"
+            time.sleep(0.01)
+        assert attacker.call(os.unlink, f"{mnt}/tmp/f0") is None
+        assert victim.call(_create_secret, f"{mnt}/tmp/secret") is None
+        assert os.stat(secret).st_ino == x_ino, "precondition: ext4 reused the number"
+        got = attacker.call(_chmod_held, k, 0o666)  # the kernel checks the owner it cached
+        assert os.stat(secret).st_mode & 0o777 == 0o600, f"the victim's file was chmod'ed ({got})"
+        read, errors = attacker.call(_open_until, k, str(stop), 0.2)
+        assert SECRET not in read, f"the attacker read the victim's file ({errors})"
