@@ -359,18 +359,18 @@ def test_a_walk_larger_than_the_fd_budget_never_runs_out_of_fds(lower, workdir):
         assert most <= 400
 
 
-def test_a_walk_holds_an_fd_a_directory_not_a_file(lower, workdir):
+def test_a_walk_holds_an_fd_a_directory_not_a_file(ext4_lower, workdir):
     """Readdirplus entries of files get nodes without fds (found by their
     handles, ext4 here): walking 3,000 files in 30 directories leaves the
     server with about an fd a directory, and every file then reads back
     through its node (reopened by its handle) with its own content."""
     for d in range(30):
-        (lower / f"d{d}").mkdir()
+        (ext4_lower / f"d{d}").mkdir()
         for f in range(100):
-            (lower / f"d{d}" / f"f{f}").write_text(f"{d}/{f}")
+            (ext4_lower / f"d{d}" / f"f{f}").write_text(f"{d}/{f}")
     mnt = workdir / "mnt"
     mnt.mkdir()
-    with foreground_daemon(lower, mnt, *args(STD)):
+    with foreground_daemon(ext4_lower, mnt, *args(STD)):
         before = len(os.listdir(f"/proc/{server_pid(mnt)}/fd"))
         walk = subprocess.run(["find", str(mnt), "-ls"], capture_output=True, text=True)
         assert walk.returncode == 0 and walk.stdout.count("\n") == 1 + 30 + 3000

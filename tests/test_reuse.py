@@ -165,9 +165,9 @@ def _owner_of_fd_path(path: str):
 # ---- the table's decision, without a mount ----
 
 @pytest.fixture
-def table(workdir):
-    """An InodeTable over workdir/root holding files a and b."""
-    root = workdir / "root"
+def table(ext4_lower):
+    """An InodeTable over root/ on a private ext4, holding files a and b."""
+    root = ext4_lower / "root"
     root.mkdir()
     (root / "a").write_text("a")
     (root / "b").write_text("b")

@@ -518,7 +518,7 @@ def test_a_containers_proc_survives_a_flood_on_the_same_filesystem(lower, workdi
 
 
 @pytest.mark.parametrize("kind", ["ext4", "tmpfs"])
-def test_events_find_their_nodes_with_or_without_an_index(lower, kind):
+def test_events_find_their_nodes_with_or_without_an_index(lower, ext4_lower, kind):
     """On ext4 (FILEID_INO32_GEN handles: the inode's number and
     generation) the watcher finds an event's node by number, with no index
     entry a node; on tmpfs (other handles) by its index. Either way a fid
@@ -532,6 +532,8 @@ def test_events_find_their_nodes_with_or_without_an_index(lower, kind):
 
     if kind == "tmpfs":
         subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "shiftfs-fids", str(lower)], check=True)
+    else:
+        lower = ext4_lower
     ops = watcher = None
     try:
         assert subprocess.run(["stat", "-f", "-c", "%T", str(lower)], capture_output=True,
