@@ -14,6 +14,7 @@ from pathlib import Path
 from shiftfs.mount import is_mounted, mount, unmount
 
 from tests.fuse_requests import RequestCounter
+from tests.daemon import loop_ext4
 from tests.tables import STD
 
 
@@ -47,18 +48,9 @@ def ext4_lower(workdir):
     """A lower on a private ext4 (a 64 MiB loop image), for what depends on
     ext4's file handles (the inode's number in them) wherever /tmp is
     (tmpfs in CI's debootstrap root); unmounted after the test."""
-    img, path = workdir / "ext4-lower.img", workdir / "ext4-lower"
-    path.mkdir()
-    subprocess.run(["truncate", "-s", "64M", str(img)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(img), str(path)], check=True)
-    try:
-        os.chmod(path, 0o755)
+    with loop_ext4(workdir / "ext4-lower", "64M") as path:
         os.rmdir(path / "lost+found")  # a lower as a test makes it: empty
         yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -207,6 +208,36 @@ def server_pid(mountpoint) -> int:
     status = read_status(str(mountpoint))
     assert status is not None and status["server"] > 0, f"no server for {mountpoint}"
     return status["server"]
+
+
+def restart_server(mountpoint, timeout: float = 10.0) -> int:
+    """SIGKILL the mount's server and wait for the one its supervisor
+    starts instead; that one's pid."""
+    pid = server_pid(mountpoint)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while (new := read_status(str(mountpoint))["server"]) in (pid, 0):
+        assert time.monotonic() < deadline, f"no new server within {timeout:g} s"
+        time.sleep(0.01)
+    return new
+
+
+@contextlib.contextmanager
+def loop_ext4(path: Path, size: str, *mkfs: str) -> Iterator[Path]:
+    """A private ext4 of ``size`` (a loop image beside ``path``, made with
+    mkfs.ext4 options ``mkfs``) mounted at ``path``, mode 0755; unmounted
+    on the way out, also when the test failed."""
+    img = path.with_name(path.name + ".img")
+    path.mkdir()
+    subprocess.run(["truncate", "-s", size, str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", *mkfs, str(img)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(img), str(path)], check=True)
+    try:
+        os.chmod(path, 0o755)
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def space_back(mountpoint, timeout: float = 5.0) -> bool:

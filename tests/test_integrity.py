@@ -29,7 +29,7 @@ import textwrap
 import pytest
 
 from tests import fsx
-from tests.daemon import space_back
+from tests.daemon import loop_ext4, space_back
 from tests.tables import ROOT_KEPT
 
 pytestmark = pytest.mark.needs_root
@@ -231,17 +231,8 @@ def test_a_writer_killed_mid_way_leaves_a_prefix(lower, mounter, mode, flags, wo
 
 @pytest.fixture
 def small_ext4(workdir):
-    img, path = workdir / "small.img", workdir / "small"
-    path.mkdir()
-    subprocess.run(["truncate", "-s", "16M", str(img)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(img), str(path)], check=True)
-    try:
-        os.chmod(path, 0o755)
+    with loop_ext4(workdir / "small", "16M") as path:
         yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 ODD = 777777  # not a multiple of a page: the last write is cut inside a request

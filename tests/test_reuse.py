@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from shiftfs import linux
 from shiftfs.inodes import ROOT_ID, InodeTable
 
 from tests.callers import Caller, Errno
-from tests.daemon import foreground_daemon, read_status, server_pid
+from tests.daemon import foreground_daemon, loop_ext4, restart_server, server_pid
 from tests.tables import STD, args
 
 pytestmark = pytest.mark.needs_root
@@ -42,22 +41,13 @@ SECRET = b"the victim's secret\n"
 def ext4(workdir):
     """A private ext4 (a loop image) with tmp/ (1777) and FILES empty files
     in many/ to look up."""
-    img, path = workdir / "ext4.img", workdir / "ext4"
-    path.mkdir()
-    subprocess.run(["truncate", "-s", "64M", str(img)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-N", "8192", str(img)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(img), str(path)], check=True)
-    try:
-        os.chmod(path, 0o755)
+    with loop_ext4(workdir / "ext4", "64M", "-N", "8192") as path:
         (path / "tmp").mkdir(mode=0o1777)
         os.chmod(path / "tmp", 0o1777)
         (path / "many").mkdir()
         for i in range(FILES):
             (path / "many" / f"f{i}").touch()
         yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 # ---- what the callers do (module level: a Caller runs them in its child) ----
@@ -436,12 +426,7 @@ def test_a_node_on_a_filesystem_mounted_inside_the_lower_is_never_reopened_on_th
             k = attacker.call(os.open, f"{mnt}/sub/tmp/{ours}", os.O_PATH)
             assert isinstance(k, int), k
             assert attacker.call(os.stat, f"/proc/self/fd/{k}").st_uid == ATTACKER
-            pid = server_pid(mnt)
-            os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while read_status(str(mnt))["server"] in (pid, 0):
-                assert time.monotonic() < deadline, "no new server within 10 s"
-                time.sleep(0.01)
+            restart_server(mnt)
             got = attacker.call(_chmod_held, k, 0o666)
             assert os.stat(secret).st_mode & 0o777 == 0o600, f"the victim's file was chmod'ed ({got})"
             assert got == Errno(errno.ESTALE) or got[0] == ATTACKER, got
@@ -485,12 +470,7 @@ def test_a_restarted_server_never_reopens_a_generation_0_handle(gen0_ext4, workd
         k = attacker.call(os.open, f"{mnt}/tmp/f0", os.O_PATH)
         assert isinstance(k, int), k
         x_ino = os.stat(x).st_ino
-        pid = server_pid(mnt)
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while read_status(str(mnt))["server"] in (pid, 0):
-            assert time.monotonic() < deadline, "no new server within 10 s"
-            time.sleep(0.01)
+        restart_server(mnt)
         assert attacker.call(os.unlink, f"{mnt}/tmp/f0") is None
         assert victim.call(_create_secret, f"{mnt}/tmp/secret") is None
         assert os.stat(secret).st_ino == x_ino, "precondition: ext4 reused the number"
