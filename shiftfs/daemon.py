@@ -454,6 +454,7 @@ def _server(s: _Serving, journal: NodeJournal, sock, held: dict[int, Held],
         table.journal = journal
     store = FdStore(sock)
     table.store = store
+    signal.signal(signal.SIGUSR1, lambda *_: store.flushed())  # before an upgrade ends us
     root = os.geteuid() == 0
     session = Session(operations, s.device_fd,
                       passthrough=s.options.passthrough != "off" and root, killpriv_v2=root,

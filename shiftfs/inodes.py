@@ -22,9 +22,8 @@ handles keep their fds (``_reopenable``). Handles are decoded through the
 root's mount, so a node of a filesystem mounted below the root (a
 restarted server has those without fds) is never reopened by its handle
 either: decoded there it names the root filesystem's inode of its
-number. Where a lower has no handles
-(some FUSE lowers, overlayfs without nfs_export) no node gives its fd
-back, so none can lose its inode. FUSE lowers report the lower daemon's
+number. Where a lower has no handles (some FUSE lowers, overlayfs
+without nfs_export) no node gives its fd back, so none can lose its inode. FUSE lowers report the lower daemon's
 inode numbers, which may repeat while the inode we hold lives (bindfs
 passes the underlying file's on); their handles (node id and generation
 in the lower kernel) tell those apart too. Handles are taken only where
@@ -33,8 +32,7 @@ still holds the inode), by a lookup that meets a node again under its
 number (the new fd's and the node's; a new node made there keeps its own).
 A node a create or a first lookup makes takes none (unless the journal
 keeps it), and the watcher's question (find) takes none either: a node
-without a handle holds its fd,
-so its number names its inode (or, on a FUSE lower whose numbers repeat,
+without a handle holds its fd, so its number names its inode (or, on a FUSE lower whose numbers repeat,
 an event for another inode under it invalidates this node too, which is
 harmless).
 
@@ -502,8 +500,10 @@ class InodeTable:
                 return
             f.opens -= 1
             unused = not f.opens
+            # from the fd about to go: a last close of a file with no link frees its inode
+            links = os.fstat(fh).st_nlink if unused and f.node is not None else 1
             if self.store is not None:  # before the fd goes: a resent RELEASE finds no fh
-                self.store.released(fh)
+                self.store.released(fh, now=not links)
             if unused:
                 del self._files[fh]
                 self.file_fds -= 1
@@ -526,28 +526,28 @@ class InodeTable:
             return
         if backing and unregister is not None:
             unregister(backing)
-        self.release_if_gone(node)
+        self.release_if_gone(node, links)
 
-    def release_if_gone(self, node: Node) -> None:
+    def release_if_gone(self, node: Node, links: int | None = None) -> None:
         """A regular file whose last lower name is gone and that nobody has
         open: give its inode back now (the space is freed, as on a local
         filesystem), not at the FORGET that follows. The fd number stays
         taken until then, pointing at an empty memfd, so a request still
         in flight can never reach another file through a reused number.
-        A node that gave its fd back holds nothing to give; if its handle
-        opens nothing (or an inode with no name), its inode, freed, can
-        never be looked up again, so its number finds it no more."""
+        A node that gave its fd back holds nothing to give; if its inode
+        has no name (``links``, read from the fd its last close closed, or
+        its handle opens nothing or an inode with none), its number finds
+        it no more."""
         with self._lock:
-            if node.opens or not stat.S_ISREG(node.mode) or node.node_id not in self._by_id:
+            # (a name left: none made later can revive a count of 0)
+            if links or node.opens or not stat.S_ISREG(node.mode) or node.node_id not in self._by_id:
                 return
-            if node.fd < 0:
-                # gone only if its handle says so: a link made behind the
-                # mount (after the UNLINK's stat, or the RELEASE's check) keeps it
-                if self._by_key.get(node.key) is node and self._gone(node):
+            if node.fd < 0:  # a link made behind the mount after the UNLINK's stat keeps it
+                if self._by_key.get(node.key) is node and (links == 0 or self._gone(node)):
                     del self._by_key[node.key]
                 return
             try:
-                if os.fstat(node.fd).st_nlink:
+                if links is None and os.fstat(node.fd).st_nlink:
                     return
             except OSError:
                 return

@@ -44,6 +44,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import sys
 import time
 
@@ -69,10 +70,12 @@ SLOT = struct.Struct("=QQQQIiHH")
 SLOT_SIZES = (64, 96, 192)
 SLOTS_AT = 192
 JOURNAL_BYTES = 1 << 30  # sparse: pages exist only where slots were written
-# server -> supervisor: kind (OPEN, SHARE, CLOSE, READY), fh, node id, uid, flags
+# server -> supervisor: kind (OPEN, SHARE, CLOSE, READY, FLUSHED), fh, node id, uid, flags
 MSG = struct.Struct("=BqQII")
 _FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)  # one fd a message
-OPEN, SHARE, CLOSE, READY = 1, 2, 3, 4
+BATCH_RECORDS = 64  # SHAREs and CLOSEs waiting for the next OPEN, at most (FdStore)
+FLUSH_DELAY = 0.02  # how long they wait for one
+OPEN, SHARE, CLOSE, READY, FLUSHED = 1, 2, 3, 4, 5
 RESTART_PAUSE = 0.05  # between restarts of a server that keeps dying at once
 # After a batch of messages the supervisor lets the next ones gather for
 # this long: an fd in flight stays open in the socket, so nothing is lost
@@ -187,23 +190,83 @@ class NodeJournal:
 class FdStore:
     """The server's side of the open-file store: each lower fd held for a
     caller's open goes to the supervisor, which keeps a copy until the
-    fh is released."""
+    fh is released.
+
+    An OPEN goes at once, with its fd, before the reply hands the fh to
+    the kernel: from then on the fd is in flight in the socket or in the
+    supervisor's hands, and outlives the server. SHAREs and CLOSEs wait
+    and ride on the next OPEN's message, in order (an fd number a CLOSE
+    frees may be the next OPEN's), so a create costs one message, not
+    two; a server that dies with some unsent leaves the supervisor
+    holding a copy the kernel released (a leak until unmount, never a
+    wrong file: an fh the kernel still has is never in the queue). They
+    go within ``FLUSH_DELAY`` at the latest (the copy of a closed file
+    keeps its inode, and a write-mode copy denies an exec on the lower),
+    and at once for a file whose last name is gone (its space is freed
+    now, as on a local filesystem)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self._pending: list[bytes] = []
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        threading.Thread(target=self._flusher, name="shiftfs-store", daemon=True).start()
 
     def held(self, fh: int, node_id: int, uid: int, flags: int) -> None:
-        self.sock.sendmsg([MSG.pack(OPEN, fh, node_id, uid, flags)],
-                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fh]))])
+        with self._lock:
+            self._pending.append(MSG.pack(OPEN, fh, node_id, uid, flags))
+            records, self._pending = b"".join(self._pending), []
+            self.sock.sendmsg([records], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                           array.array("i", [fh]))])
 
     def shared(self, fh: int) -> None:
-        self.sock.send(MSG.pack(SHARE, fh, 0, 0, 0))
+        self._later(MSG.pack(SHARE, fh, 0, 0, 0))
 
-    def released(self, fh: int) -> None:
-        self.sock.send(MSG.pack(CLOSE, fh, 0, 0, 0))
+    def released(self, fh: int, now: bool = False) -> None:
+        self._later(MSG.pack(CLOSE, fh, 0, 0, 0))
+        if now:
+            self.flush()
+
+    def _later(self, record: bytes) -> None:
+        with self._lock:
+            self._pending.append(record)
+            if len(self._pending) >= BATCH_RECORDS:
+                self._send()
+            elif len(self._pending) == 1:
+                self._wanted.set()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._send()
+
+    def _send(self) -> None:
+        # under the lock
+        records, self._pending = b"".join(self._pending), []
+        self.sock.send(records)
+
+    def _flusher(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            time.sleep(FLUSH_DELAY)
+            try:
+                self.flush()
+            except OSError:
+                return  # the supervisor is gone: so is the mount
 
     def ready(self) -> None:
-        self.sock.send(MSG.pack(READY, 0, 0, 0, 0))
+        self._say(READY)
+
+    def flushed(self) -> None:
+        """Everything waiting sent, and FLUSHED after it: the supervisor
+        asks (SIGUSR1) before it ends the server for an upgrade."""
+        self._say(FLUSHED)
+
+    def _say(self, kind: int) -> None:
+        with self._lock:
+            self._pending.append(MSG.pack(kind, 0, 0, 0, 0))
+            self._send()
 
 
 class Held:
@@ -328,11 +391,12 @@ class Supervisor:
         return False
 
     def _receive(self, wait: bool = True) -> int:
-        """One message from the server (its open files); the message kind,
-        0 when the server is gone (or, not ``wait``ing, when none is queued)."""
+        """One message from the server (its open files: records in order,
+        an OPEN's fd with it); the last record's kind, 0 when the server
+        is gone (or, not ``wait``ing, when none is queued)."""
         try:
             data, anc, _flags, _addr = self._sock.recvmsg(
-                MSG.size, _FD_SPACE, 0 if wait else socket.MSG_DONTWAIT)
+                MSG.size * (BATCH_RECORDS + 1), _FD_SPACE, 0 if wait else socket.MSG_DONTWAIT)
         except OSError:
             return 0
         if not data:
@@ -341,21 +405,23 @@ class Supervisor:
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-        kind, fh, node_id, uid, flags = MSG.unpack(data)
-        if kind == OPEN and fds:
-            old = self.held.pop(fh, None)
-            if old is not None:  # the fh was closed without a word (cannot happen)
-                os.close(old.fd)
-            self.held[fh] = Held(fds[0], node_id, uid, flags)
-        elif kind == SHARE and fh in self.held:
-            self.held[fh].opens += 1
-        elif kind == CLOSE and fh in self.held:
-            h = self.held[fh]
-            h.opens -= 1
-            if not h.opens:
-                del self.held[fh]
-                os.close(h.fd)
-        for fd in fds[1:] if kind == OPEN else fds:
+        fds = list(fds)
+        kind = 0
+        for kind, fh, node_id, uid, flags in MSG.iter_unpack(data[:len(data) - len(data) % MSG.size]):
+            if kind == OPEN and fds:
+                old = self.held.pop(fh, None)
+                if old is not None:  # the fh was closed without a word (cannot happen)
+                    os.close(old.fd)
+                self.held[fh] = Held(fds.pop(0), node_id, uid, flags)
+            elif kind == SHARE and fh in self.held:
+                self.held[fh].opens += 1
+            elif kind == CLOSE and fh in self.held:
+                h = self.held[fh]
+                h.opens -= 1
+                if not h.opens:
+                    del self.held[fh]
+                    os.close(h.fd)
+        for fd in fds:
             os.close(fd)
         return kind
 
@@ -428,6 +494,18 @@ class Supervisor:
         self._upgrade = True
 
     # ---- upgrade ----------------------------------------------------------
+    def _flush_server(self, timeout: float = 2.0) -> None:
+        """The CLOSEs the server has not sent yet (FdStore), asked for and
+        taken before it is ended: else their copies stay held."""
+        try:
+            os.kill(self.server_pid, signal.SIGUSR1)
+        except OSError:
+            return
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([self._sock], [], [], left)[0] and self._receive() in (FLUSHED, 0):
+                return
+
     def upgrade(self) -> None:
         """Hand the mount to the installed version of shiftfs: refuse (and
         keep serving) unless it can read this journal; else end the server
@@ -440,6 +518,7 @@ class Supervisor:
             log.error("upgrade refused: the installed shiftfs cannot read this mount's state "
                       "(version %d); the running server stays", STATE_VERSION)
             return
+        self._flush_server()
         os.kill(self.server_pid, signal.SIGKILL)
         os.waitpid(self.server_pid, 0)
         while self._receive():

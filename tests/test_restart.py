@@ -271,3 +271,82 @@ def test_a_rootless_mount_survives_a_killed_server(lower, workdir):
             os.close(held)
         assert (lower / "kept").read_text() == "after!"
         assert "restart 1" in log.read_text()
+
+
+def _copies(pid: int, directory) -> list[str]:
+    """The files under ``directory`` that process ``pid`` holds fds of."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory) + "/"):
+            out.append(target)
+    return out
+
+
+def _create_and_close(mnt: str, count: int, unlink: bool) -> int:
+    for i in range(count):
+        path = os.path.join(mnt, "w", f"c{i}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o755)
+        os.write(fd, b"#!/bin/sh\n")
+        if unlink:
+            os.unlink(path)
+        os.close(fd)
+    return count
+
+
+def _held_by_supervisor_within(pid: int, directory, seconds: float) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while (held := _copies(pid, directory)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return held
+
+
+@pytest.mark.parametrize("unlink", [False, True], ids=["linked", "unlinked"])
+def test_the_supervisor_lets_go_of_a_closed_file(lower, served, unlink):
+    """Its copy of a caller's open goes soon after the close (a write-mode
+    copy would deny an exec of the lower file, and keep a deleted file's
+    space), though the CLOSE rides on the next OPEN's message when one
+    comes: here none does."""
+    mnt, status = served
+    assert call_as(_create_and_close, str(mnt), 20, unlink, uid=USER, gid=USER) == 20
+    assert _held_by_supervisor_within(status["supervisor"], lower / "w", 2.0) == []
+    if not unlink:  # and the lower file runs: no writer holds it
+        r = subprocess.run([str(lower / "w" / "c0")], capture_output=True, timeout=30)
+        assert r.returncode == 0, r
+
+
+def test_an_upgrade_leaves_no_copy_of_a_file_closed_before_it(lower, served):
+    """Creates and closes go on while the server is replaced: the CLOSEs
+    the old server had not sent yet are asked for (SIGUSR1) before it
+    ends, so the supervisor keeps no copy of a released file."""
+    mnt, status = served
+    stop = threading.Event()
+
+    def churn():
+        def loop(mnt):
+            n = 0
+            while not os.path.exists(os.path.join(mnt, "w", "stop")):
+                n += _create_and_close(mnt, 10, False)
+            return n
+        out["n"] = call_as(loop, str(mnt), uid=USER, gid=USER, call_timeout=120)
+
+    out = {}
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        time.sleep(1)
+        r = subprocess.run([sys.executable, "-m", "shiftfs", "upgrade", str(mnt)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.5)
+    finally:
+        open(lower / "w" / "stop", "w").close()
+        stop.set()
+        t.join(120)
+    assert out.get("n", 0) > 0
+    now = read_status(str(mnt))
+    assert now["server"] != status["server"]
+    assert _held_by_supervisor_within(now["supervisor"], lower / "w", 2.0) == []
