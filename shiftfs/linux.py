@@ -51,15 +51,19 @@ def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) ->
     _check(_libc.renameat2(old_dir, old, new_dir, new, flags))
 
 
-class Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+_times = threading.local()
 
 
 def utimens_fd(fd: int, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
     """Times of the inode an (O_PATH) fd holds; (sec, nsec) pairs, nsec may
     be UTIME_NOW or UTIME_OMIT. Never follows a symlink: the fd is the
     inode itself."""
-    times = (Timespec * 2)(Timespec(*atime), Timespec(*mtime))
+    try:
+        times = _times.held
+    except AttributeError:  # one struct timespec[2] a thread, filled in place
+        times = _times.held = (ctypes.c_long * 4)()
+    times[0], times[1] = atime
+    times[2], times[3] = mtime
     _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH))
 
 
