@@ -23,18 +23,19 @@ root's mount, so a node of a filesystem mounted below the root (a
 restarted server has those without fds) is never reopened by its handle
 either: decoded there it names the root filesystem's inode of its
 number. Where a lower has no handles (some FUSE lowers, overlayfs
-without nfs_export) no node gives its fd back, so none can lose its inode. FUSE lowers report the lower daemon's
-inode numbers, which may repeat while the inode we hold lives (bindfs
-passes the underlying file's on); their handles (node id and generation
-in the lower kernel) tell those apart too. Handles are taken only where
+without nfs_export) no node gives its fd back, so none can lose its
+inode. FUSE lowers report the lower daemon's inode numbers, which may
+repeat while the inode we hold lives (bindfs passes the underlying
+file's on); their handles (node id and generation in the lower kernel)
+tell those apart too. Handles are taken only where
 they are needed: by a node about to give its fd back (from that fd, which
 still holds the inode), by a lookup that meets a node again under its
 number (the new fd's and the node's; a new node made there keeps its own).
 A node a create or a first lookup makes takes none (unless the journal
 keeps it), and the watcher's question (find) takes none either: a node
-without a handle holds its fd, so its number names its inode (or, on a FUSE lower whose numbers repeat,
-an event for another inode under it invalidates this node too, which is
-harmless).
+without a handle holds its fd, so its number names its inode (or, on a
+FUSE lower whose numbers repeat, an event for another inode under it
+invalidates this node too, which is harmless).
 
 A file a readdirplus entry names (not a directory, one link, on a
 filesystem whose handles hold the inode's number: ext4, xfs) gets a node
@@ -535,11 +536,10 @@ class InodeTable:
         taken until then, pointing at an empty memfd, so a request still
         in flight can never reach another file through a reused number.
         A node that gave its fd back holds nothing to give; if its inode
-        has no name (``links``, read from the fd its last close closed, or
-        its handle opens nothing or an inode with none), its number finds
-        it no more."""
+        has no name (``links``, read from the fd its last close closed: no
+        link made later revives a count of 0; or its handle opens nothing
+        or an inode with none), its number finds it no more."""
         with self._lock:
-            # (a name left: none made later can revive a count of 0)
             if links or node.opens or not stat.S_ISREG(node.mode) or node.node_id not in self._by_id:
                 return
             if node.fd < 0:  # a link made behind the mount after the UNLINK's stat keeps it

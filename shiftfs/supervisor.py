@@ -44,8 +44,8 @@ import signal
 import socket
 import struct
 import subprocess
-import threading
 import sys
+import threading
 import time
 
 from . import linux

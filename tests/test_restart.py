@@ -323,7 +323,6 @@ def test_an_upgrade_leaves_no_copy_of_a_file_closed_before_it(lower, served):
     the old server had not sent yet are asked for (SIGUSR1) before it
     ends, so the supervisor keeps no copy of a released file."""
     mnt, status = served
-    stop = threading.Event()
 
     def churn():
         def loop(mnt):
@@ -344,7 +343,6 @@ def test_an_upgrade_leaves_no_copy_of_a_file_closed_before_it(lower, served):
         time.sleep(0.5)
     finally:
         open(lower / "w" / "stop", "w").close()
-        stop.set()
         t.join(120)
     assert out.get("n", 0) > 0
     now = read_status(str(mnt))
