@@ -22,7 +22,7 @@ import pytest
 
 from tests import rootless
 from tests.callers import call_as
-from tests.procs import children
+from tests.procs import children, fd_targets
 from tests.tables import ROOT_KEPT, upper_of
 from shiftfs.supervisor import read_status
 
@@ -275,15 +275,7 @@ def test_a_rootless_mount_survives_a_killed_server(lower, workdir):
 
 def _copies(pid: int, directory) -> list[str]:
     """The files under ``directory`` that process ``pid`` holds fds of."""
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(str(directory) + "/"):
-            out.append(target)
-    return out
+    return [t for t in fd_targets(pid) if t.startswith(str(directory) + "/")]
 
 
 def _create_and_close(mnt: str, count: int, unlink: bool) -> int:

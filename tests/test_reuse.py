@@ -27,6 +27,7 @@ from shiftfs.inodes import ROOT_ID, InodeTable
 
 from tests.callers import Caller, Errno
 from tests.daemon import foreground_daemon, loop_ext4, restart_server, server_pid
+from tests.procs import fd_targets
 from tests.tables import STD, args
 
 pytestmark = pytest.mark.needs_root
@@ -94,13 +95,7 @@ def _create_secret(path: str) -> None:
 
 
 def _daemon_holds(pid: int, path: str) -> bool:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
-                return True
-        except OSError:
-            pass
-    return False
+    return path in fd_targets(pid)
 
 
 @pytest.mark.parametrize("victim_side", ["through the mount", "behind the mount"])
