@@ -213,25 +213,21 @@ class FdStore:
         threading.Thread(target=self._flusher, name="shiftfs-store", daemon=True).start()
 
     def held(self, fh: int, node_id: int, uid: int, flags: int) -> None:
-        with self._lock:
-            self._pending.append(MSG.pack(OPEN, fh, node_id, uid, flags))
-            records, self._pending = b"".join(self._pending), []
-            self.sock.sendmsg([records], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           array.array("i", [fh]))])
+        self._queue(MSG.pack(OPEN, fh, node_id, uid, flags), now=True, fd=fh)
 
     def shared(self, fh: int) -> None:
-        self._later(MSG.pack(SHARE, fh, 0, 0, 0))
+        self._queue(MSG.pack(SHARE, fh, 0, 0, 0))
 
     def released(self, fh: int, now: bool = False) -> None:
-        self._later(MSG.pack(CLOSE, fh, 0, 0, 0))
-        if now:
-            self.flush()
+        self._queue(MSG.pack(CLOSE, fh, 0, 0, 0), now)
 
-    def _later(self, record: bytes) -> None:
+    def _queue(self, record: bytes, now: bool = False, fd: int | None = None) -> None:
+        """``record`` after those waiting; ``now``: all of them sent at once
+        (with ``fd``), else they wait (BATCH_RECORDS at most)."""
         with self._lock:
             self._pending.append(record)
-            if len(self._pending) >= BATCH_RECORDS:
-                self._send()
+            if now or len(self._pending) >= BATCH_RECORDS:
+                self._send(fd)
             elif len(self._pending) == 1:
                 self._wanted.set()
 
@@ -240,10 +236,14 @@ class FdStore:
             if self._pending:
                 self._send()
 
-    def _send(self) -> None:
-        # under the lock
+    def _send(self, fd: int | None = None) -> None:
+        # under the lock: every waiting record in one message, ``fd`` with it
         records, self._pending = b"".join(self._pending), []
-        self.sock.send(records)
+        if fd is None:
+            self.sock.send(records)
+        else:
+            self.sock.sendmsg([records], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                           array.array("i", [fd]))])
 
     def _flusher(self) -> None:
         while True:
@@ -264,9 +264,7 @@ class FdStore:
         self._say(FLUSHED)
 
     def _say(self, kind: int) -> None:
-        with self._lock:
-            self._pending.append(MSG.pack(kind, 0, 0, 0, 0))
-            self._send()
+        self._queue(MSG.pack(kind, 0, 0, 0, 0), now=True)
 
 
 class Held:
