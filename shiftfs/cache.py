@@ -50,6 +50,8 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 
+from .node import HANDLE_IDS
+
 WATCHED_LIFETIME = 3600.0  # what the kernel may cache when fanotify tells us of changes
 FOREVER_LIFETIME = 86400.0  # -o cache=forever: the lower does not change behind the mount
 MODES = ("auto", "watch", "timeout", "forever")
@@ -140,7 +142,12 @@ class CachePolicy:
         """The lifetime of ``node``'s name in ``parent`` (None: ROOT_NAME in
         the FUSE root, which nothing else changes)."""
         if parent is not None:
-            return self.names(parent).entry
+            life = self.names(parent)
+            # a file known by its handle id: no node keeps its name for an overflow to expire
+            if life is not self.short and node.node_id >= HANDLE_IDS and self.watcher is not None \
+                    and not self.watcher.remember_name(parent, node.name):
+                return self.short.entry
+            return life.entry
         return self.long.entry if node is self.table.root else self.short.entry
 
     def absent(self, parent, name: bytes) -> float:
@@ -148,6 +155,6 @@ class CachePolicy:
         keeps the name, to expire it after a queue overflow."""
         life = self.names(parent)
         if life is not self.short and self.watcher is not None \
-                and not self.watcher.remember_negative(parent, name):
+                and not self.watcher.remember_name(parent, name):
             return self.short.negative
         return life.negative

@@ -37,18 +37,26 @@ without a handle holds its fd, so its number names its inode (or, on a
 FUSE lower whose numbers repeat, an event for another inode under it
 invalidates this node too, which is harmless).
 
-A file a readdirplus entry names (not a directory, one link, on a
-filesystem whose handles hold the inode's number: ext4, xfs) gets a node
-without an fd (add_unopened): its handle is taken by name, then its
-attributes, and the numbers must agree; a request reopens it by that
-handle. A walk of 200,000 files then holds an fd a directory, not one a
-path that the shrinker must give back.
+A file (not a directory) on the root's filesystem whose handle can be
+its id (node.handle_id: ext4, xfs; a generation other than 0) is known to
+the kernel by that id, whichever request first named it. A readdirplus
+entry of one (one link) makes no node at all (add_unopened: its handle is
+taken by name, then its attributes, and the numbers must agree); a request
+on the id opens the inode by the handle the id spells (``keep``) and lets
+the node go when it ends (``_let_go``), unless a lookup counted it, it is
+open, or it has a mark. A walk of 200,000 files then keeps a node a
+directory, and a new server needs no record of the files. Other files
+(gen-0 images, tmpfs, btrfs) get counted ids with a node each; where the
+readdirplus entry names one with the inode's number in its handle, that
+node holds no fd.
 
 Lookup counts follow the kernel's: every reply that hands a node to the
 kernel (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK, each readdirplus entry
 with attributes) adds one; FORGET and BATCH_FORGET take them back, and at
-zero the node and its fd go. Node ids are never reused (a 64-bit counter),
-so the generation is always 0. The lower's root is never forgotten; it is
+zero the node and its fd go (a handle id's count, begun when its node was
+kept, may end early: an open one stays until its last close). Counted ids
+are never reused (a 64-bit counter below HANDLE_IDS), so the generation is
+always 0. The lower's root is never forgotten; it is
 node 1 (the FUSE root) or, when the mount shows a directory of the FUSE
 filesystem (mount.py, "mount root"), node 2 below the FUSE root.
 
@@ -65,25 +73,7 @@ kernel to forget the oldest nodes (FUSE_NOTIFY_PRUNE, which drops only
 names nothing uses), which sends their FORGETs. `len(table)`,
 `table.peak` and `table.open_fds` say how many (bench/run.py reports them).
 
-The files and directories callers have open hold lower fds too, which no
-shrinker can give back; and RLIMIT_NOFILE is the daemon's, shared by every
-caller. So they are counted per caller uid (``admit``, ``opened``,
-``dir_opened``, ``closed``): all together may hold ``OPEN_BUDGET`` of the
-limit (ENFILE past it; with the nodes' 60 % that leaves room for the rest),
-and one uid a quarter of that (EMFILE past it). A user that holds files
-until refused is refused long before the others are, and 3/4 of the budget
-stays theirs. A quarter is still more open files than a user's own soft
-limit usually allows (1,024) at any daemon limit above 14,000 (a root
-daemon raises its own to fs.nr_open, 1,048,576 by default: 78,643 files
-per uid). Several uids together (a container's root can take any id of
-its range) can still use up the budget; each then meets ENFILE, as on a
-system whose file table is full, while lookups and stats keep working.
-A passed-through file's reads and writes never reach the daemon (the
-kernel holds the backing file), but FSYNC, FALLOCATE, LSEEK (SEEK_DATA,
-SEEK_HOLE), COPY_FILE_RANGE, and GETATTR and SETATTR of an open file
-still come with its fh, so the fh must stay a real fd of that inode: the
-opens of one passed-through inode with the same flags share one fd,
-counted against the uid whose open made it.
+The files and directories callers have open: opens.py.
 
 The watcher (watch.Watcher, ``table.watch``) is told of every node as it is
 added and forgotten, so that its fanotify marks follow what the kernel
@@ -95,23 +85,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import resource
 import stat
 import threading
 
 from . import linux
-from .node import Node, OpenFile, inode_key, key_of
+from .node import HANDLE_IDS, Node, OpenFile, handle_id, id_handle, inode_key, key_of
+from .opens import _OPENING, OpenFiles
 
 ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
-OPEN_BUDGET = 0.3  # of RLIMIT_NOFILE: the fds all callers' open files may hold
 CLOCK_HOLDS = 256  # holds a tick of the clock that orders nodes by last use
-OPEN_SHARE = 4  # one uid may hold 1/OPEN_SHARE of the budget
-# flags that only matter while opening: opens that differ in them alone may share an fd
-_OPENING = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC | os.O_CLOEXEC
 log = logging.getLogger("shiftfs")
 
 
-class InodeTable:
+class InodeTable(OpenFiles):
     def __init__(self, root_fd: int, lower_type: str, root_id: int = ROOT_ID) -> None:
         """``lower_type``: the root's filesystem type as mountinfo names it."""
         st = os.fstat(root_fd)
@@ -137,13 +123,7 @@ class InodeTable:
         self.watch = None  # watch.Watcher: told of each node added and forgotten
         self._placeholder = -1
         self.open_fds = 1
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # as the mount raised it
-        self.file_budget = max(int(limit * OPEN_BUDGET), OPEN_SHARE)
-        self.file_share = self.file_budget // OPEN_SHARE
-        self.file_fds = 0  # held for callers' open files and directories
-        self._files: dict[int, OpenFile] = {}  # by fd (the fh the kernel has)
-        self._uid_files: dict[int, int] = {}  # fds held for each caller uid
-        self._shared: dict[tuple[int, int], OpenFile] = {}  # (node id, flags) -> passed-through fd
+        self._init_opens()
         # what outlives this process (supervisor.py): the nodes, and the open files' fds
         self.journal = None
         self.store = None
@@ -161,6 +141,7 @@ class InodeTable:
                 self.handles = True
         except OSError:
             pass
+        self.handle_ids = self.handles  # files' handles may be their ids (node.py)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -175,11 +156,45 @@ class InodeTable:
         stays open until the request ends (``request_done``)."""
         with self._lock:
             node = self._by_id.get(node_id)
-            if node is None:
-                raise OSError(errno.ESTALE, f"no node {node_id}")
-            self._hold(node)
+            if node is not None:
+                self._hold(node)
+        if node is None:
+            return self.keep(node_id, True)
         if node.fd < 0:
             self.reopen(node)
+        return node
+
+    def keep(self, node_id: int, hold: bool = False) -> Node:
+        """A node for the handle id ``node_id`` (node.py), opened by the
+        handle it spells: ESTALE if its inode is gone (or for any other id
+        the table has no node of). It goes again once nothing uses it
+        (_let_go), unless a lookup or a mark keeps it."""
+        if node_id < HANDLE_IDS or not self.handle_ids:
+            raise OSError(errno.ESTALE, f"no node {node_id}")
+        handle = id_handle(node_id)
+        fd = linux.open_by_handle(self._mount_fd, handle, os.O_PATH | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != linux.handle_ino(handle) or st.st_dev != self.root.dev:
+                raise OSError(errno.ESTALE, f"node {node_id} opened as another inode")
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._lock:
+            node = self._by_id.get(node_id)
+            created = node is None
+            if created:
+                node = self._new(fd, key_of(st), st, handle, node_id)
+                fd = -1
+            elif node.fd < 0:
+                node.fd, fd = fd, -1
+                self.open_fds += 1
+            if hold:
+                self._hold(node)
+        if fd >= 0:
+            os.close(fd)
+        elif created and self.watch is not None:
+            self.watch.added(node, st)
         return node
 
     def _hold(self, node: Node) -> None:
@@ -202,8 +217,12 @@ class InodeTable:
             with self._lock:
                 for node in nodes:
                     node.busy -= 1
-                    if node.forgotten and not node.busy:
+                    if node.busy:
+                        continue
+                    if node.forgotten:
                         done.append(self._take_fd(node))
+                    elif node.nlookup <= 0 and node.node_id >= HANDLE_IDS and self._idle(node):
+                        done.append(self._let_go(node))
             nodes.clear()
             for node, fd in done:
                 self._forgotten(node, fd)
@@ -253,8 +272,11 @@ class InodeTable:
                                  if n.fd >= 0 and n.dev == dev and not n.opens and not n.busy
                                  and n is not self.root and not n.released),
                                 key=lambda n: n.used)[:count]
-            fds = []
+            fds, gone = [], []
             for n in idle_nodes:
+                if n.node_id >= HANDLE_IDS and self._idle(n):  # its id reopens it: nothing to keep
+                    gone.append(self._let_go(n))
+                    continue
                 if n.handle is None:  # taken now, from the fd that still holds the inode
                     h = linux.name_to_handle(n.fd)
                     if h is None:
@@ -267,7 +289,9 @@ class InodeTable:
             self.open_fds -= len(fds)
         for fd in fds:
             os.close(fd)
-        return len(fds)
+        for node, fd in gone:
+            self._forgotten(node, fd)
+        return len(fds) + len(gone)
 
     def find(self, dev: int, ino: int, handle: bytes | None = None) -> Node | None:
         """The node of a lower inode, if the kernel holds one; with the
@@ -286,6 +310,19 @@ class InodeTable:
         if node.handle is not None and handle is not None:
             return node.handle == handle
         return node.fd >= 0
+
+    def unkept(self, dev: int, handle: bytes) -> Node | None:
+        """The node an inode's handle is the id of (for the watcher: an
+        event about a file the kernel may hold under that id), kept or for
+        the moment only; None if its handle is no id here."""
+        node_id = handle_id(handle) if self.handle_ids and dev == self.root.dev else 0
+        if not node_id:
+            return None
+        node = self._by_id.get(node_id)
+        if node is None:
+            node = Node(node_id, -1, inode_key(dev, node_id >> 32 & 0x7FFFFFFF), 0)
+            node.handle = node.fid = handle
+        return node
 
     def nodes(self) -> list[Node]:
         with self._lock:
@@ -329,7 +366,9 @@ class InodeTable:
         when a request names it. The handle comes first: if the name
         changes before the stat, its number differs and nothing is made,
         or the number was reused and the handle (the old generation)
-        answers ESTALE; never attributes of one inode for another's node."""
+        answers ESTALE; never attributes of one inode for another's node.
+        Where the handle is its id and the table has no node of it, the
+        node returned is not kept: the id alone names the inode."""
         if not self.handles:
             return None
         handle = linux.name_to_handle(dir_fd, 0, name)
@@ -340,6 +379,12 @@ class InodeTable:
         if st.st_ino != ino or st.st_dev != self.root.dev or st.st_nlink != 1 \
                 or stat.S_ISDIR(st.st_mode):
             return None
+        node_id, key = handle_id(handle) if self.handle_ids else 0, key_of(st)
+        if node_id and key not in self._by_key and node_id not in self._by_id:
+            node = Node(node_id, -1, key, stat.S_IFMT(st.st_mode))  # for the reply only
+            node.handle = node.fid = handle
+            node.parent_id, node.name = parent_id, name
+            return node, st
         return self.add(-1, st, parent_id, name, handle), st
 
     def add(self, fd: int, st: os.stat_result, parent_id: int = 0, name: bytes = b"",
@@ -353,10 +398,13 @@ class InodeTable:
         next server."""
         key = key_of(st)
         # a node met again under this number: the new fd's handle, taken
-        # before the lock (the node's own, from its fd, under it)
-        # (and every new node's where a journal keeps the table for the next server)
-        if handle is None and (self.journal is not None or key in self._by_key):
+        # before the lock (the node's own, from its fd, under it); and
+        # every new node's where a journal keeps the table for the next
+        # server, or where its handle may be its id
+        named = self.handle_ids and st.st_dev == self.root.dev and not stat.S_ISDIR(st.st_mode)
+        if handle is None and (named or self.journal is not None or key in self._by_key):
             handle = linux.name_to_handle(fd)
+        node_id = handle_id(handle) if named else 0
         with self._lock:
             node = self._by_key.get(key)
             if node is not None:
@@ -369,9 +417,11 @@ class InodeTable:
                     # lower shows one number for two inodes): the old node
                     # keeps its own inode (and answers ESTALE), this one is new
                     node = None
+            if node is None and node_id:  # kept under its id, its number another's now
+                node = self._by_id.get(node_id)
             created = node is None
             if created:
-                node = self._new(fd, key, st, handle)
+                node = self._new(fd, key, st, handle, node_id)
                 fd = -1
             elif node.fd < 0 and fd >= 0:  # it had given its fd back: take this one (its own inode's)
                 node.fd, fd = fd, -1
@@ -380,7 +430,8 @@ class InodeTable:
             node.nlookup += 1
             if name:
                 node.parent_id, node.name = parent_id, name
-            if self.journal is not None:  # before the reply hands the node to the kernel
+            # before the reply hands the node to the kernel (a handle id needs no record)
+            if self.journal is not None and (node.node_id < HANDLE_IDS or node.slot >= 0):
                 if node.slot < 0:
                     self.journal.put(node)
                 else:
@@ -391,13 +442,17 @@ class InodeTable:
             self.watch.added(node, st)
         return node
 
-    def _new(self, fd: int, key: int, st: os.stat_result, handle: bytes | None) -> Node:
-        # under the lock: a node for an inode the table has none of (fd -1: by its handle)
-        node = Node(self._next_id, fd, key, stat.S_IFMT(st.st_mode))
+    def _new(self, fd: int, key: int, st: os.stat_result, handle: bytes | None,
+             node_id: int = 0) -> Node:
+        # under the lock: a node for an inode the table has none of (fd -1:
+        # by its handle), under its handle id or (0) the next counted one
+        if not node_id:
+            node_id = self._next_id
+            self._next_id += 1
+            if self.journal is not None:
+                self.journal.set_next_id(self._next_id)
+        node = Node(node_id, fd, key, stat.S_IFMT(st.st_mode))
         node.handle = handle  # None unless it shares a number: then what tells them apart
-        self._next_id += 1
-        if self.journal is not None:
-            self.journal.set_next_id(self._next_id)
         self._by_id[node.node_id] = node
         self._by_key[key] = node
         n = len(self._by_id)
@@ -410,124 +465,6 @@ class InodeTable:
             if self.open_fds > self.high:
                 self.shrink_wanted.set()
         return node
-
-    def admit(self, uid: int) -> None:
-        """Before a lower file or directory is opened (or made) for caller
-        ``uid``: EMFILE if it holds its share of the daemon's fds for open
-        files, ENFILE if all callers together hold the budget."""
-        with self._lock:
-            if self._uid_files.get(uid, 0) >= self.file_share:
-                raise OSError(errno.EMFILE, f"uid {uid} holds its share of open files"
-                                            f" ({self.file_share})")
-            if self.file_fds >= self.file_budget:
-                raise OSError(errno.ENFILE, f"callers hold the budget of open files"
-                                            f" ({self.file_budget})")
-
-    def _count(self, f: OpenFile) -> None:
-        # under the lock
-        self._files[f.fd] = f
-        self._uid_files[f.uid] = self._uid_files.get(f.uid, 0) + 1
-        self.file_fds += 1
-
-    def opened(self, node: Node, fd: int, flags: int, uid: int, passthrough=None) -> tuple[int, int]:
-        """A new open of ``node`` by caller ``uid`` on the lower ``fd``
-        (opened with ``flags``; the table takes it): (fh, passthrough
-        backing id, 0 for none). The kernel wants every open of an inode
-        served the same way, by one backing file, while any is open; so
-        only the first open chooses, by ``passthrough()`` (an id, or 0),
-        and the others follow it. A passed-through open shares the fd of
-        an earlier one with the same flags: fd is closed, and that one's is
-        the fh."""
-        try:
-            with self._lock:
-                if not node.opens and passthrough is not None:
-                    node.backing = passthrough()
-                    if node.backing and self.journal is not None:
-                        self.journal.put(node)
-                node.opens += 1
-                backing = node.backing
-                shared = (node.node_id, flags & ~_OPENING) if backing else None
-                f = self._shared.get(shared) if shared else None
-                if f is not None:
-                    f.opens += 1
-                    if self.store is not None:
-                        self.store.shared(f.fd)
-                else:
-                    f = OpenFile(fd, node, uid, shared)
-                    self._count(f)
-                    if shared:
-                        self._shared[shared] = f
-                    if self.store is not None:
-                        self.store.held(fd, node.node_id, uid, flags)
-                    fd = -1
-        except BaseException:
-            os.close(fd)
-            raise
-        if fd >= 0:
-            os.close(fd)
-        return f.fd, backing
-
-    def dir_opened(self, fd: int, uid: int, node_id: int) -> None:
-        """A lower directory ``fd`` held for caller ``uid``'s OPENDIR of
-        node ``node_id``."""
-        with self._lock:
-            self._count(OpenFile(fd, None, uid, None, node_id))
-            if self.store is not None:
-                self.store.held(fd, node_id, uid, os.O_DIRECTORY)
-
-    def handed_out(self, fh: int, node_id: int, directory: bool) -> bool:
-        """Whether ``fh`` is an open file (or directory) of node ``node_id``
-        that the daemon handed out and has not closed: a request's fh is
-        used as an fd, and any other number would reach whatever the
-        daemon holds under it (fd 0, a node's O_PATH fd, another caller's
-        file)."""
-        f = self._files.get(fh)
-        return f is not None and f.node_id == node_id and (f.node is None) == directory
-
-    def closed(self, fh: int, unregister=None, node_id: int | None = None) -> None:
-        """A RELEASE or RELEASEDIR of ``fh``: its fd is closed once no open
-        uses it. A file's last open may free its inode, and gives its
-        backing id back by ``unregister(id)``. Not sooner: an open answered
-        with the id looks it up after the reply, and its RELEASE (which
-        comes after that) is what keeps the count up."""
-        with self._lock:
-            f = self._files.get(fh)
-            if f is None:  # never ours: an fd number must not be closed on a guess
-                log.warning("RELEASE of fh %d, which no open holds", fh)
-                return
-            if node_id is not None and f.node_id != node_id:
-                log.warning("RELEASE of fh %d for node %d, which is node %d's", fh, node_id,
-                            f.node_id)
-                return
-            f.opens -= 1
-            unused = not f.opens
-            # from the fd about to go: a last close of a file with no link frees its inode
-            links = os.fstat(fh).st_nlink if unused and f.node is not None else 1
-            if self.store is not None:  # before the fd goes: a resent RELEASE finds no fh
-                self.store.released(fh, now=not links)
-            if unused:
-                del self._files[fh]
-                self.file_fds -= 1
-                left = self._uid_files.pop(f.uid) - 1
-                if left:
-                    self._uid_files[f.uid] = left
-                if f.shared:
-                    del self._shared[f.shared]
-            node, backing, last = f.node, 0, False
-            if node is not None:
-                node.opens -= 1
-                last = not node.opens
-                if last:
-                    backing, node.backing = node.backing, 0
-                    if backing and self.journal is not None and node.slot >= 0:
-                        self.journal.put(node)
-        if unused:
-            os.close(fh)
-        if not last:
-            return
-        if backing and unregister is not None:
-            unregister(backing)
-        self.release_if_gone(node, links)
 
     def release_if_gone(self, node: Node, links: int | None = None) -> None:
         """A regular file whose last lower name is gone and that nobody has
@@ -582,6 +519,8 @@ class InodeTable:
                 if self.journal is not None and node.slot >= 0:
                     self.journal.count(node)
                 return False
+            if node.opens and node.node_id >= HANDLE_IDS:
+                return False  # its count began after the kernel's: let go at its last close
             if self.journal is not None:
                 self.journal.drop(node)
             del self._by_id[node_id]
@@ -603,6 +542,22 @@ class InodeTable:
         self._by_id, self._by_key = dict(self._by_id), dict(self._by_key)
         self._sized_for = max(len(self._by_id), 1 << 12)
         linux.malloc_trim()
+
+    @staticmethod
+    def _idle(node: Node) -> bool:
+        # what a handle-id node may be let go with: nothing but its fd
+        return not (node.busy or node.opens or node.marked or node.backing)
+
+    def _let_go(self, node: Node) -> tuple[Node, int]:
+        # under the lock: a handle-id node kept for nothing now (its id
+        # names its inode without it); its fd, for _forgotten
+        if self._by_id.get(node.node_id) is node:
+            del self._by_id[node.node_id]
+        if self._by_key.get(node.key) is node:
+            del self._by_key[node.key]
+        if self.journal is not None:
+            self.journal.drop(node)
+        return self._take_fd(node)
 
     def _take_fd(self, node: Node) -> tuple[Node, int]:
         # under the lock: a forgotten node's fd, taken from it
@@ -631,11 +586,20 @@ class InodeTable:
                 node.handle, node.backing = handle, backing
                 self._by_id[node_id] = node
                 self._by_key.setdefault(key, node)
-                self._next_id = max(self._next_id, node_id + 1)
+                if node_id < HANDLE_IDS:
+                    self._next_id = max(self._next_id, node_id + 1)
             self._next_id = max(self._next_id, journal.next_id())
             for fh, h in held.items():
                 directory = bool(h.flags & os.O_DIRECTORY)
                 node = None if directory else self._by_id.get(h.node_id)
+                if node is None and not directory and h.node_id >= HANDLE_IDS:
+                    # a file the journal has no record of: its id names it
+                    handle = id_handle(h.node_id)
+                    node = Node(h.node_id, -1, inode_key(self.root.dev, linux.handle_ino(handle)),
+                                stat.S_IFREG)
+                    node.handle = handle
+                    self._by_id[h.node_id] = node
+                    self._by_key.setdefault(node.key, node)
                 shared = (node.node_id, h.flags & ~_OPENING) if node is not None and node.backing \
                     else None
                 f = OpenFile(fh, node, h.uid, shared, h.node_id)

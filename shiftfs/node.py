@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 
 
 # A node's fields cost memory per inode the kernel holds (200,000 after a big
@@ -21,6 +22,36 @@ def inode_key(dev: int, ino: int) -> int:
 
 def key_of(st: os.stat_result) -> int:
     return st.st_ino << 32 | st.st_dev
+
+
+# A file's node id may name its inode by itself: the top bit set, the
+# inode's number (below 2**31) and generation below it, as an ext4 or xfs
+# FILEID_INO32_GEN handle holds them. The daemon then keeps nothing for
+# the kernel's reference (a walk of 200,000 files keeps no node a file, and
+# a restarted server needs no record of them): a request reopens the
+# inode by the handle the id spells, and a freed inode's id opens nothing
+# (ESTALE), whatever file gets its number next. Counted ids (directories,
+# other filesystems) stay below HANDLE_IDS.
+HANDLE_IDS = 1 << 63
+_INO32_GEN = struct.pack("=Ii", 8, 1)  # struct file_handle: 8 bytes of FILEID_INO32_GEN
+_INO_GEN = struct.Struct("=II")
+
+
+def handle_id(handle: bytes | None) -> int:
+    """The node id that names the inode of ``handle``, or 0 where none
+    can: not FILEID_INO32_GEN, generation 0 (ext4 decodes it without
+    checking: it names a number, not an inode), a number of 2**31 or more."""
+    if handle is None or len(handle) != 16 or handle[:8] != _INO32_GEN:
+        return 0
+    ino, gen = _INO_GEN.unpack_from(handle, 8)
+    if not gen or ino >> 31:
+        return 0
+    return HANDLE_IDS | ino << 32 | gen
+
+
+def id_handle(node_id: int) -> bytes:
+    """The file handle a handle_id spells."""
+    return _INO32_GEN + _INO_GEN.pack(node_id >> 32 & 0x7FFFFFFF, node_id & 0xFFFFFFFF)
 
 
 class Node:

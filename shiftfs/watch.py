@@ -60,6 +60,7 @@ import threading
 import time
 
 from . import linux
+from .node import handle_id
 
 log = logging.getLogger("shiftfs")
 
@@ -129,7 +130,9 @@ _SELF = (b".", b"")
 _REMOTE = ("fuse", "nfs", "cifs", "smb", "9p", "ceph", "virtiofs", "afs", "glusterfs", "lustre",
            "gfs2", "ocfs2")
 BATCH_SECONDS = 0.01  # after a read of only the daemon's own events: let more gather
-NEGATIVES_KEPT = 100_000  # absent names handed out with long lifetimes (expired on overflow)
+# names handed out with long lifetimes that no node records, expired on an
+# overflow: absent names, and files known by their handle ids (~70 bytes each)
+NAMES_KEPT = 1_000_000
 _OVERFLOW_LOG_EVERY = 60.0
 
 
@@ -156,8 +159,8 @@ class Watcher:
         self._full = False  # marks ran out: try again once one was removed
         self._unmarkable: set[int] = set()  # devices whose inodes are not marked
         self._fid_flag = linux.AT_HANDLE_FID
-        self._negatives: dict[int, set[bytes]] = {}
-        self._negative_count = 0
+        self._names: dict[int, set[bytes]] = {}
+        self._name_count = 0
         self._last_overflow_log = 0.0
         base = linux.FAN_CLOEXEC | linux.FAN_REPORT_FID | linux.FAN_REPORT_DIR_FID | linux.FAN_REPORT_NAME
         try:  # TARGET_FID (5.17): a removal names the node it removed
@@ -201,9 +204,9 @@ class Watcher:
             nodes = self._by_fid.get(self._fsids.get(node.dev, b""))
             if node.fid is not None and nodes and nodes.get(node.fid) is node:
                 del nodes[node.fid]
-            names = self._negatives.pop(node.node_id, None)
+            names = self._names.pop(node.node_id, None)
             if names:
-                self._negative_count -= len(names)
+                self._name_count -= len(names)
         if node.marked:
             self._unmark(node, fd)
 
@@ -267,6 +270,7 @@ class Watcher:
                 node = self.table.find(dev, ino)
                 if node is not None and node.fid == fid[8:]:  # and its generation
                     return node
+                return self.table.unkept(dev, fid[8:])  # a file the kernel holds by its handle id
         return None
 
     def _mark(self, node, is_dir: bool) -> bool:
@@ -340,24 +344,34 @@ class Watcher:
         while the kernel holds it)."""
         if node.marked or node.is_dir():
             return
+        if node.fd < 0 and self.table.peek(node.node_id) is not node:  # a handle id, no node kept
+            if self.session.inval_inode(node.node_id):
+                return  # the kernel does not hold it
+            try:
+                node = self.table.keep(node.node_id)  # kept while marked, until its FORGET
+            except OSError:
+                return
+            if node.marked:
+                return
         self.table.with_fd(node, lambda _fd: self._mark(node, False))
 
     # ---- what ops asks ----
-    def remember_negative(self, parent, name: bytes) -> bool:
-        """An absent name handed out with a long lifetime is kept, to be
+    def remember_name(self, parent, name: bytes) -> bool:
+        """A name handed out with a long lifetime that no node records (an
+        absent one, or a file's known by its handle id) is kept, to be
         expired after an overflow; False once too many are kept (the
         caller then gives it the short lifetime)."""
         with self._lock:
-            names = self._negatives.get(parent.node_id)
+            names = self._names.get(parent.node_id)
             if names is None:
-                if self._negative_count >= NEGATIVES_KEPT:
+                if self._name_count >= NAMES_KEPT:
                     return False
-                names = self._negatives[parent.node_id] = set()
+                names = self._names[parent.node_id] = set()
             if name not in names:
-                if self._negative_count >= NEGATIVES_KEPT:
+                if self._name_count >= NAMES_KEPT:
                     return False
                 names.add(name)
-                self._negative_count += 1
+                self._name_count += 1
             return True
 
     # ---- the events ----
@@ -430,10 +444,10 @@ class Watcher:
     def _name_changed(self, parent, name: bytes, mask: int, child) -> None:
         session = self.session
         with self._lock:
-            names = self._negatives.get(parent.node_id)
+            names = self._names.get(parent.node_id)
             if names and name in names:
                 names.discard(name)
-                self._negative_count -= 1
+                self._name_count -= 1
         if not session.expire_only:
             return  # names have the short lifetimes here: never detach
         self.invalidations += 1
@@ -446,18 +460,48 @@ class Watcher:
             return
         session.inval_entry(parent.node_id, name, expire_only=True)
 
+    def _listing(self, node) -> list[tuple[bytes, int]]:
+        """(name, handle id or 0) of each entry of directory ``node`` now;
+        none where it has no fd or cannot be read."""
+        def opened(fd: int) -> int:
+            try:
+                return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            except OSError:
+                return -1
+        fd = self.table.with_fd(node, opened)
+        if fd is None or fd < 0:
+            return []
+        try:
+            names = [os.fsencode(n) for n in os.listdir(fd)]
+            return [(name, handle_id(linux.name_to_handle(fd, 0, name))) for name in names]
+        except OSError:
+            return []
+        finally:
+            os.close(fd)
+
     def expire_all(self, why: str = "fanotify queue overflow") -> None:
         """After a queue overflow: every node's attributes and data, every
         name the daemon handed out (absent ones too) expired; nothing the
-        kernel holds is dropped, so nothing mounted on the tree goes."""
+        kernel holds is dropped, so nothing mounted on the tree goes. The
+        files the kernel may hold by their handle ids are found in the
+        directories it holds: each name there is expired, each id's
+        attributes and data too. (A new server has no record of the names
+        a dead one handed out: one deleted meanwhile stays until its
+        lifetime ends, and its id answers ESTALE.)"""
         session = self.session
         nodes = self.table.nodes()
         with self._lock:
-            negatives = [(p, list(names)) for p, names in self._negatives.items()]
+            negatives = [(p, list(names)) for p, names in self._names.items()]
         for node in nodes:
             session.inval_inode(node.node_id)
             if node.name and node.parent_id and session.expire_only:
                 session.inval_entry(node.parent_id, node.name, expire_only=True)
+            if node.is_dir() and self.table.handle_ids:
+                for name, node_id in self._listing(node):
+                    if node_id:
+                        session.inval_inode(node_id)
+                    if session.expire_only:
+                        session.inval_entry(node.node_id, name, expire_only=True)
         if session.expire_only:
             for parent_id, names in negatives:
                 for name in names:

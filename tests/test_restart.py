@@ -24,7 +24,7 @@ from tests import rootless
 from tests.callers import call_as
 from tests.procs import children, fd_targets
 from tests.tables import ROOT_KEPT, upper_of
-from shiftfs.supervisor import read_status
+from shiftfs.supervisor import NodeJournal, read_status
 
 pytestmark = [
     pytest.mark.needs_root,
@@ -340,3 +340,47 @@ def test_an_upgrade_leaves_no_copy_of_a_file_closed_before_it(lower, served):
     now = read_status(str(mnt))
     assert now["server"] != status["server"]
     assert _held_by_supervisor_within(now["supervisor"], lower / "w", 2.0) == []
+
+
+def _journal_ids(supervisor: int) -> set[int]:
+    """The node ids the mount's journal (the supervisor's memfd) records."""
+    for fd in os.listdir(f"/proc/{supervisor}/fd"):
+        try:
+            if os.readlink(f"/proc/{supervisor}/fd/{fd}").startswith("/memfd:shiftfs-nodes"):
+                own = os.open(f"/proc/{supervisor}/fd/{fd}", os.O_RDWR)
+                break
+        except OSError:
+            continue
+    else:
+        raise AssertionError("no journal memfd")
+    try:
+        return {record[1] for record in NodeJournal(own).records()}
+    finally:
+        os.close(own)
+
+
+def test_files_a_walk_named_need_no_record_to_serve_after_a_kill(ext4_lower, mounter):
+    """A walk of 300 files on ext4 leaves the journal a record of each
+    directory only: a file's node id spells its file handle. The server is
+    killed; the files the kernel holds by those ids still stat, open and
+    read through the names it cached, served by the new server."""
+    many = ext4_lower / "many"
+    many.mkdir()
+    for i in range(300):
+        (many / f"f{i}").write_text(f"file {i}\n")
+    mnt = mounter(ext4_lower, uidmap=ROOT_KEPT)
+    status = read_status(str(mnt))
+    names = sorted(os.listdir(mnt / "many"))  # readdirplus: every file's id and attributes
+    ids = {os.stat(mnt / "many" / n).st_ino for n in names}
+    assert len(ids) == 300
+    recorded = _journal_ids(status["supervisor"])
+    assert len(recorded) <= 3, recorded  # the root and many/ (and the mount's own root)
+    _kill_server(mnt)
+    deadline = time.monotonic() + 10
+    while read_status(str(mnt))["server"] in (status["server"], 0):
+        assert time.monotonic() < deadline, "no new server within 10 s"
+        time.sleep(0.01)
+    for i in range(300):
+        with open(mnt / "many" / f"f{i}") as f:
+            assert f.read() == f"file {i}\n"
+    assert read_status(str(mnt))["restarts"] >= 1

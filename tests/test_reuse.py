@@ -24,6 +24,7 @@ import pytest
 
 from shiftfs import linux
 from shiftfs.inodes import ROOT_ID, InodeTable
+from shiftfs.node import HANDLE_IDS
 
 from tests.callers import Caller, Errno
 from tests.daemon import foreground_daemon, loop_ext4, restart_server, server_pid
@@ -151,13 +152,17 @@ def _owner_of_fd_path(path: str):
 
 @pytest.fixture
 def table(ext4_lower):
-    """An InodeTable over root/ on a private ext4, holding files a and b."""
+    """An InodeTable over root/ on a private ext4, holding files a and b,
+    whose files get counted ids: what they get where a handle cannot be
+    an id (generation 0, as mke2fs -d makes them; a number of 2**31 or
+    more; tmpfs, btrfs). Handle ids: the tests after handle_table."""
     root = ext4_lower / "root"
     root.mkdir()
     (root / "a").write_text("a")
     (root / "b").write_text("b")
     t = InodeTable(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), "ext4")
     assert t.handles  # root with CAP_DAC_READ_SEARCH: idle nodes give their fds back
+    t.handle_ids = False
     try:
         yield t
     finally:
@@ -301,6 +306,84 @@ def test_a_walk_never_pairs_a_reused_number_with_the_old_files_handle(ext4, monk
         table.request_done()
     finally:
         table.close()
+
+
+# ---- handle ids: a file's id names its inode, and the table keeps nothing for it ----
+
+@pytest.fixture
+def handle_table(ext4):
+    """An InodeTable over tmp/ of the private ext4, where a file's handle
+    (FILEID_INO32_GEN, a random generation) is its node id."""
+    t = InodeTable(os.open(ext4 / "tmp", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), "ext4")
+    assert t.handle_ids
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def test_a_walk_keeps_no_node_for_a_file_and_its_id_reopens_it(handle_table):
+    """A readdirplus entry of a file: an id at or above HANDLE_IDS, and no
+    node, no fd, nothing in the table. A lookup of the same file (another
+    name of it too) gives the same id; a request on the id reopens that
+    inode, and once it ends the table holds nothing for it again; a lookup
+    is kept (with its fd) until its FORGET."""
+    table = handle_table
+    root = Path(f"/proc/self/fd/{table.root.fd}")
+    (root / "a").write_text("a")
+    node, st = table.add_unopened(table.root.fd, b"a", ROOT_ID)
+    table.request_done()
+    assert node.node_id >= HANDLE_IDS and node.fd < 0
+    assert (len(table), table.open_fds) == (1, 1)  # the root's alone
+    assert os.fstat(table.get(node.node_id).fd).st_ino == st.st_ino
+    assert len(table) == 2
+    table.request_done()
+    assert (len(table), table.open_fds) == (1, 1)  # let go with the request
+    os.link(root / "a", root / "a2")
+    n, _st = _add(table, b"a2")
+    assert n.node_id == node.node_id and n.fd >= 0 and n.nlookup == 1
+    assert table.add_unopened(table.root.fd, b"a", ROOT_ID) is None  # two links: opened (a mark)
+    again, _st = _add(table, b"a")
+    assert again is n and n.nlookup == 2
+    assert not table.forget(n.node_id, 1) and table.peek(n.node_id) is n
+    assert table.forget(n.node_id, 1) and (len(table), table.open_fds) == (1, 1)
+
+
+def test_a_handle_id_of_a_freed_inode_never_opens_the_file_that_got_its_number(handle_table):
+    """The attacker's file, known to the kernel by its id only (a walk),
+    goes; ext4 gives its number to the victim's new 0600 file at once. The
+    old id answers ESTALE, and the new file gets an id of its own."""
+    table = handle_table
+    root = Path(f"/proc/self/fd/{table.root.fd}")
+    (root / "e").write_text("the attacker's own")
+    node, st = table.add_unopened(table.root.fd, b"e", ROOT_ID)
+    os.unlink(root / "e")
+    fd = os.open(root / "secret", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.write(fd, SECRET)
+    os.close(fd)
+    assert os.stat(root / "secret").st_ino == st.st_ino, "precondition: ext4 reused the number"
+    with pytest.raises(OSError) as info:
+        table.get(node.node_id)
+    assert info.value.errno == errno.ESTALE
+    table.request_done()
+    new, _st = table.add_unopened(table.root.fd, b"secret", ROOT_ID)
+    assert new.node_id >= HANDLE_IDS and new.node_id != node.node_id
+    assert len(table) == 1
+
+
+def test_an_open_file_known_by_its_id_stays_until_its_last_close(handle_table):
+    """An OPEN of a walked file keeps its node while open, even through a
+    FORGET (the count began after the kernel's); the last close lets it go."""
+    table = handle_table
+    root = Path(f"/proc/self/fd/{table.root.fd}")
+    (root / "o").write_text("o")
+    node_id = table.add_unopened(table.root.fd, b"o", ROOT_ID)[0].node_id
+    node = table.get(node_id)
+    fh, _backing = table.opened(node, os.open(root / "o", os.O_RDONLY), os.O_RDONLY, 0)
+    table.request_done()
+    assert not table.forget(node_id, 1) and table.peek(node_id) is node
+    table.closed(fh, None, node_id)
+    assert table.peek(node_id) is None and (len(table), table.open_fds) == (1, 1)
 
 
 # ---- red team: handles that prove nothing (generation 0), handles of another filesystem ----
