@@ -150,6 +150,13 @@ class CachePolicy:
             return life.entry
         return self.long.entry if node is self.table.root else self.short.entry
 
+    def gone(self, parent, name: bytes) -> None:
+        """``name`` in ``parent`` was removed or renamed through the mount:
+        a remembered name of it goes (a directory churning through
+        temporary files would otherwise fill the watcher's store)."""
+        if self.watcher is not None:
+            self.watcher.forget_name(parent.node_id, name)
+
     def absent(self, parent, name: bytes) -> float:
         """The lifetime of a negative entry: long only where the watcher
         keeps the name, to expire it after a queue overflow."""

@@ -520,19 +520,22 @@ def _first_init(session: Session, journal: NodeJournal, options: MountOptions) -
 
 def _take_over(session: Session, watcher: Watcher | None, granted) -> bool:
     """A new server after a dead one: the directories the kernel holds
-    marked again, what changed while no server watched expired, and the
-    requests the dead one had read resent."""
+    marked again, the requests the dead one had read resent, and what
+    changed while no server watched expired. In that order: an expiry
+    waits for the lock of its directory (or page), which a resent request
+    may hold until it is answered."""
     if watcher is not None:
         _watch_restored(session.fs.table, watcher)
     session.start()
     if watcher is not None:
         watcher.start(session)
-        watcher.expire_all("what changed while no server watched")
     if granted.resend and session.resend() == 0:
         log.info("server %d took over: requests the dead one had read are resent", os.getpid())
     else:
         log.warning("server %d took over; this kernel cannot resend the requests the dead "
                     "one had read (Linux 6.9+): their callers wait until killed", os.getpid())
+    if watcher is not None:
+        watcher.expire_all("what changed while no server watched")
     return True
 
 

@@ -4,14 +4,14 @@ names and translating ids; no path strings.
 Handlers take the request's context (filesystem.Context: who asks) and
 plain values (node ids, bytes names, ints), and return the contract's
 values (filesystem.Entry, Attr, Opened, bytes) or raise OSError; the FUSE
-layer (session.py) packs and replies. Nothing here knows the wire format. The only module that knows both the lower tree and the
-table.
+layer (session.py) packs and replies. Nothing here knows the wire
+format. The only module that knows both the lower tree and the table.
 
 How a request reaches the lower inode:
-- every node holds an O_PATH fd of its lower inode (inodes.py); GETATTR is
+- every node a request names holds an O_PATH fd of its lower inode
+  (inodes.py; a file known by its handle id is opened by it); GETATTR is
   one fstat of it; names are ``*at(parent_fd, name)`` never following a
-  symlink; calls that take no fd use /proc/self/fd/N, which the kernel
-  resolves to the held inode itself (a symlink node is not followed);
+  symlink; calls that take no fd use /proc/self/fd/N (the held inode).
 - OPEN reopens the held inode (regular files only): a device node, FIFO or
   socket swapped in under a name the kernel has cached is never opened,
   since the daemon never opens a name for a caller;
@@ -35,11 +35,10 @@ Caveats (honest ones, as in pyfuse3's passthroughfs):
   the name points to now.
 - POSIX locks and flock are left to the kernel (local to this mount).
 - Every node holds an fd while it is in use: the daemon raises
-  RLIMIT_NOFILE at start, and watch.Shrinker keeps the fds under 60 % of it
-  (nodes no running request names give theirs back and are reopened by
-  file handle; failing that, the kernel is asked to forget its oldest
-  nodes). A file whose last name goes while nobody has it open gives its
-  inode back at once (inodes.release_if_gone).
+  RLIMIT_NOFILE, and watch.Shrinker keeps the fds under 60 % of it (idle
+  nodes give theirs back, reopened by file handle; else the kernel is
+  asked to forget its oldest nodes). A file whose last name goes while
+  nobody has it open gives its inode back at once (release_if_gone).
 - Without the watcher (-o cache=timeout, a lower fanotify cannot watch)
   changes behind the mount show within the lifetimes above.
 """
@@ -364,6 +363,7 @@ class Operations:
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         policy.check_delete(st, os.fstat(parent.fd), self.uids, self.gids)
         remove(name, dir_fd=parent.fd)
+        self.cache.gone(parent, name)
         self._released(st)
 
     def _released(self, st: os.stat_result | None) -> None:
@@ -398,6 +398,7 @@ class Operations:
             linux.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
         else:
             os.rename(name, newname, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
+        self.cache.gone(old_dir, name)
         if not flags & linux.RENAME_EXCHANGE:
             self._released(new_st)
 

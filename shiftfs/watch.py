@@ -441,13 +441,18 @@ class Watcher:
             self.session.inval_inode(node.node_id)
             self.invalidations += 1
 
-    def _name_changed(self, parent, name: bytes, mask: int, child) -> None:
-        session = self.session
+    def forget_name(self, parent_id: int, name: bytes) -> None:
+        """``name`` in ``parent_id`` needs no expiring any more (it changed,
+        or went through the mount: the kernel dropped it itself)."""
         with self._lock:
-            names = self._names.get(parent.node_id)
+            names = self._names.get(parent_id)
             if names and name in names:
                 names.discard(name)
                 self._name_count -= 1
+
+    def _name_changed(self, parent, name: bytes, mask: int, child) -> None:
+        session = self.session
+        self.forget_name(parent.node_id, name)
         if not session.expire_only:
             return  # names have the short lifetimes here: never detach
         self.invalidations += 1

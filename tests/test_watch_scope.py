@@ -569,3 +569,34 @@ def test_events_find_their_nodes_with_or_without_an_index(lower, ext4_lower, kin
             ops.destroy()
         if kind == "tmpfs":
             subprocess.run(["umount", str(lower)], check=True)
+
+
+def test_names_of_files_known_by_their_ids_are_remembered_until_they_go(ext4_lower):
+    """A file known by its handle id has no node to record its name, so
+    the watcher remembers it for an overflow to expire; a name removed or
+    renamed through the mount is forgotten (a directory churning through
+    temporary files would otherwise fill the store)."""
+    from shiftfs import watch
+    from shiftfs.idmap import build_idmap
+    from shiftfs.filesystem import Context, Granted
+    from shiftfs.node import HANDLE_IDS
+    from shiftfs.ops import Operations
+
+    for name in ("a", "b", "c"):
+        (ext4_lower / name).write_text(name)
+    ops = Operations(str(ext4_lower), build_idmap([shiftfs.Extent(0, 100000, 65536)], []))
+    watcher = watch.Watcher(ops.table)
+    try:
+        ops.init(Granted(45, False, False, True, 1 << 20))
+        ctx = Context(100000, 100000, os.getpid())  # upper root: lower 0, the files' owner
+        ids = [ops.lookup(ctx, 1, name).node_id for name in (b"a", b"b", b"c")]
+        ops.request_done()
+        assert all(i >= HANDLE_IDS for i in ids)
+        assert watcher._names[1] == {b"a", b"b", b"c"}
+        ops.unlink(ctx, 1, b"a")
+        ops.rename(ctx, 1, b"b", 1, b"b2", 0)
+        ops.request_done()
+        assert watcher._names[1] == {b"c"} and watcher._name_count == 1
+    finally:
+        os.close(watcher._fd)
+        ops.table.close()
