@@ -145,7 +145,7 @@ class CachePolicy:
             life = self.names(parent)
             # a file known by its handle id: no node keeps its name for an overflow to expire
             if life is not self.short and node.node_id >= HANDLE_IDS and self.watcher is not None \
-                    and not self.watcher.remember_name(parent, node.name):
+                    and not self.watcher.remember_name(parent, node.name, node.node_id):
                 return self.short.entry
             return life.entry
         return self.long.entry if node is self.table.root else self.short.entry

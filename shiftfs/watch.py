@@ -131,7 +131,8 @@ _REMOTE = ("fuse", "nfs", "cifs", "smb", "9p", "ceph", "virtiofs", "afs", "glust
            "gfs2", "ocfs2")
 BATCH_SECONDS = 0.01  # after a read of only the daemon's own events: let more gather
 # names handed out with long lifetimes that no node records, expired on an
-# overflow: absent names, and files known by their handle ids (~70 bytes each)
+# overflow: absent names, and files known by their handle ids with the ids
+# (~120 bytes each)
 NAMES_KEPT = 1_000_000
 _OVERFLOW_LOG_EVERY = 60.0
 
@@ -159,7 +160,7 @@ class Watcher:
         self._full = False  # marks ran out: try again once one was removed
         self._unmarkable: set[int] = set()  # devices whose inodes are not marked
         self._fid_flag = linux.AT_HANDLE_FID
-        self._names: dict[int, set[bytes]] = {}
+        self._names: dict[int, dict[bytes, int]] = {}  # parent id -> name -> handle id (or 0)
         self._name_count = 0
         self._last_overflow_log = 0.0
         base = linux.FAN_CLOEXEC | linux.FAN_REPORT_FID | linux.FAN_REPORT_DIR_FID | linux.FAN_REPORT_NAME
@@ -356,22 +357,23 @@ class Watcher:
         self.table.with_fd(node, lambda _fd: self._mark(node, False))
 
     # ---- what ops asks ----
-    def remember_name(self, parent, name: bytes) -> bool:
+    def remember_name(self, parent, name: bytes, node_id: int = 0) -> bool:
         """A name handed out with a long lifetime that no node records (an
-        absent one, or a file's known by its handle id) is kept, to be
-        expired after an overflow; False once too many are kept (the
-        caller then gives it the short lifetime)."""
+        absent one, or one of a file known by its handle id ``node_id``)
+        is kept, with the id, to be expired after an overflow wherever the
+        file went; False once too many are kept (the caller then gives it
+        the short lifetime)."""
         with self._lock:
             names = self._names.get(parent.node_id)
             if names is None:
                 if self._name_count >= NAMES_KEPT:
                     return False
-                names = self._names[parent.node_id] = set()
+                names = self._names[parent.node_id] = {}
             if name not in names:
                 if self._name_count >= NAMES_KEPT:
                     return False
-                names.add(name)
                 self._name_count += 1
+            names[name] = node_id
             return True
 
     # ---- the events ----
@@ -446,8 +448,7 @@ class Watcher:
         or went through the mount: the kernel dropped it itself)."""
         with self._lock:
             names = self._names.get(parent_id)
-            if names and name in names:
-                names.discard(name)
+            if names and names.pop(name, None) is not None:
                 self._name_count -= 1
 
     def _name_changed(self, parent, name: bytes, mask: int, child) -> None:
@@ -474,7 +475,12 @@ class Watcher:
             except OSError:
                 return -1
         fd = self.table.with_fd(node, opened)
-        if fd is None or fd < 0:
+        if fd is None:  # it gave its fd back: opened by its handle
+            own = self.table.reopen_fd(node)
+            fd = opened(own) if own >= 0 else -1
+            if own >= 0:
+                os.close(own)
+        if fd < 0:
             return []
         try:
             names = [os.fsencode(n) for n in os.listdir(fd)]
@@ -488,15 +494,16 @@ class Watcher:
         """After a queue overflow: every node's attributes and data, every
         name the daemon handed out (absent ones too) expired; nothing the
         kernel holds is dropped, so nothing mounted on the tree goes. The
-        files the kernel may hold by their handle ids are found in the
-        directories it holds: each name there is expired, each id's
-        attributes and data too. (A new server has no record of the names
-        a dead one handed out: one deleted meanwhile stays until its
-        lifetime ends, and its id answers ESTALE.)"""
+        files the kernel holds by their handle ids: by the ids remembered
+        with their names, and (for a new server, which has no record of
+        the names a dead one handed out) in the directories it holds, each
+        name there expired and each id's attributes and data. (A name a
+        dead server handed out for a file deleted or moved out of them
+        while no server watched stays until its lifetime ends.)"""
         session = self.session
         nodes = self.table.nodes()
         with self._lock:
-            negatives = [(p, list(names)) for p, names in self._names.items()]
+            negatives = [(p, list(names.items())) for p, names in self._names.items()]
         for node in nodes:
             session.inval_inode(node.node_id)
             if node.name and node.parent_id and session.expire_only:
@@ -507,9 +514,11 @@ class Watcher:
                         session.inval_inode(node_id)
                     if session.expire_only:
                         session.inval_entry(node.node_id, name, expire_only=True)
-        if session.expire_only:
-            for parent_id, names in negatives:
-                for name in names:
+        for parent_id, names in negatives:
+            for name, node_id in names:
+                if node_id:
+                    session.inval_inode(node_id)
+                if session.expire_only:
                     session.inval_entry(parent_id, name, expire_only=True)
         now = time.monotonic()
         if now - self._last_overflow_log >= _OVERFLOW_LOG_EVERY:

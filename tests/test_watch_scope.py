@@ -32,7 +32,7 @@ import shiftfs
 
 from tests import rootless as namespace
 from tests.daemon import foreground_daemon, server_pid
-from tests.procs import cpu_seconds, fanotify_marks
+from tests.procs import cpu_seconds, fanotify_marks, fd_targets
 from tests.tables import ROOT_KEPT, STD, args
 
 pytestmark = pytest.mark.needs_root
@@ -592,11 +592,102 @@ def test_names_of_files_known_by_their_ids_are_remembered_until_they_go(ext4_low
         ids = [ops.lookup(ctx, 1, name).node_id for name in (b"a", b"b", b"c")]
         ops.request_done()
         assert all(i >= HANDLE_IDS for i in ids)
-        assert watcher._names[1] == {b"a", b"b", b"c"}
+        assert watcher._names[1] == dict(zip((b"a", b"b", b"c"), ids))  # names, with their ids
         ops.unlink(ctx, 1, b"a")
         ops.rename(ctx, 1, b"b", 1, b"b2", 0)
         ops.request_done()
-        assert watcher._names[1] == {b"c"} and watcher._name_count == 1
+        assert watcher._names[1] == {b"c": ids[2]} and watcher._name_count == 1
     finally:
         os.close(watcher._fd)
         ops.table.close()
+
+
+def _stopped(pid: int) -> None:
+    """SIGSTOP the server and wait until each of its threads is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def all_stopped():
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                state = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state not in ("T", "t"):
+                return False
+        return True
+    assert seen_within(all_stopped, 5.0) is not None, "the server did not stop"
+
+
+def _overflow(mnt, log, flood: Path, change) -> None:
+    """``change()`` behind the mount while the server's queue overflows."""
+    pid = server_pid(mnt)
+    _stopped(pid)
+    try:
+        for i in range(100):
+            (flood / f"flood{i}").write_text("")
+        change()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert seen_within(lambda: "overflow" in log.read_text(), 5.0) is not None
+
+
+def test_an_overflow_expires_a_file_held_by_its_id_moved_where_nothing_is_held(
+        ext4_lower, workdir, tiny_queue):
+    """The kernel holds a/f by its handle id (a listing, then an O_PATH fd:
+    no node kept); during an overflow the lower moves it into c/, which
+    the mount never looked up, and chmods it: the change shows on the fd
+    (the id was remembered with the name). Found by the red team: before,
+    only the held directories' listings were searched."""
+    lower = ext4_lower
+    (lower / "a").mkdir()
+    (lower / "c").mkdir()
+    (lower / "a" / "f").write_text("x")
+    os.chmod(lower / "a" / "f", 0o644)
+    mnt, log = workdir / "mnt", workdir / "log"
+    mnt.mkdir()
+    with foreground_daemon(lower, mnt, *args(STD), log=log):
+        tiny_queue()
+        assert os.listdir(mnt / "a") == ["f"]
+        fd = os.open(mnt / "a" / "f", os.O_PATH)
+        try:
+            assert os.fstat(fd).st_mode & 0o777 == 0o644
+
+            def change():
+                os.rename(lower / "a" / "f", lower / "c" / "f")
+                os.chmod(lower / "c" / "f", 0o600)
+            _overflow(mnt, log, lower / "a", change)
+            assert seen_within(lambda: os.fstat(fd).st_mode & 0o777 == 0o600, 1.0) is not None
+        finally:
+            os.close(fd)
+
+
+def test_an_overflow_expires_the_files_of_a_directory_that_gave_its_fd_back(
+        ext4_lower, workdir, tiny_queue):
+    """d/ gave its fd back to the shrinker; d/f, held by its id, is chmodded
+    during an overflow: the change shows (d is listed by its handle)."""
+    lower = ext4_lower
+    (lower / "d").mkdir()
+    (lower / "d" / "f").write_text("x")
+    os.chmod(lower / "d" / "f", 0o644)
+    (lower / "many").mkdir()
+    for i in range(1500):
+        (lower / "many" / f"m{i}").touch()
+    mnt, log = workdir / "mnt", workdir / "log"
+    mnt.mkdir()
+    with foreground_daemon(lower, mnt, *args(STD), log=log, fd_limit=2000):
+        tiny_queue()
+        assert os.listdir(mnt / "d") == ["f"]
+        fd = os.open(mnt / "d" / "f", os.O_PATH)
+        try:
+            pid = server_pid(mnt)
+            i = 0
+            while str(lower / "d") in fd_targets(pid):  # lookups keep nodes with fds
+                assert i < 1500, "the shrinker never gave d's fd back"
+                for j in range(i, i + 100):
+                    os.stat(mnt / "many" / f"m{j}")
+                i += 100
+                time.sleep(0.05)
+            _overflow(mnt, log, lower / "many", lambda: os.chmod(lower / "d" / "f", 0o600))
+            assert seen_within(lambda: os.fstat(fd).st_mode & 0o777 == 0o600, 1.0) is not None
+        finally:
+            os.close(fd)
