@@ -132,8 +132,9 @@ _REMOTE = ("fuse", "nfs", "cifs", "smb", "9p", "ceph", "virtiofs", "afs", "glust
 BATCH_SECONDS = 0.01  # after a read of only the daemon's own events: let more gather
 # names handed out with long lifetimes that no node records, expired on an
 # overflow: absent names, and files known by their handle ids with the ids
-# (~120 bytes each)
+# (~120 bytes each); absent ones cost a caller nothing to make: fewer of them
 NAMES_KEPT = 1_000_000
+ABSENT_KEPT = 100_000
 _OVERFLOW_LOG_EVERY = 60.0
 
 
@@ -162,6 +163,7 @@ class Watcher:
         self._fid_flag = linux.AT_HANDLE_FID
         self._names: dict[int, dict[bytes, int]] = {}  # parent id -> name -> handle id (or 0)
         self._name_count = 0
+        self._absent_count = 0  # of them, absent names (id 0)
         self._last_overflow_log = 0.0
         base = linux.FAN_CLOEXEC | linux.FAN_REPORT_FID | linux.FAN_REPORT_DIR_FID | linux.FAN_REPORT_NAME
         try:  # TARGET_FID (5.17): a removal names the node it removed
@@ -208,6 +210,7 @@ class Watcher:
             names = self._names.pop(node.node_id, None)
             if names:
                 self._name_count -= len(names)
+                self._absent_count -= sum(not i for i in names.values())
         if node.marked:
             self._unmark(node, fd)
 
@@ -365,14 +368,15 @@ class Watcher:
         the short lifetime)."""
         with self._lock:
             names = self._names.get(parent.node_id)
+            old = names.get(name) if names is not None else None
+            if old is None and (self._name_count >= NAMES_KEPT
+                                or not node_id and self._absent_count >= ABSENT_KEPT):
+                return False
             if names is None:
-                if self._name_count >= NAMES_KEPT:
-                    return False
                 names = self._names[parent.node_id] = {}
-            if name not in names:
-                if self._name_count >= NAMES_KEPT:
-                    return False
+            if old is None:
                 self._name_count += 1
+            self._absent_count += (not node_id) - (old == 0)
             names[name] = node_id
             return True
 
@@ -448,8 +452,10 @@ class Watcher:
         or went through the mount: the kernel dropped it itself)."""
         with self._lock:
             names = self._names.get(parent_id)
-            if names and names.pop(name, None) is not None:
+            old = names.pop(name, None) if names else None
+            if old is not None:
                 self._name_count -= 1
+                self._absent_count -= old == 0
 
     def _name_changed(self, parent, name: bytes, mask: int, child) -> None:
         session = self.session

@@ -691,3 +691,30 @@ def test_an_overflow_expires_the_files_of_a_directory_that_gave_its_fd_back(
             assert seen_within(lambda: os.fstat(fd).st_mode & 0o777 == 0o600, 1.0) is not None
         finally:
             os.close(fd)
+
+
+def test_absent_names_kept_for_an_overflow_are_fewer_than_files_names(lower, monkeypatch):
+    """A stat of a missing name costs a caller nothing: such names are kept
+    to ABSENT_KEPT (then the short lifetime), while names of files known
+    by their ids go on to NAMES_KEPT; forgetting one frees its place."""
+    from shiftfs import watch
+    from shiftfs.inodes import InodeTable
+
+    monkeypatch.setattr(watch, "ABSENT_KEPT", 3)
+    monkeypatch.setattr(watch, "NAMES_KEPT", 5)
+    table = InodeTable(os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), "ext4")
+    watcher = watch.Watcher(table)
+    try:
+        root = table.root
+        assert all(watcher.remember_name(root, b"absent%d" % i) for i in range(3))
+        assert not watcher.remember_name(root, b"absent3")
+        assert watcher.remember_name(root, b"absent0")  # kept already
+        assert watcher.remember_name(root, b"file0", 1 << 63 | 5)
+        assert watcher.remember_name(root, b"file1", 1 << 63 | 6)
+        assert not watcher.remember_name(root, b"file2", 1 << 63 | 7)  # NAMES_KEPT reached
+        watcher.forget_name(root.node_id, b"absent1")
+        assert watcher.remember_name(root, b"absent3")
+        assert (watcher._name_count, watcher._absent_count) == (5, 3)
+    finally:
+        os.close(watcher._fd)
+        table.close()
