@@ -115,7 +115,11 @@ class CachePolicy:
     def attr(self, node, st) -> float:
         """Long where a mark reports the node's attribute and data changes:
         its own, or its directory's (which sees a change through that
-        directory only, so not for a file with other links)."""
+        directory only, so not for a file with other links). A file known
+        by its handle id, kept for a request that did not say where it is
+        (no parent): the kernel holds it under a name in a directory it
+        holds, and every such directory has a mark while marks last (one
+        it is moved out of gives it a mark of its own: watch._cover)."""
         w = self.watcher
         if w is None:
             return self.long.attr  # nothing watched: one lifetime for all
@@ -125,6 +129,9 @@ class CachePolicy:
             if st.st_nlink == 1 or stat.S_ISDIR(st.st_mode):
                 parent = self.table.peek(node.parent_id)
                 if parent is not None and parent.marked and parent.dev == node.dev:
+                    return self.long.attr
+                if parent is None and node.node_id >= HANDLE_IDS and st.st_nlink == 1 \
+                        and w.marks_every_directory(node.dev):
                     return self.long.attr
         return self.short.attr
 

@@ -360,6 +360,11 @@ class Watcher:
         self.table.with_fd(node, lambda _fd: self._mark(node, False))
 
     # ---- what ops asks ----
+    def marks_every_directory(self, dev: int) -> bool:
+        """Whether every directory of ``dev`` the kernel holds has a mark
+        (not once marks ran out, nor on a device that cannot be marked)."""
+        return not self._full and dev not in self._unmarkable
+
     def remember_name(self, parent, name: bytes, node_id: int = 0) -> bool:
         """A name handed out with a long lifetime that no node records (an
         absent one, or one of a file known by its handle id ``node_id``)

@@ -718,3 +718,26 @@ def test_absent_names_kept_for_an_overflow_are_fewer_than_files_names(lower, mon
     finally:
         os.close(watcher._fd)
         table.close()
+
+
+def test_files_opened_by_their_ids_keep_the_long_attribute_lifetime(ext4_lower, mounter, counter):
+    """Files a walk named and a reader then opened and closed (each kept
+    by its id only for its requests, so with no parent known): a warm
+    stat of each, after the short lifetime, is still the kernel's. Before
+    the fix every such GETATTR gave the short lifetime: a warm stat of
+    every path sent a GETATTR each (bench.run, 22b9f79)."""
+    (ext4_lower / "d").mkdir()
+    for i in range(20):
+        (ext4_lower / "d" / f"f{i}").write_text("x")
+    mp = mounter(ext4_lower, uidmap=ROOT_KEPT)
+    names = sorted(os.listdir(mp / "d"))
+    for name in names:
+        with open(mp / "d" / name) as f:
+            assert f.read() == "x"
+            os.fstat(f.fileno())  # a GETATTR with the fh: the node kept while open
+    time.sleep(1.5)  # past the short lifetime (1 s)
+    counter.start(os.stat(mp).st_dev)
+    for name in names:
+        os.stat(mp / "d" / name)
+    counts = counter.stop()
+    assert not {"FUSE_GETATTR", "FUSE_LOOKUP"} & set(counts), counts
