@@ -89,7 +89,7 @@ import stat
 import threading
 
 from . import linux
-from .node import HANDLE_IDS, Node, OpenFile, handle_id, id_handle, inode_key, key_of
+from .node import HANDLE_IDS, Node, OpenFile, by_handle, handle_id, id_handle, inode_key, key_of
 from .opens import _OPENING, OpenFiles
 
 ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
@@ -221,7 +221,7 @@ class InodeTable(OpenFiles):
                         continue
                     if node.forgotten:
                         done.append(self._take_fd(node))
-                    elif node.nlookup <= 0 and node.node_id >= HANDLE_IDS and self._idle(node):
+                    elif node.nlookup <= 0 and self._droppable(node):
                         done.append(self._let_go(node))
             nodes.clear()
             for node, fd in done:
@@ -274,7 +274,7 @@ class InodeTable(OpenFiles):
                                 key=lambda n: n.used)[:count]
             fds, gone = [], []
             for n in idle_nodes:
-                if n.node_id >= HANDLE_IDS and self._idle(n):  # its id reopens it: nothing to keep
+                if self._droppable(n):  # its id reopens it: nothing to keep
                     gone.append(self._let_go(n))
                     continue
                 if n.handle is None:  # taken now, from the fd that still holds the inode
@@ -319,9 +319,8 @@ class InodeTable(OpenFiles):
         if not node_id:
             return None
         node = self._by_id.get(node_id)
-        if node is None:
-            node = Node(node_id, -1, inode_key(dev, node_id >> 32 & 0x7FFFFFFF), 0)
-            node.handle = node.fid = handle
+        if node is None:  # for this event only
+            node = by_handle(node_id, inode_key(dev, linux.handle_ino(handle)), 0, handle)
         return node
 
     def nodes(self) -> list[Node]:
@@ -381,8 +380,7 @@ class InodeTable(OpenFiles):
             return None
         node_id, key = handle_id(handle) if self.handle_ids else 0, key_of(st)
         if node_id and key not in self._by_key and node_id not in self._by_id:
-            node = Node(node_id, -1, key, stat.S_IFMT(st.st_mode))  # for the reply only
-            node.handle = node.fid = handle
+            node = by_handle(node_id, key, stat.S_IFMT(st.st_mode), handle)  # for the reply only
             node.parent_id, node.name = parent_id, name
             return node, st
         return self.add(-1, st, parent_id, name, handle), st
@@ -544,9 +542,10 @@ class InodeTable(OpenFiles):
         linux.malloc_trim()
 
     @staticmethod
-    def _idle(node: Node) -> bool:
-        # what a handle-id node may be let go with: nothing but its fd
-        return not (node.busy or node.opens or node.marked or node.backing)
+    def _droppable(node: Node) -> bool:
+        # a handle-id node only its fd keeps (a lookup count aside): _let_go may drop it
+        return node.node_id >= HANDLE_IDS and not (node.busy or node.opens or node.marked
+                                                   or node.backing)
 
     def _let_go(self, node: Node) -> tuple[Node, int]:
         # under the lock: a handle-id node kept for nothing now (its id
@@ -595,9 +594,8 @@ class InodeTable(OpenFiles):
                 if node is None and not directory and h.node_id >= HANDLE_IDS:
                     # a file the journal has no record of: its id names it
                     handle = id_handle(h.node_id)
-                    node = Node(h.node_id, -1, inode_key(self.root.dev, linux.handle_ino(handle)),
-                                stat.S_IFREG)
-                    node.handle = handle
+                    node = by_handle(h.node_id, inode_key(self.root.dev, linux.handle_ino(handle)),
+                                     stat.S_IFREG, handle)
                     self._by_id[h.node_id] = node
                     self._by_key.setdefault(node.key, node)
                 shared = (node.node_id, h.flags & ~_OPENING) if node is not None and node.backing \

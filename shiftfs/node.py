@@ -96,6 +96,14 @@ class Node:
         return stat.S_ISREG(self.mode)
 
 
+def by_handle(node_id: int, key: int, mode: int, handle: bytes) -> Node:
+    """A node of the handle id ``node_id`` with no fd (opened by ``handle``
+    when a request names it)."""
+    node = Node(node_id, -1, key, mode)
+    node.handle = node.fid = handle
+    return node
+
+
 class OpenFile:
     """A lower fd the daemon holds for callers' opens: of a file (``node``)
     or a directory (``node`` None), of node ``node_id``. ``opens``: the

@@ -29,7 +29,7 @@ import logging
 import os
 import resource
 
-from .node import HANDLE_IDS, Node, OpenFile
+from .node import Node, OpenFile
 
 OPEN_BUDGET = 0.3  # of RLIMIT_NOFILE: the fds all callers' open files may hold
 OPEN_SHARE = 4  # one uid may hold 1/OPEN_SHARE of the budget
@@ -40,7 +40,7 @@ log = logging.getLogger("shiftfs")
 
 class OpenFiles:
     """Counted per caller uid; InodeTable provides ``_lock``, ``journal``,
-    ``store``, ``release_if_gone`` and ``_let_go``."""
+    ``store``, ``release_if_gone``, ``_droppable`` and ``_let_go``."""
 
     def _init_opens(self) -> None:
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # as the mount raised it
@@ -168,8 +168,8 @@ class OpenFiles:
         if backing and unregister is not None:
             unregister(backing)
         self.release_if_gone(node, links)
-        if node.node_id >= HANDLE_IDS:
+        if node.nlookup <= 0 and self._droppable(node):  # again under the lock
             with self._lock:
-                done = self._let_go(node) if node.nlookup <= 0 and self._idle(node) else None
+                done = self._let_go(node) if node.nlookup <= 0 and self._droppable(node) else None
             if done is not None:
                 self._forgotten(*done)
