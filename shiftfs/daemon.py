@@ -535,7 +535,7 @@ def _take_over(session: Session, watcher: Watcher | None, granted) -> bool:
         log.warning("server %d took over; this kernel cannot resend the requests the dead "
                     "one had read (Linux 6.9+): their callers wait until killed", os.getpid())
     if watcher is not None:
-        watcher.expire_all("what changed while no server watched")
+        watcher.expire_all("what changed while no server watched", listing=True)
     return True
 
 

@@ -501,14 +501,16 @@ class Watcher:
         finally:
             os.close(fd)
 
-    def expire_all(self, why: str = "fanotify queue overflow") -> None:
+    def expire_all(self, why: str = "fanotify queue overflow", listing: bool = False) -> None:
         """After a queue overflow: every node's attributes and data, every
         name the daemon handed out (absent ones too) expired; nothing the
         kernel holds is dropped, so nothing mounted on the tree goes. The
         files the kernel holds by their handle ids: by the ids remembered
-        with their names, and (for a new server, which has no record of
-        the names a dead one handed out) in the directories it holds, each
-        name there expired and each id's attributes and data. (A name a
+        with their names, and (``listing``: a new server, which has no
+        record of the names a dead one handed out) in the directories it
+        holds, each name there expired and each id's attributes and data;
+        a running server remembers every such name, so an overflow lists
+        nothing. (A name a
         dead server handed out for a file deleted or moved out of them
         while no server watched stays until its lifetime ends.)"""
         session = self.session
@@ -519,7 +521,7 @@ class Watcher:
             session.inval_inode(node.node_id)
             if node.name and node.parent_id and session.expire_only:
                 session.inval_entry(node.parent_id, node.name, expire_only=True)
-            if node.is_dir() and self.table.handle_ids:
+            if listing and node.is_dir() and self.table.handle_ids:
                 for name, node_id in self._listing(node):
                     if node_id:
                         session.inval_inode(node_id)
