@@ -89,7 +89,8 @@ import stat
 import threading
 
 from . import linux
-from .node import HANDLE_IDS, Node, OpenFile, by_handle, handle_id, id_handle, inode_key, key_of
+from .node import (HANDLE_IDS, Node, OpenFile, by_handle, handle_id, id_handle, ino_and_gen,
+                   inode_key, key_of)
 from .opens import _OPENING, OpenFiles
 
 ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
@@ -371,14 +372,18 @@ class InodeTable(OpenFiles):
         if not self.handles:
             return None
         handle = linux.name_to_handle(dir_fd, 0, name)
-        ino = None if handle is None else linux.handle_ino(handle)
-        if ino is None or not linux.names_one_inode(handle):
+        # one parse of the handle (this runs for every readdirplus entry):
+        # a FILEID_INO32_GEN one, whose generation tells inodes apart
+        ino_gen = ino_and_gen(handle)
+        if ino_gen is None or not ino_gen[1]:
             return None
+        ino, gen = ino_gen
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if st.st_ino != ino or st.st_dev != self.root.dev or st.st_nlink != 1 \
                 or stat.S_ISDIR(st.st_mode):
             return None
-        node_id, key = handle_id(handle) if self.handle_ids else 0, key_of(st)
+        node_id = HANDLE_IDS | ino << 32 | gen if self.handle_ids and not ino >> 31 else 0
+        key = ino << 32 | st.st_dev
         if node_id and key not in self._by_key and node_id not in self._by_id:
             node = by_handle(node_id, key, stat.S_IFMT(st.st_mode), handle)  # for the reply only
             node.parent_id, node.name = parent_id, name

@@ -22,7 +22,7 @@ def fill(fs, ctx, nodeid: int, fh: int, off: int, size: int, plus: bool):
     try:
         if plus:
             entry = fs.readdir_entry
-            entry_into, esize = P.pack_entry_into, P.ENTRY_OUT.size
+            esize, plus_into = P.ENTRY_OUT.size, P.pack_direntplus_into
         while True:
             item = peek()
             if item is None:
@@ -35,10 +35,10 @@ def fill(fs, ctx, nodeid: int, fh: int, off: int, size: int, plus: bool):
                 if e is None:  # no attributes: the kernel looks it up when it needs them
                     P.ENTRY_OUT.pack_into(out, pos, 0, 0, 0, 0, 0, 0, d_ino, 0, 0, 0, 0, 0,
                                           0, 0, 0, d_type << 12, 0, 0, 0, 0, 0, 0)
+                    pos = dirent(out, pos + esize, d_ino, d_off, name, d_type, True)
                 else:
                     counted.append(e.node_id)
-                    entry_into(out, pos, *e)
-                pos = dirent(out, pos + esize, d_ino, d_off, name, d_type, True)
+                    pos = plus_into(out, pos, *e, d_ino, d_off, name, d_type)
             else:
                 pos = dirent(out, pos, d_ino, d_off, name, d_type, True)
             advance()

@@ -37,13 +37,22 @@ _INO32_GEN = struct.pack("=Ii", 8, 1)  # struct file_handle: 8 bytes of FILEID_I
 _INO_GEN = struct.Struct("=II")
 
 
+def ino_and_gen(handle: bytes | None) -> tuple[int, int] | None:
+    """(inode number, generation) of a FILEID_INO32_GEN handle; None for
+    any other (or none)."""
+    if handle is None or len(handle) != 16 or handle[:8] != _INO32_GEN:
+        return None
+    return _INO_GEN.unpack_from(handle, 8)
+
+
 def handle_id(handle: bytes | None) -> int:
     """The node id that names the inode of ``handle``, or 0 where none
     can: not FILEID_INO32_GEN, generation 0 (ext4 decodes it without
     checking: it names a number, not an inode), a number of 2**31 or more."""
-    if handle is None or len(handle) != 16 or handle[:8] != _INO32_GEN:
+    ino_gen = ino_and_gen(handle)
+    if ino_gen is None:
         return 0
-    ino, gen = _INO_GEN.unpack_from(handle, 8)
+    ino, gen = ino_gen
     if not gen or ino >> 31:
         return 0
     return HANDLE_IDS | ino << 32 | gen

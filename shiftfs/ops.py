@@ -210,17 +210,17 @@ class Operations:
     def _attr(self, st: os.stat_result, node: Node | None) -> Attr:
         # a frozen inode's attributes (and ACL) are cached as any inode's:
         # no decision is made on a GETATTR (see the module docstring)
-        uid = self._uid_up(st.st_uid)
-        gid = self._gid_up(st.st_gid)
+        uid, gid = self._uid_up(st.st_uid), self._gid_up(st.st_gid)
         return Attr(st, NO_ID if uid is None else uid, NO_ID if gid is None else gid,
                     self.cache.attr(node, st))
 
     def _entry(self, node: Node, st: os.stat_result, parent: Node | None) -> Entry:
         """The reply for ``node``'s name in ``parent`` (None: ROOT_NAME in the
         FUSE root, which nothing else changes)."""
-        st, uid, gid, attr_timeout = self._attr(st, node)
-        return Entry(node.node_id, st, uid, gid, attr_timeout,
-                     self.cache.entry(node, parent))
+        # _attr's work inline: this runs for every lookup and readdirplus entry
+        uid, gid, cache = self._uid_up(st.st_uid), self._gid_up(st.st_gid), self.cache
+        return Entry(node.node_id, st, NO_ID if uid is None else uid, NO_ID if gid is None else gid,
+                     cache.attr(node, st), cache.entry(node, parent))
 
     def _as_caller(self, ctx: Context, parent: Node, name: bytes, mode: int, make,
                    opened: bool = False) -> tuple[int, os.stat_result]:
