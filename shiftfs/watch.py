@@ -348,7 +348,8 @@ class Watcher:
         while the kernel holds it)."""
         if node.marked or node.is_dir():
             return
-        if node.fd < 0 and self.table.peek(node.node_id) is not node:  # a handle id, no node kept
+        kept = node.fd < 0 and self.table.peek(node.node_id) is not node  # a handle id, no node
+        if kept:
             if self.session.inval_inode(node.node_id):
                 return  # the kernel does not hold it
             try:
@@ -358,6 +359,10 @@ class Watcher:
             if node.marked:
                 return
         self.table.with_fd(node, lambda _fd: self._mark(node, False))
+        # its FORGET may have come before keep(), and found no node: asked
+        # again, a kernel that holds no inode of it has no FORGET to send
+        if kept and self.session.inval_inode(node.node_id):
+            self.table.forget(node.node_id, 0)
 
     # ---- what ops asks ----
     def marks_every_directory(self, dev: int) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import os
 import resource
@@ -691,6 +692,43 @@ def test_an_overflow_expires_the_files_of_a_directory_that_gave_its_fd_back(
             assert seen_within(lambda: os.fstat(fd).st_mode & 0o777 == 0o600, 1.0) is not None
         finally:
             os.close(fd)
+
+
+def test_a_file_the_kernel_forgets_while_it_is_covered_keeps_no_node_or_mark(ext4_lower):
+    """_cover gives a file known by its id (no node kept) a mark of its own
+    when it leaves its watched directory, if the kernel holds it; the
+    kernel's FORGET may come between that question and keep() (it finds
+    no node then, and no other comes). The node kept for the mark must
+    go again, mark and all: found by the red team, a node and a mark held
+    until unmount. Here the session says the kernel holds the inode, then
+    that it does not."""
+    from shiftfs import watch
+    from shiftfs.idmap import build_idmap
+    from shiftfs.filesystem import Granted
+    from shiftfs.node import HANDLE_IDS
+    from shiftfs.ops import Operations
+
+    (ext4_lower / "f").write_text("x")
+    ops = Operations(str(ext4_lower), build_idmap([shiftfs.Extent(0, 100000, 65536)], []))
+    watcher = watch.Watcher(ops.table)
+    answers = [0, -errno.ENOENT]  # held at the first question, forgotten at the next
+
+    class Session(_Session):
+        def inval_inode(self, node_id, off=0, length=0):
+            self.sent.append(("inval_inode", (node_id,), {}))
+            return answers.pop(0) if answers else -errno.ENOENT
+    watcher.session = Session()
+    try:
+        ops.init(Granted(45, False, False, True, 1 << 20, True))
+        node, _st = ops.table.add_unopened(ops.table.root.fd, b"f", 1)
+        assert node.node_id >= HANDLE_IDS and ops.table.peek(node.node_id) is None
+        watcher._cover(node)
+        assert ops.table.peek(node.node_id) is None, "a node kept that no FORGET will drop"
+        assert node.key not in watcher._marked, "a mark kept that nothing will remove"
+        assert [c for c, _a, _k in watcher.session.sent].count("inval_inode") == 2
+    finally:
+        os.close(watcher._fd)
+        ops.table.close()
 
 
 def test_absent_names_kept_for_an_overflow_are_fewer_than_files_names(lower, monkeypatch):
