@@ -50,7 +50,8 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 
-from .node import HANDLE_IDS
+from . import linux
+from .node import HANDLE_IDS, handle_id
 
 WATCHED_LIFETIME = 3600.0  # what the kernel may cache when fanotify tells us of changes
 FOREVER_LIFETIME = 86400.0  # -o cache=forever: the lower does not change behind the mount
@@ -163,6 +164,22 @@ class CachePolicy:
         temporary files would otherwise fill the watcher's store)."""
         if self.watcher is not None:
             self.watcher.forget_name(parent.node_id, name)
+
+    def moved(self, st, parent, name: bytes) -> None:
+        """A rename through the mount moved the kernel's name of ``st``'s
+        inode to ``name`` in ``parent``, a name no reply handed out: the
+        node's record follows it (what an overflow expires), or for a file
+        known by its handle id alone, the name is remembered with the id
+        (else a file deleted behind the mount during an overflow stays
+        visible under it for the name's whole lifetime)."""
+        node = self.table.find(st.st_dev, st.st_ino)
+        if node is not None:
+            node.parent_id, node.name = parent.node_id, name
+        elif self.watcher is not None and self.names(parent) is not self.short \
+                and self.table.handle_ids and st.st_dev == self.table.root.dev:
+            node_id = handle_id(linux.name_to_handle(parent.fd, 0, name))
+            if node_id:
+                self.watcher.remember_name(parent, name, node_id)
 
     def absent(self, parent, name: bytes) -> float:
         """The lifetime of a negative entry: long only where the watcher

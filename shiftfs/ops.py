@@ -4,8 +4,8 @@ names and translating ids; no path strings.
 Handlers take the request's context (filesystem.Context: who asks) and
 plain values (node ids, bytes names, ints), and return the contract's
 values (filesystem.Entry, Attr, Opened, bytes) or raise OSError; the FUSE
-layer (session.py) packs and replies. Nothing here knows the wire
-format. The only module that knows both the lower tree and the table.
+layer (session.py) packs and replies. Nothing here knows the wire format.
+The only module that knows both the lower tree and the table.
 
 How a request reaches the lower inode:
 - every node a request names holds an O_PATH fd of its lower inode
@@ -17,8 +17,8 @@ How a request reaches the lower inode:
   since the daemon never opens a name for a caller;
 - CREATE is O_CREAT|O_EXCL on the lower: a name that exists after all (the
   kernel's negative entry was stale) gives EEXIST for O_EXCL and ESTALE
-  otherwise, which makes the kernel look the name up again and open the
-  existing file with its own permission check;
+  otherwise: the kernel looks the name up again and opens the existing
+  file with its own permission check;
 - new entries are made with the worker thread's fsuid/fsgid set to the
   caller's lower ids and its umask to the caller's, so the lower kernel
   gives owner, set-gid group, default ACL and mode in one step.
@@ -29,16 +29,15 @@ Who the caller is beyond its ids (groups, capabilities, the fsid switch
 for a create): caller.py. Which opens are passed through: passthrough.py.
 
 Caveats (honest ones, as in pyfuse3's passthroughfs):
-- UNLINK, RMDIR and RENAME name their victims; the kernel checked the
-  inode it had cached under that name. If the lower name was swapped for
-  another inode since, the daemon checks (frozen rules) and removes the one
-  the name points to now.
+- UNLINK, RMDIR and RENAME name their victims; the kernel checked the inode
+  it cached under that name. If the lower name holds another inode since,
+  the daemon checks (frozen rules) and removes the one it holds now.
 - POSIX locks and flock are left to the kernel (local to this mount).
-- Every node holds an fd while it is in use: the daemon raises
-  RLIMIT_NOFILE, and watch.Shrinker keeps the fds under 60 % of it (idle
-  nodes give theirs back, reopened by file handle; else the kernel is
-  asked to forget its oldest nodes). A file whose last name goes while
-  nobody has it open gives its inode back at once (release_if_gone).
+- Every node holds an fd while it is in use: the daemon raises RLIMIT_NOFILE,
+  and watch.Shrinker keeps the fds under 60 % of it (idle nodes give theirs
+  back, reopened by file handle; else the kernel is asked to forget its
+  oldest nodes). A file whose last name goes while nobody has it open
+  gives its inode back at once (release_if_gone).
 - Without the watcher (-o cache=timeout, a lower fanotify cannot watch)
   changes behind the mount show within the lifetimes above.
 """
@@ -81,7 +80,7 @@ _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_TRUNC |
 
 
 def _buffered(fd: int, flags: int) -> None:
-    """A lower fd the daemon reads and writes from libfuse's buffers, which
+    """A lower fd the daemon reads and writes from its request buffers, which
     are not aligned as O_DIRECT wants (EINVAL): without O_DIRECT. The FUSE
     side still bypasses its page cache for the caller's O_DIRECT open. A
     passed-through fd keeps it: there the kernel does the caller's I/O."""
@@ -268,15 +267,13 @@ class Operations:
         return os.fstat(fd)
 
     def _new_entry(self, parent: Node, name: bytes, made: tuple[int, os.stat_result]) -> Entry:
-        """The entry just made under ``name`` (_as_caller's fd and stat),
-        counted as one lookup."""
+        """The entry just made under ``name`` (_as_caller's fd and stat), one lookup."""
         fd, st = made
         return self._entry(self.table.add(fd, st, parent.node_id, name), st, parent)
 
     def _frozen_access(self, ctx: Context, node: Node, st: os.stat_result, want: int) -> None:
         """EACCES unless the caller may ``want`` this frozen inode as an
-        idmapped mount decides (mode bits, mapped group, ACL; no
-        capability)."""
+        idmapped mount decides (mode bits, mapped group, ACL; no capability)."""
         acl = None
         if st.st_mode & 0o070 and not stat.S_ISLNK(st.st_mode):
             try:
@@ -399,7 +396,10 @@ class Operations:
         else:
             os.rename(name, newname, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
         self.cache.gone(old_dir, name)
-        if not flags & linux.RENAME_EXCHANGE:
+        self.cache.moved(old_st, new_dir, newname)
+        if flags & linux.RENAME_EXCHANGE:
+            self.cache.moved(new_st, old_dir, name)
+        else:
             self._released(new_st)
 
     # ---- attributes ----

@@ -731,6 +731,45 @@ def test_a_file_the_kernel_forgets_while_it_is_covered_keeps_no_node_or_mark(ext
         ops.table.close()
 
 
+def test_an_overflow_expires_the_names_renames_through_the_mount_gave(ext4_lower):
+    """A rename through the mount moves the kernel's dentry to the new
+    name, which no reply handed out: the node's record (a file held by a
+    lookup, a directory) and, for a file known only by its id (a
+    listing's), a remembered name must follow, or an overflow leaves the
+    new name cached for its whole lifetime (a file deleted behind the
+    mount meanwhile stays visible there)."""
+    from shiftfs import watch
+    from shiftfs.idmap import build_idmap
+    from shiftfs.filesystem import Context, Granted
+    from shiftfs.ops import Operations
+
+    for name in ("kept", "listed"):
+        (ext4_lower / name).write_text(name)
+    (ext4_lower / "dir").mkdir()
+    ops = Operations(str(ext4_lower), build_idmap([shiftfs.Extent(0, 100000, 65536)], []))
+    watcher = watch.Watcher(ops.table)
+    watcher.session = _Session()
+    try:
+        ops.init(Granted(45, False, False, True, 1 << 20, True))
+        ctx = Context(100000, 100000, os.getpid())  # upper root: lower 0, the files' owner
+        kept = ops.lookup(ctx, 1, b"kept").node_id
+        directory = ops.lookup(ctx, 1, b"dir").node_id
+        listed, _st = ops.table.add_unopened(ops.table.root.fd, b"listed", 1)
+        assert ops.table.peek(listed.node_id) is None  # known by its id alone
+        ops.request_done()
+        for old, new in ((b"kept", b"kept2"), (b"dir", b"dir2"), (b"listed", b"listed2")):
+            ops.rename(ctx, 1, old, 1, new, 0)
+            ops.request_done()
+        watcher.expire_all()
+        expired = {args[:2] for what, args, _kw in watcher.session.sent if what == "inval_entry"}
+        assert {(1, b"kept2"), (1, b"dir2"), (1, b"listed2")} <= expired
+        inodes = {args[0] for what, args, _kw in watcher.session.sent if what == "inval_inode"}
+        assert {kept, directory, listed.node_id} <= inodes
+    finally:
+        os.close(watcher._fd)
+        ops.table.close()
+
+
 def test_absent_names_kept_for_an_overflow_are_fewer_than_files_names(lower, monkeypatch):
     """A stat of a missing name costs a caller nothing: such names are kept
     to ABSENT_KEPT (then the short lifetime), while names of files known
