@@ -89,8 +89,8 @@ import stat
 import threading
 
 from . import linux
-from .node import (HANDLE_IDS, Node, OpenFile, by_handle, handle_id, id_handle, ino_and_gen,
-                   inode_key, key_of)
+from .node import (HANDLE_IDS, Node, OpenFile, by_handle, handle_id, id_handle, id_of,
+                   ino_and_gen, inode_key, key_of)
 from .opens import _OPENING, OpenFiles
 
 ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
@@ -382,8 +382,7 @@ class InodeTable(OpenFiles):
         if st.st_ino != ino or st.st_dev != self.root.dev or st.st_nlink != 1 \
                 or stat.S_ISDIR(st.st_mode):
             return None
-        node_id = HANDLE_IDS | ino << 32 | gen if self.handle_ids and not ino >> 31 else 0
-        key = ino << 32 | st.st_dev
+        node_id, key = id_of(ino, gen) if self.handle_ids else 0, key_of(st)
         if node_id and key not in self._by_key and node_id not in self._by_id:
             node = by_handle(node_id, key, stat.S_IFMT(st.st_mode), handle)  # for the reply only
             node.parent_id, node.name = parent_id, name

@@ -45,17 +45,18 @@ def ino_and_gen(handle: bytes | None) -> tuple[int, int] | None:
     return _INO_GEN.unpack_from(handle, 8)
 
 
+def id_of(ino: int, gen: int) -> int:
+    """The node id that names inode ``ino`` of generation ``gen``, or 0
+    where none can: generation 0 (ext4 decodes it without checking: it
+    names a number, not an inode), a number of 2**31 or more."""
+    return HANDLE_IDS | ino << 32 | gen if gen and not ino >> 31 else 0
+
+
 def handle_id(handle: bytes | None) -> int:
-    """The node id that names the inode of ``handle``, or 0 where none
-    can: not FILEID_INO32_GEN, generation 0 (ext4 decodes it without
-    checking: it names a number, not an inode), a number of 2**31 or more."""
+    """The node id that names the inode of ``handle`` (id_of), or 0 for a
+    handle other than FILEID_INO32_GEN."""
     ino_gen = ino_and_gen(handle)
-    if ino_gen is None:
-        return 0
-    ino, gen = ino_gen
-    if not gen or ino >> 31:
-        return 0
-    return HANDLE_IDS | ino << 32 | gen
+    return 0 if ino_gen is None else id_of(*ino_gen)
 
 
 def id_handle(node_id: int) -> bytes:

@@ -206,11 +206,7 @@ def pack_direntplus_into(buf, pos: int, node_id: int, st, uid: int, gid: int,
     readdirplus reply holds ~40); returns the next position (8-aligned)."""
     es, ens = split_timeout(entry_timeout)
     at, atn = split_timeout(attr_timeout)
-    a, m, c = st[7], st[8], st[9]
-    DIRENTPLUS.pack_into(buf, pos, node_id, 0, es, at, ens, atn, st.st_ino, st.st_size,
-                         st.st_blocks, a, m, c, st.st_atime_ns - a * _NS,
-                         st.st_mtime_ns - m * _NS, st.st_ctime_ns - c * _NS, st.st_mode,
-                         st.st_nlink, uid, gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0,
+    DIRENTPLUS.pack_into(buf, pos, node_id, 0, es, at, ens, atn, *attr_fields(st, uid, gid),
                          ino, off, len(name), dtype)
     start = pos + DIRENTPLUS.size
     buf[start:start + len(name)] = name
