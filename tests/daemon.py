@@ -249,3 +249,16 @@ def space_back(mountpoint, timeout: float = 5.0) -> bool:
     while os.statvfs(mountpoint).f_bavail == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     return os.statvfs(mountpoint).f_bavail > 0
+
+
+def seen_within(check, limit):
+    """Seconds until check() held (asked every 2 ms, at least once), or None
+    if it did not within limit: a change behind the mount shows once the
+    watcher's invalidation is in."""
+    start = time.monotonic()
+    while True:
+        if check():
+            return time.monotonic() - start
+        if time.monotonic() - start > limit:
+            return None
+        time.sleep(0.002)

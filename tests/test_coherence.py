@@ -7,21 +7,12 @@ import time
 
 import pytest
 
+from tests.daemon import seen_within
 from tests.tables import ROOT_KEPT
 
 pytestmark = pytest.mark.needs_root
 
 BOUND = 1.0  # the default attr_timeout = entry_timeout = negative_timeout
-
-
-def seen_within(check, limit):
-    """Seconds until check() held, or None if it did not within limit."""
-    start = time.monotonic()
-    while time.monotonic() - start < limit:
-        if check():
-            return time.monotonic() - start
-        time.sleep(0.02)
-    return None
 
 
 @pytest.fixture

@@ -14,12 +14,11 @@ import random
 import re
 import subprocess
 import threading
-import time
 
 import pytest
 
 from tests import rootless
-from tests.daemon import foreground_daemon, server_pid
+from tests.daemon import foreground_daemon, seen_within, server_pid
 from tests.fuse_requests import TRACE
 from tests.procs import family
 from tests.tables import STD, args
@@ -150,13 +149,6 @@ def test_reads_give_the_lower_bytes(lower, workdir):
         _check_reads(lower, mnt)
 
 
-def _wait_for_size(fd: int, size: int, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while os.fstat(fd).st_size != size:
-        assert time.monotonic() < end, f"the mount still shows {os.fstat(fd).st_size} bytes"
-        time.sleep(0.002)
-
-
 def test_a_file_cut_short_between_reads(lower, workdir):
     data = _data(4 * MIB, 2)
     (lower / "f").write_bytes(data)
@@ -170,7 +162,7 @@ def test_a_file_cut_short_between_reads(lower, workdir):
             # sees the old size, and its buffered tail past a short direct
             # read is zeros where the kernel skips the size update (the
             # invalidation bumped attr_version meanwhile)
-            _wait_for_size(fd, MIB + 300)
+            assert seen_within(lambda: os.fstat(fd).st_size == MIB + 300, 5.0) is not None
             for off, size in ((MIB, MIB), (0, 2 * MIB), (MIB + 300, 4096), (3 * MIB, MIB)):
                 assert os.pread(fd, size, off) == data[:MIB + 300][off:off + size], (off, size)
         finally:

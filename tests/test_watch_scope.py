@@ -32,24 +32,13 @@ import pytest
 import shiftfs
 
 from tests import rootless as namespace
-from tests.daemon import foreground_daemon, server_pid
+from tests.daemon import foreground_daemon, seen_within, server_pid
 from tests.procs import cpu_seconds, fanotify_marks, fd_targets
 from tests.tables import ROOT_KEPT, STD, args
 
 pytestmark = pytest.mark.needs_root
 
 LIMIT = 0.1  # a change behind the mount shows within this (issue 19's goal)
-
-
-def seen_within(check, limit):
-    """Seconds until check() held, or None if it did not within limit."""
-    start = time.monotonic()
-    while True:
-        if check():
-            return time.monotonic() - start
-        if time.monotonic() - start > limit:
-            return None
-        time.sleep(0.002)
 
 
 def _mount_table(pid="self") -> list[tuple[int, str]]:
