@@ -397,10 +397,10 @@ class Operations:
             os.rename(name, newname, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
         self.cache.gone(old_dir, name)
         self.cache.moved(old_st, new_dir, newname)
-        if flags & linux.RENAME_EXCHANGE:
-            self.cache.moved(new_st, old_dir, name)
-        else:
+        if not flags & linux.RENAME_EXCHANGE:
             self._released(new_st)
+        elif new_st is not None:  # None: it appeared after the stat
+            self.cache.moved(new_st, old_dir, name)
 
     # ---- attributes ----
     def getattr(self, ctx: Context, node_id: int, fh: int | None) -> Attr:
