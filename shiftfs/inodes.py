@@ -121,6 +121,9 @@ class InodeTable(OpenFiles):
         self._sized_for = 1 << 12  # the most nodes since the dicts were last compacted (at least)
         self.high, self.low = 1 << 62, 1 << 62  # set by the mount from RLIMIT_NOFILE
         self.shrink_wanted = threading.Event()
+        # files known by their ids that a FORGET dropped with a mark of their
+        # own, for the shrinker's thread to ask about (watch.Shrinker.ask_held)
+        self.dropped_marked: list[Node] = []
         self.watch = None  # watch.Watcher: told of each node added and forgotten
         self._placeholder = -1
         self.open_fds = 1
@@ -534,7 +537,13 @@ class InodeTable(OpenFiles):
                 node.forgotten = True
                 return True
             node, fd = self._take_fd(node)
+            # a handle id's count may have begun after the kernel's (a listing
+            # hands ids out uncounted): the kernel may hold it still
+            ask = node.marked and node.node_id >= HANDLE_IDS
         self._forgotten(node, fd)
+        if ask:
+            self.dropped_marked.append(node)
+            self.shrink_wanted.set()
         return True
 
     def _compact(self) -> None:

@@ -720,6 +720,45 @@ def test_a_file_the_kernel_forgets_while_it_is_covered_keeps_no_node_or_mark(ext
         ops.table.close()
 
 
+def test_a_linked_file_a_forget_drops_is_marked_again_if_the_kernel_holds_it(ext4_lower):
+    """A file with two links has a mark of its own (its directory's sees
+    changes through that name only). Known by its handle id, its count may
+    have begun after the kernel's (a listing hands ids out uncounted), so a
+    FORGET that follows a racing LOOKUP can take it to zero while the kernel
+    holds the file: the node went with its mark, and changes through the
+    other name went unreported for the attributes' whole lifetime. Found
+    by the red team. Now the shrinker's thread asks the kernel (here: it
+    holds it) and the file is marked again."""
+    from shiftfs import watch
+    from shiftfs.idmap import build_idmap
+    from shiftfs.filesystem import Context, Granted
+    from shiftfs.node import HANDLE_IDS
+    from shiftfs.ops import Operations
+
+    (ext4_lower / "f").write_text("x")
+    os.link(ext4_lower / "f", ext4_lower / "g")
+    ops = Operations(str(ext4_lower), build_idmap([shiftfs.Extent(0, 100000, 65536)], []))
+    watcher = watch.Watcher(ops.table)
+    watcher.session = _Session()  # inval_inode answers 0: the kernel holds the inode
+    try:
+        ops.init(Granted(45, False, False, True, 1 << 20, True))
+        ctx = Context(100000, 100000, os.getpid())
+        node_id = ops.lookup(ctx, 1, b"f").node_id
+        ops.request_done()
+        node = ops.table.peek(node_id)
+        assert node_id >= HANDLE_IDS and node.marked and node.key in watcher._marked
+        ops.table.shrink_wanted.clear()
+        ops.forget([(node_id, 2)])  # the kernel's count: one uncounted listing, this lookup
+        assert ops.table.peek(node_id) is None and node.key not in watcher._marked
+        assert ops.table.shrink_wanted.is_set()  # the shrinker's thread is woken to ask
+        watch.Shrinker(ops.table, watcher.session).ask_held()
+        again = ops.table.peek(node_id)
+        assert again is not None and again.marked and again.key in watcher._marked
+    finally:
+        os.close(watcher._fd)
+        ops.table.close()
+
+
 def test_an_overflow_expires_the_names_renames_through_the_mount_gave(ext4_lower):
     """A rename through the mount moves the kernel's dentry to the new
     name, which no reply handed out: the node's record (a file held by a
