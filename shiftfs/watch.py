@@ -369,9 +369,8 @@ class Watcher:
                 node = self.table.keep(node.node_id)  # kept while marked, until its FORGET
             except OSError:
                 return
-            if node.marked:
-                return
-        self.table.with_fd(node, lambda _fd: self._mark(node, False))
+        if not node.marked:  # (keep() marks a file with two links itself)
+            self.table.with_fd(node, lambda _fd: self._mark(node, False))
         # its FORGET may have come before keep(), and found no node: asked
         # again, a kernel that holds no inode of it has no FORGET to send
         if kept and self.session.inval_inode(node.node_id):
