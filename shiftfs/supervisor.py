@@ -210,6 +210,7 @@ class FdStore:
         self._pending: list[bytes] = []
         self._lock = threading.Lock()
         self._wanted = threading.Event()
+        self._ending = False  # flushed for an upgrade: every record goes at once
         threading.Thread(target=self._flusher, name="shiftfs-store", daemon=True).start()
 
     def held(self, fh: int, node_id: int, uid: int, flags: int) -> None:
@@ -226,7 +227,7 @@ class FdStore:
         (with ``fd``), else they wait (BATCH_RECORDS at most)."""
         with self._lock:
             self._pending.append(record)
-            if now or len(self._pending) >= BATCH_RECORDS:
+            if now or self._ending or len(self._pending) >= BATCH_RECORDS:
                 self._send(fd)
             elif len(self._pending) == 1:
                 self._wanted.set()
@@ -260,7 +261,12 @@ class FdStore:
 
     def flushed(self) -> None:
         """Everything waiting sent, and FLUSHED after it: the supervisor
-        asks (SIGUSR1) before it ends the server for an upgrade."""
+        asks (SIGUSR1) before it ends the server for an upgrade. The server
+        serves requests until it is killed: from now on each record goes
+        at once, before its reply (a CLOSE left waiting would die with the
+        server, and the supervisor keep a copy of a released file)."""
+        with self._lock:
+            self._ending = True
         self._say(FLUSHED)
 
     def _say(self, kind: int) -> None:

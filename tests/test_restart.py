@@ -13,6 +13,7 @@ import errno
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from tests import rootless
 from tests.callers import call_as
 from tests.procs import children, fd_targets
 from tests.tables import ROOT_KEPT, upper_of
-from shiftfs.supervisor import NodeJournal, read_status
+from shiftfs.supervisor import CLOSE, FLUSHED, MSG, FdStore, NodeJournal, read_status
 
 pytestmark = [
     pytest.mark.needs_root,
@@ -294,6 +295,26 @@ def _held_by_supervisor_within(pid: int, directory, seconds: float) -> list[str]
     while (held := _copies(pid, directory)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return held
+
+
+def test_a_close_after_the_flush_an_upgrade_asks_for_goes_at_once():
+    """An upgrade asks the server to flush (SIGUSR1: FdStore.flushed) and
+    then kills it; the server serves requests until then. A CLOSE it
+    queued after the flush (to ride on the next OPEN, or go within
+    FLUSH_DELAY) died with it, and the supervisor kept a copy of a file the
+    kernel had released (test_restart's upgrade test, 2 failures in 8 under
+    load). After the flush every record goes at once, before the reply."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        store = FdStore(ours)
+        store.flushed()
+        assert MSG.unpack(theirs.recv(4096))[0] == FLUSHED
+        store.released(7)  # a RELEASE served after the flush, before the kill
+        theirs.settimeout(0.005)  # well inside FLUSH_DELAY: nothing waits for the flusher
+        assert MSG.unpack(theirs.recv(4096))[:2] == (CLOSE, 7)
+    finally:
+        ours.close()
+        theirs.close()
 
 
 @pytest.mark.parametrize("unlink", [False, True], ids=["linked", "unlinked"])
