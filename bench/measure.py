@@ -16,6 +16,7 @@ import subprocess
 import time
 
 from bench.common import FUSE_FS, drop_caches, log, sh
+from tests.daemon import seen_within
 from tests.fuse_requests import RequestCounter
 from tests.procs import cpu_seconds as _cpu, family
 
@@ -195,13 +196,7 @@ def acl_probe(fss: dict, counter: RequestCounter, n=1000) -> dict:
 # ---- coherence: a change made directly on the lower, seen through the mount --
 
 def _poll(check, timeout=5.0):
-    t0 = time.perf_counter()
-    while True:
-        if check():
-            return time.perf_counter() - t0
-        if time.perf_counter() - t0 > timeout:
-            return None
-        time.sleep(0.001)
+    return seen_within(check, timeout, every=0.001)  # polled every ms, as results.md says
 
 
 def _exists(path):

@@ -251,14 +251,14 @@ def space_back(mountpoint, timeout: float = 5.0) -> bool:
     return os.statvfs(mountpoint).f_bavail > 0
 
 
-def seen_within(check, limit):
-    """Seconds until check() held (asked every 2 ms, at least once), or None
-    if it did not within limit: a change behind the mount shows once the
-    watcher's invalidation is in."""
+def seen_within(check, limit, every: float = 0.002):
+    """Seconds until check() held (asked ``every`` seconds, at least once),
+    or None if it did not within limit: a change behind the mount shows
+    once the watcher's invalidation is in."""
     start = time.monotonic()
     while True:
         if check():
             return time.monotonic() - start
         if time.monotonic() - start > limit:
             return None
-        time.sleep(0.002)
+        time.sleep(every)
