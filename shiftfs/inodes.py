@@ -42,10 +42,13 @@ its id (node.handle_id: ext4, xfs; a generation other than 0) is known to
 the kernel by that id, whichever request first named it. A readdirplus
 entry of one (one link) makes no node at all (add_unopened: its handle is
 taken by name, then its attributes, and the numbers must agree); a request
-on the id opens the inode by the handle the id spells (``keep``) and lets
-the node go when it ends (``_let_go``), unless a lookup counted it, it is
-open, or it has a mark. A walk of 200,000 files then keeps a node a
-directory, and a new server needs no record of the files. Other files
+on the id opens the inode by the handle the id spells (``keep``); when
+it ends, unless a lookup counted it, it is open, or it has a mark, the
+node is parked with its fd among the last PARKED so left (``_park``: a
+tar's OPEN, GETATTR and RELEASE of a file come one after the other, and
+each would open it by handle again), and the oldest parked goes
+(``_let_go``); a FORGET drops one at once. A walk of 200,000 files then
+keeps a node a directory, and a new server needs no record of the files. Other files
 (gen-0 images, tmpfs, btrfs) get counted ids with a node each; where the
 readdirplus entry names one with the inode's number in its handle, that
 node holds no fd.
@@ -87,6 +90,7 @@ import logging
 import os
 import stat
 import threading
+from collections import OrderedDict
 
 from . import linux
 from .node import (HANDLE_IDS, Node, OpenFile, by_handle, handle_id, id_handle, id_of,
@@ -95,6 +99,7 @@ from .opens import _OPENING, OpenFiles
 
 ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
 CLOCK_HOLDS = 256  # holds a tick of the clock that orders nodes by last use
+PARKED = 1024  # handle-id nodes kept, fd and all, after nothing uses them (_park)
 log = logging.getLogger("shiftfs")
 
 
@@ -108,6 +113,7 @@ class InodeTable(OpenFiles):
         self.root = root
         self._by_id: dict[int, Node] = {root_id: root}
         self._by_key: dict[int, Node] = {root.key: root}
+        self._parked: OrderedDict[int, Node] = OrderedDict()
         self._lock = threading.Lock()
         self._held = threading.local()  # the nodes this thread's request has named
         self._next_id = root_id + 1
@@ -226,7 +232,9 @@ class InodeTable(OpenFiles):
                     if node.forgotten:
                         done.append(self._take_fd(node))
                     elif node.nlookup <= 0 and self._droppable(node):
-                        done.append(self._let_go(node))
+                        gone = self._park(node) if not node.nlookup else self._let_go(node)
+                        if gone is not None:
+                            done.append(gone)
             nodes.clear()
             for node, fd in done:
                 self._forgotten(node, fd)
@@ -529,6 +537,7 @@ class InodeTable(OpenFiles):
             if self.journal is not None:
                 self.journal.drop(node)
             del self._by_id[node_id]
+            self._parked.pop(node_id, None)
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
             if len(self._by_id) < self._sized_for >> 3:
@@ -560,11 +569,27 @@ class InodeTable(OpenFiles):
         return node.node_id >= HANDLE_IDS and not (node.busy or node.opens or node.marked
                                                    or node.backing)
 
+    def _park(self, node: Node) -> tuple[Node, int] | None:
+        # under the lock: a handle-id node nothing keeps now (and no FORGET
+        # came for: the kernel may still hold it) stays, fd and all, until
+        # PARKED others are parked after it; then it goes (_let_go) if
+        # nothing took it up meanwhile
+        parked = self._parked
+        parked[node.node_id] = node
+        parked.move_to_end(node.node_id)
+        if len(parked) <= PARKED:
+            return None
+        old = parked.popitem(last=False)[1]
+        if old.nlookup <= 0 and self._droppable(old) and self._by_id.get(old.node_id) is old:
+            return self._let_go(old)
+        return None
+
     def _let_go(self, node: Node) -> tuple[Node, int]:
         # under the lock: a handle-id node kept for nothing now (its id
         # names its inode without it); its fd, for _forgotten
         if self._by_id.get(node.node_id) is node:
             del self._by_id[node.node_id]
+            self._parked.pop(node.node_id, None)
         if self._by_key.get(node.key) is node:
             del self._by_key[node.key]
         if self.journal is not None:

@@ -40,7 +40,7 @@ log = logging.getLogger("shiftfs")
 
 class OpenFiles:
     """Counted per caller uid; InodeTable provides ``_lock``, ``journal``,
-    ``store``, ``release_if_gone``, ``_droppable`` and ``_let_go``."""
+    ``store``, ``release_if_gone``, ``_droppable``, ``_park`` and ``_let_go``."""
 
     def _init_opens(self) -> None:
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # as the mount raised it
@@ -170,6 +170,8 @@ class OpenFiles:
         self.release_if_gone(node, links)
         if node.nlookup <= 0 and self._droppable(node):  # again under the lock
             with self._lock:
-                done = self._let_go(node) if node.nlookup <= 0 and self._droppable(node) else None
+                done = None
+                if node.nlookup <= 0 and self._droppable(node):  # a file with no link: not kept
+                    done = self._park(node) if links and not node.nlookup else self._let_go(node)
             if done is not None:
                 self._forgotten(*done)

@@ -107,6 +107,9 @@ def test_hard_links_are_one_node_and_forget_releases_it(ops_tree):
     if a >= HANDLE_IDS:  # its id names the inode still: a request reopens it, and holds it no longer
         assert ops_tree.getattr(CTX, a, None)[0].st_ino == os.stat(f"/proc/self/fd/{ops_tree.table.root.fd}/a/hard").st_ino
         ops_tree.request_done()
+        # parked (inodes._park): kept, fd and all, for the next request on it
+        assert len(ops_tree.table) == nodes and _open_fds() == before + 3
+        ops_tree.forget([(a, 1)])  # the kernel's FORGET of the id: gone at once
         assert len(ops_tree.table) == nodes - 1 and _open_fds() == before + 2
     else:
         with pytest.raises(OSError) as exc:

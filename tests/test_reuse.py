@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from shiftfs import linux
+from shiftfs import inodes, linux
 from shiftfs.inodes import ROOT_ID, InodeTable
 from shiftfs.node import HANDLE_IDS
 
@@ -326,8 +326,9 @@ def test_a_walk_keeps_no_node_for_a_file_and_its_id_reopens_it(handle_table):
     """A readdirplus entry of a file: an id at or above HANDLE_IDS, and no
     node, no fd, nothing in the table. A lookup of the same file (another
     name of it too) gives the same id; a request on the id reopens that
-    inode, and once it ends the table holds nothing for it again; a lookup
-    is kept (with its fd) until its FORGET."""
+    inode, and once it ends the node is parked (its fd kept for the next
+    request) until the kernel's FORGET; a lookup is kept (with its fd)
+    until its FORGET."""
     table = handle_table
     root = Path(f"/proc/self/fd/{table.root.fd}")
     (root / "a").write_text("a")
@@ -338,7 +339,8 @@ def test_a_walk_keeps_no_node_for_a_file_and_its_id_reopens_it(handle_table):
     assert os.fstat(table.get(node.node_id).fd).st_ino == st.st_ino
     assert len(table) == 2
     table.request_done()
-    assert (len(table), table.open_fds) == (1, 1)  # let go with the request
+    assert (len(table), table.open_fds) == (2, 2)  # parked
+    assert table.forget(node.node_id, 1) and (len(table), table.open_fds) == (1, 1)
     os.link(root / "a", root / "a2")
     n, _st = _add(table, b"a2")
     assert n.node_id == node.node_id and n.fd >= 0 and n.nlookup == 1
@@ -347,6 +349,37 @@ def test_a_walk_keeps_no_node_for_a_file_and_its_id_reopens_it(handle_table):
     assert again is n and n.nlookup == 2
     assert not table.forget(n.node_id, 1) and table.peek(n.node_id) is n
     assert table.forget(n.node_id, 1) and (len(table), table.open_fds) == (1, 1)
+
+
+def test_parked_nodes_are_bounded_and_a_forget_or_a_last_close_without_links_drops_one(
+        handle_table, monkeypatch):
+    """A request on a walked file's id leaves its node parked with its fd
+    (a tar's OPEN, GETATTR and RELEASE of a file then open it by handle
+    once), at most PARKED of them: the oldest goes. A FORGET of a parked id
+    drops it at once, and so does the last close of a file with no link
+    left: a parked fd would keep its blocks from being freed."""
+    monkeypatch.setattr(inodes, "PARKED", 2)
+    table = handle_table
+    root = Path(f"/proc/self/fd/{table.root.fd}")
+    ids = []
+    for name in ("p0", "p1", "p2"):
+        (root / name).write_text("p")
+        ids.append(table.add_unopened(table.root.fd, name.encode(), ROOT_ID)[0].node_id)
+    table.request_done()
+    for node_id in ids[:2]:
+        table.get(node_id)
+        table.request_done()
+    assert [table.peek(i).fd >= 0 for i in ids[:2]] == [True, True] and table.open_fds == 3
+    table.get(ids[2])
+    table.request_done()
+    assert table.peek(ids[0]) is None and table.open_fds == 3  # the oldest went
+    assert table.forget(ids[1], 1) and table.peek(ids[1]) is None and table.open_fds == 2
+    node = table.get(ids[2])
+    fh, _backing = table.opened(node, os.open(root / "p2", os.O_RDONLY), os.O_RDONLY, 0)
+    table.request_done()
+    os.unlink(root / "p2")
+    table.closed(fh, None, ids[2])
+    assert table.peek(ids[2]) is None and (len(table), table.open_fds) == (1, 1)
 
 
 def test_a_handle_id_of_a_freed_inode_never_opens_the_file_that_got_its_number(handle_table):
