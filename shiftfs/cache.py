@@ -51,7 +51,7 @@ import stat
 from dataclasses import dataclass
 
 from . import linux
-from .node import HANDLE_IDS, handle_id
+from .node import HANDLE_IDS
 
 WATCHED_LIFETIME = 3600.0  # what the kernel may cache when fanotify tells us of changes
 FOREVER_LIFETIME = 86400.0  # -o cache=forever: the lower does not change behind the mount
@@ -175,11 +175,10 @@ class CachePolicy:
         node = self.table.find(st.st_dev, st.st_ino)
         if node is not None:
             node.parent_id, node.name = parent.node_id, name
-        elif self.watcher is not None and self.names(parent) is not self.short \
-                and self.table.handle_ids and st.st_dev == self.table.root.dev:
-            node_id = handle_id(linux.name_to_handle(parent.fd, 0, name))
-            if node_id:
-                self.watcher.remember_name(parent, name, node_id)
+        elif self.watcher is not None and self.names(parent) is not self.short:
+            known = self.table.unkept(st.st_dev, linux.name_to_handle(parent.fd, 0, name))
+            if known is not None:  # its handle is its id
+                self.watcher.remember_name(parent, name, known.node_id)
 
     def absent(self, parent, name: bytes) -> float:
         """The lifetime of a negative entry: long only where the watcher

@@ -94,7 +94,7 @@ from collections import OrderedDict
 
 from . import linux
 from .node import (HANDLE_IDS, Node, OpenFile, by_handle, handle_id, id_handle, id_of,
-                   ino_and_gen, inode_key, key_of)
+                   inode_key, key_of)
 from .opens import _OPENING, OpenFiles
 
 ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
@@ -323,7 +323,7 @@ class InodeTable(OpenFiles):
             return node.handle == handle
         return node.fd >= 0
 
-    def unkept(self, dev: int, handle: bytes) -> Node | None:
+    def unkept(self, dev: int, handle: bytes | None) -> Node | None:
         """The node an inode's handle is the id of (for the watcher: an
         event about a file the kernel may hold under that id), kept or for
         the moment only; None if its handle is no id here."""
@@ -385,7 +385,7 @@ class InodeTable(OpenFiles):
         handle = linux.name_to_handle(dir_fd, 0, name)
         # one parse of the handle (this runs for every readdirplus entry):
         # a FILEID_INO32_GEN one, whose generation tells inodes apart
-        ino_gen = ino_and_gen(handle)
+        ino_gen = linux.ino_and_gen(handle)
         if ino_gen is None or not ino_gen[1]:
             return None
         ino, gen = ino_gen

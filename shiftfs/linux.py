@@ -361,13 +361,26 @@ def malloc_trim() -> None:
 # struct file_handle's head for FILEID_INO32_GEN (ext4, xfs below 2^32
 # inodes): 8 bytes, the inode's number and generation
 _INO32_GEN = struct.pack("=Ii", 8, 1)
+_INO_GEN = struct.Struct("=II")
+
+
+def ino_and_gen(handle: bytes | None) -> tuple[int, int] | None:
+    """(inode number, generation) of a FILEID_INO32_GEN handle; None for
+    any other (or none). The one reader of that format."""
+    if handle is None or len(handle) != 16 or handle[:8] != _INO32_GEN:
+        return None
+    return _INO_GEN.unpack_from(handle, 8)
+
+
+def ino32_gen_handle(ino: int, gen: int) -> bytes:
+    """The FILEID_INO32_GEN handle of inode ``ino`` of generation ``gen``."""
+    return _INO32_GEN + _INO_GEN.pack(ino, gen)
 
 
 def handle_ino(handle: bytes) -> int | None:
     """The inode number a FILEID_INO32_GEN handle holds; None for any other."""
-    if handle[:8] != _INO32_GEN:
-        return None
-    return _SIZE.unpack_from(handle, 8)[0]
+    ino_gen = ino_and_gen(handle)
+    return None if ino_gen is None else ino_gen[0]
 
 
 def names_one_inode(handle: bytes) -> bool:
@@ -377,7 +390,8 @@ def names_one_inode(handle: bytes) -> bool:
     (ext4_nfs_get_inode: ``if (generation && ...)``). mke2fs -d writes
     generation 0 into every inode of the image it builds, and the owner
     of a file on ext4 without metadata_csum may set it (FS_IOC_SETVERSION)."""
-    return handle[:8] != _INO32_GEN or handle[12:16] != b"\0\0\0\0"
+    ino_gen = ino_and_gen(handle)
+    return ino_gen is None or ino_gen[1] != 0
 
 
 def fs_type(dev: int) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
+
+from . import linux
 
 
 # A node's fields cost memory per inode the kernel holds (200,000 after a big
@@ -33,18 +34,6 @@ def key_of(st: os.stat_result) -> int:
 # (ESTALE), whatever file gets its number next. Counted ids (directories,
 # other filesystems) stay below HANDLE_IDS.
 HANDLE_IDS = 1 << 63
-_INO32_GEN = struct.pack("=Ii", 8, 1)  # struct file_handle: 8 bytes of FILEID_INO32_GEN
-_INO_GEN = struct.Struct("=II")
-
-
-def ino_and_gen(handle: bytes | None) -> tuple[int, int] | None:
-    """(inode number, generation) of a FILEID_INO32_GEN handle; None for
-    any other (or none)."""
-    if handle is None or len(handle) != 16 or handle[:8] != _INO32_GEN:
-        return None
-    return _INO_GEN.unpack_from(handle, 8)
-
-
 def id_of(ino: int, gen: int) -> int:
     """The node id that names inode ``ino`` of generation ``gen``, or 0
     where none can: generation 0 (ext4 decodes it without checking: it
@@ -55,13 +44,13 @@ def id_of(ino: int, gen: int) -> int:
 def handle_id(handle: bytes | None) -> int:
     """The node id that names the inode of ``handle`` (id_of), or 0 for a
     handle other than FILEID_INO32_GEN."""
-    ino_gen = ino_and_gen(handle)
+    ino_gen = linux.ino_and_gen(handle)
     return 0 if ino_gen is None else id_of(*ino_gen)
 
 
 def id_handle(node_id: int) -> bytes:
     """The file handle a handle_id spells."""
-    return _INO32_GEN + _INO_GEN.pack(node_id >> 32 & 0x7FFFFFFF, node_id & 0xFFFFFFFF)
+    return linux.ino32_gen_handle(node_id >> 32 & 0x7FFFFFFF, node_id & 0xFFFFFFFF)
 
 
 class Node:
