@@ -44,11 +44,10 @@ entry of one (one link) makes no node at all (add_unopened: its handle is
 taken by name, then its attributes, and the numbers must agree); a request
 on the id opens the inode by the handle the id spells (``keep``); when
 it ends, unless a lookup counted it, it is open, or it has a mark, the
-node is parked with its fd among the last PARKED so left (``_park``: a
-tar's OPEN, GETATTR and RELEASE of a file come one after the other, and
-each would open it by handle again), and the oldest parked goes
-(``_let_go``); a FORGET drops one at once. A walk of 200,000 files then
-keeps a node a directory, and a new server needs no record of the files. Other files
+node is parked with its fd (parking.py) until the kernel's FORGET, a
+second, or 1,024 newer parked ones (then ``_let_go``). A walk of 200,000
+files then keeps a node a directory, and a new server needs no record
+of the files. Other files
 (gen-0 images, tmpfs, btrfs) get counted ids with a node each; where the
 readdirplus entry names one with the inode's number in its handle, that
 node holds no fd.
@@ -59,15 +58,14 @@ with attributes) adds one; FORGET and BATCH_FORGET take them back, and at
 zero the node and its fd go (a handle id's count, begun when its node was
 kept, may end early: an open one stays until its last close). Counted ids
 are never reused (a 64-bit counter below HANDLE_IDS), so the generation is
-always 0. The lower's root is never forgotten; it is
-node 1 (the FUSE root) or, when the mount shows a directory of the FUSE
-filesystem (mount.py, "mount root"), node 2 below the FUSE root.
+always 0. The lower's root is never forgotten; it is node 1 (the FUSE
+root) or node 2 below it (mount.py, "mount root").
 
 The table's fds are bounded: the kernel forgets a node when it evicts the
 inode (FUSE evicts an inode as soon as no dentry or open file holds it),
 and once more than ``high`` fds are held, ``shrink_wanted`` is set and
-watch.Shrinker gives back the fds of nodes no running request names (each
-takes its file handle from that fd first, and get() reopens it with open_by_handle_at
+watch.Shrinker gives back the fds of nodes no running request names
+(each takes its handle from that fd first; get() reopens it by handle
 when next named; a request holds every node it got until it ends). Where
 handles cannot be had (no CAP_DAC_READ_SEARCH, a filesystem without them,
 or a FUSE lower: its handles name an inode only while its kernel still
@@ -75,12 +73,10 @@ caches it, so once evicted they give ESTALE) the shrinker instead asks the
 kernel to forget the oldest nodes (FUSE_NOTIFY_PRUNE, which drops only
 names nothing uses), which sends their FORGETs. `len(table)`,
 `table.peak` and `table.open_fds` say how many (bench/run.py reports them).
-
-The files and directories callers have open: opens.py.
-
-The watcher (watch.Watcher, ``table.watch``) is told of every node as it is
-added and forgotten, so that its fanotify marks follow what the kernel
-holds; it reaches node fds only under the table's lock (``with_fd``).
+The files and directories callers have open: opens.py. The watcher
+(watch.Watcher, ``table.watch``) is told of every node as it is added and
+forgotten, so that its marks follow what the kernel holds; it reaches
+node fds only under the table's lock (``with_fd``).
 """
 
 from __future__ import annotations
@@ -90,16 +86,16 @@ import logging
 import os
 import stat
 import threading
-from collections import OrderedDict
+import time
 
 from . import linux
 from .node import (HANDLE_IDS, Node, OpenFile, by_handle, handle_id, id_handle, id_of,
                    inode_key, key_of)
 from .opens import _OPENING, OpenFiles
+from .parking import Parked
 
 ROOT_ID = 1  # the FUSE root: the kernel makes its inode before INIT
 CLOCK_HOLDS = 256  # holds a tick of the clock that orders nodes by last use
-PARKED = 1024  # handle-id nodes kept, fd and all, after nothing uses them (_park)
 log = logging.getLogger("shiftfs")
 
 
@@ -113,7 +109,7 @@ class InodeTable(OpenFiles):
         self.root = root
         self._by_id: dict[int, Node] = {root_id: root}
         self._by_key: dict[int, Node] = {root.key: root}
-        self._parked: OrderedDict[int, Node] = OrderedDict()
+        self._parked = Parked()
         self._lock = threading.Lock()
         self._held = threading.local()  # the nodes this thread's request has named
         self._next_id = root_id + 1
@@ -167,6 +163,8 @@ class InodeTable(OpenFiles):
         with self._lock:
             node = self._by_id.get(node_id)
             if node is not None:
+                if node.released:  # its fd is release_if_gone's placeholder: never served
+                    raise OSError(errno.ESTALE, f"node {node_id}: its file was removed, given back")
                 self._hold(node)
         if node is None:
             return self.keep(node_id, True)
@@ -260,12 +258,10 @@ class InodeTable(OpenFiles):
 
     def _reopenable(self, node: Node) -> bool:
         """Whether ``node`` can be reopened by its handle: one that names
-        its inode alone (not a generation-0 ext4 handle, which opens
-        whatever has its number now), decoded on its own filesystem.
-        Handles are decoded through the root's mount, so a node of a
-        filesystem mounted below the root (a restarted server's, from the
-        journal) cannot be: decoded there, its handle names the root
-        filesystem's inode of the same number."""
+        its inode alone (not a generation-0 ext4 handle: that opens
+        whatever has its number), of the root's filesystem (handles are
+        decoded through the root's mount, where a restarted server's node
+        of a filesystem mounted below it names another inode)."""
         return node.handle is not None and node.dev == self.root.dev \
             and linux.names_one_inode(node.handle)
 
@@ -532,12 +528,13 @@ class InodeTable(OpenFiles):
                 if self.journal is not None and node.slot >= 0:
                     self.journal.count(node)
                 return False
-            if node.opens and node.node_id >= HANDLE_IDS:
-                return False  # its count began after the kernel's: let go at its last close
+            if node.opens and node.node_id >= HANDLE_IDS:  # its count began after the kernel's:
+                node.nlookup = min(node.nlookup, -1)  # let go (not parked) at its last close
+                return False
             if self.journal is not None:
                 self.journal.drop(node)
             del self._by_id[node_id]
-            self._parked.pop(node_id, None)
+            self._parked.discard(node_id)
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
             if len(self._by_id) < self._sized_for >> 3:
@@ -556,9 +553,8 @@ class InodeTable(OpenFiles):
         return True
 
     def _compact(self) -> None:
-        # under the lock: most nodes forgotten (a big walk's, after the kernel
-        # evicted them): a dict never shrinks on its own, and two of 200,000
-        # entries hold 20 MB; copies are sized for what is left
+        # under the lock: most nodes forgotten (a big walk's): a dict never shrinks
+        # on its own (two of 200,000 entries hold 20 MB); copies fit what is left
         self._by_id, self._by_key = dict(self._by_id), dict(self._by_key)
         self._sized_for = max(len(self._by_id), 1 << 12)
         linux.malloc_trim()
@@ -570,26 +566,30 @@ class InodeTable(OpenFiles):
                                                    or node.backing)
 
     def _park(self, node: Node) -> tuple[Node, int] | None:
-        # under the lock: a handle-id node nothing keeps now (and no FORGET
-        # came for: the kernel may still hold it) stays, fd and all, until
-        # PARKED others are parked after it; then it goes (_let_go) if
-        # nothing took it up meanwhile
-        parked = self._parked
-        parked[node.node_id] = node
-        parked.move_to_end(node.node_id)
-        if len(parked) <= PARKED:
-            return None
-        old = parked.popitem(last=False)[1]
-        if old.nlookup <= 0 and self._droppable(old) and self._by_id.get(old.node_id) is old:
-            return self._let_go(old)
-        return None
+        # under the lock: a handle-id node nothing keeps now and no FORGET came
+        # for; the oldest parked one it pushes out goes if still idle
+        if not self._parked:  # the shrinker's thread sweeps them each PARK_SECONDS from now
+            self.shrink_wanted.set()
+        old = self._parked.add(node, time.monotonic())
+        return self._let_go(old) if old is not None and self._idle(old) else None
+
+    def _idle(self, node: Node) -> bool:  # under the lock: only its fd keeps it, still ours
+        return node.nlookup <= 0 and self._droppable(node) and self._by_id.get(node.node_id) is node
+
+    def unpark_old(self) -> bool:
+        """Let go the nodes parked PARK_SECONDS ago or more that nothing took
+        up since (the shrinker's thread asks); whether some still are."""
+        with self._lock:
+            done = [self._let_go(n) for n in self._parked.expired(time.monotonic()) if self._idle(n)]
+        for node, fd in done:
+            self._forgotten(node, fd)
+        return bool(self._parked)
 
     def _let_go(self, node: Node) -> tuple[Node, int]:
-        # under the lock: a handle-id node kept for nothing now (its id
-        # names its inode without it); its fd, for _forgotten
+        # under the lock: a handle-id node kept for nothing (its id names its inode); its fd
         if self._by_id.get(node.node_id) is node:
             del self._by_id[node.node_id]
-            self._parked.pop(node.node_id, None)
+            self._parked.discard(node.node_id)
         if self._by_key.get(node.key) is node:
             del self._by_key[node.key]
         if self.journal is not None:
@@ -650,7 +650,7 @@ class InodeTable(OpenFiles):
     # ---- for the watcher, which holds no node as a request does ----
     def with_fd(self, node: Node, fn):
         """fn(fd) with ``node``'s fd, under the lock that keeps it open (None
-        if it has none now: given back, or forgotten)."""
+        if it has none: given back, or forgotten)."""
         with self._lock:
             if node.fd < 0:
                 return None

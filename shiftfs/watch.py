@@ -61,6 +61,7 @@ import time
 
 from . import linux
 from .node import handle_id
+from .parking import PARK_SECONDS
 
 log = logging.getLogger("shiftfs")
 
@@ -79,10 +80,14 @@ class Shrinker:
 
     def _run(self) -> None:
         table = self.table
+        parked = False
         while True:
-            table.shrink_wanted.wait()
+            # every PARK_SECONDS while nodes are parked: a parked fd holds a
+            # file replaced behind the mount until then (parking.py)
+            table.shrink_wanted.wait(PARK_SECONDS if parked else None)
             table.shrink_wanted.clear()
             try:
+                parked = table.unpark_old()
                 self.ask_held()
                 self.shrink()
             except Exception:  # noqa: BLE001 (never take the mount down)

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from shiftfs import inodes, linux
+from shiftfs import linux, parking
 from shiftfs.inodes import ROOT_ID, InodeTable
 from shiftfs.node import HANDLE_IDS
 
 from tests.callers import Caller, Errno
-from tests.daemon import foreground_daemon, loop_ext4, restart_server, server_pid
+from tests.daemon import foreground_daemon, loop_ext4, restart_server, seen_within, server_pid
 from tests.procs import fd_targets
 from tests.tables import STD, args
 
@@ -358,7 +358,7 @@ def test_parked_nodes_are_bounded_and_a_forget_or_a_last_close_without_links_dro
     once), at most PARKED of them: the oldest goes. A FORGET of a parked id
     drops it at once, and so does the last close of a file with no link
     left: a parked fd would keep its blocks from being freed."""
-    monkeypatch.setattr(inodes, "PARKED", 2)
+    monkeypatch.setattr(parking, "PARKED", 2)
     table = handle_table
     root = Path(f"/proc/self/fd/{table.root.fd}")
     ids = []
@@ -380,6 +380,121 @@ def test_parked_nodes_are_bounded_and_a_forget_or_a_last_close_without_links_dro
     os.unlink(root / "p2")
     table.closed(fh, None, ids[2])
     assert table.peek(ids[2]) is None and (len(table), table.open_fds) == (1, 1)
+
+
+def test_a_parked_node_goes_once_its_parking_ends_and_a_forget_while_open_parks_nothing(
+        handle_table, monkeypatch):
+    """A parked node goes at the shrinker's sweep once PARK_SECONDS passed
+    (a file replaced behind the mount gets no FORGET until its name is
+    looked up again: its fd must not hold its blocks for long). A FORGET
+    that comes while the file is open, bringing the count to 0, means the
+    kernel holds nothing of it: its last close lets it go, not parks it."""
+    table = handle_table
+    root = Path(f"/proc/self/fd/{table.root.fd}")
+    (root / "s").write_text("s")
+    sid = table.add_unopened(table.root.fd, b"s", ROOT_ID)[0].node_id
+    table.get(sid)
+    table.request_done()
+    assert table.unpark_old() and table.peek(sid) is not None  # parked just now: stays
+    monkeypatch.setattr(parking, "PARK_SECONDS", 0.0)
+    assert not table.unpark_old() and table.peek(sid) is None and table.open_fds == 1
+    (root / "o").write_text("o")
+    node, _st = _add(table, b"o")  # a lookup: counted once, as the kernel does
+    fh, _backing = table.opened(node, os.open(root / "o", os.O_RDONLY), os.O_RDONLY, 0)
+    table.request_done()
+    assert not table.forget(node.node_id, 1) and table.peek(node.node_id) is node
+    table.closed(fh, None, node.node_id)
+    assert table.peek(node.node_id) is None and (len(table), table.open_fds) == (1, 1)
+
+
+def test_a_removed_file_given_back_answers_estale_never_the_placeholder(handle_table):
+    """A file removed through the mount and given back at once
+    (release_if_gone: its fd then points at a placeholder memfd, which
+    every such node shares) answers ESTALE: a request on it must never
+    read or write the placeholder, where another removed file's would."""
+    table = handle_table
+    root = Path(f"/proc/self/fd/{table.root.fd}")
+    (root / "r").write_text("r's own")
+    node_id = table.add_unopened(table.root.fd, b"r", ROOT_ID)[0].node_id
+    node = table.get(node_id)
+    table.request_done()  # parked, fd and all
+    os.unlink(root / "r")
+    table.release_if_gone(node)
+    assert node.released
+    with pytest.raises(OSError) as info:
+        table.get(node_id)
+    assert info.value.errno == errno.ESTALE
+    table.request_done()
+
+
+def _list_read_and_hold(path: str) -> int:
+    os.listdir(os.path.dirname(path))
+    with open(path, "rb") as f:
+        f.read()
+    return os.open(path, os.O_PATH)
+
+
+def _remove_and_write_through(path: str, k: int, data: bytes):
+    """Remove ``path``, then reopen it by its O_PATH fd ``k`` and write."""
+    os.unlink(path)
+    fd = os.open(f"/proc/self/fd/{k}", os.O_RDWR)
+    try:
+        return os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _remove_and_read_through(path: str, k: int) -> bytes:
+    os.unlink(path)
+    fd = os.open(f"/proc/self/fd/{k}", os.O_RDONLY)
+    try:
+        return os.read(fd, 100)
+    finally:
+        os.close(fd)
+
+
+def test_two_removed_files_never_share_what_is_written_to_them(ext4, workdir):
+    """The attacker and the victim each list, read and hold (O_PATH) a file
+    of their own, then remove it through the mount and reopen it by that
+    fd. Given back at once, each node's fd pointed at one shared memfd: the
+    attacker's write came back from the victim's read. Each must answer
+    ESTALE (its inode is given back), never the other's bytes."""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    for name, owner in (("a", 1000), ("b", 1001)):
+        (ext4 / "tmp" / name).write_text(f"{name}'s own\n")
+        os.chown(ext4 / "tmp" / name, owner, owner)
+        os.chmod(ext4 / "tmp" / name, 0o600)
+    with foreground_daemon(ext4, mnt, *args(STD), log=workdir / "log"), \
+            Caller(ATTACKER, ATTACKER) as attacker, Caller(VICTIM, VICTIM) as victim:
+        ka = attacker.call(_list_read_and_hold, f"{mnt}/tmp/a")
+        kb = victim.call(_list_read_and_hold, f"{mnt}/tmp/b")
+        assert isinstance(ka, int) and isinstance(kb, int), (ka, kb)
+        wrote = attacker.call(_remove_and_write_through, f"{mnt}/tmp/a", ka, b"from the attacker")
+        read = victim.call(_remove_and_read_through, f"{mnt}/tmp/b", kb)
+        assert read != b"from the attacker", "the victim read what the attacker wrote"
+        assert (wrote, read) == (Errno(errno.ESTALE), Errno(errno.ESTALE)), (wrote, read)
+
+
+def test_a_file_replaced_behind_the_mount_is_freed_when_its_parking_ends(ext4, workdir):
+    """A file read through the mount (its node parked with its fd), then
+    replaced on the lower by a rename over its name: no FORGET comes until
+    the name is looked up again, so only the parking's end lets its inode
+    (and its blocks) go: within a few seconds, not after 1,024 others."""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    old, new = ext4 / "tmp" / "big", ext4 / "tmp" / "new"
+    old.write_bytes(b"x" * (1 << 20))
+    new.write_bytes(b"y")
+    with foreground_daemon(ext4, mnt, *args(STD), log=workdir / "log"):
+        os.listdir(mnt / "tmp")
+        assert (mnt / "tmp" / "big").read_bytes()[:1] == b"x"
+        pid = server_pid(mnt)
+        assert _daemon_holds(pid, str(old)), "precondition: its node is parked with its fd"
+        os.rename(new, old)
+        gone = seen_within(lambda: not any(t.startswith(str(old)) for t in fd_targets(pid)), 10.0, 0.05)
+        assert gone is not None, "the daemon still holds the replaced file"
+        assert gone < 5.0, gone
 
 
 def test_a_handle_id_of_a_freed_inode_never_opens_the_file_that_got_its_number(handle_table):
