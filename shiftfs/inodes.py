@@ -230,9 +230,7 @@ class InodeTable(OpenFiles):
                     if node.forgotten:
                         done.append(self._take_fd(node))
                     elif node.nlookup <= 0 and self._droppable(node):
-                        gone = self._park(node) if not node.nlookup else self._let_go(node)
-                        if gone is not None:
-                            done.append(gone)
+                        done.extend(self._park(node) if not node.nlookup else [self._let_go(node)])
             nodes.clear()
             for node, fd in done:
                 self._forgotten(node, fd)
@@ -565,13 +563,12 @@ class InodeTable(OpenFiles):
         return node.node_id >= HANDLE_IDS and not (node.busy or node.opens or node.marked
                                                    or node.backing)
 
-    def _park(self, node: Node) -> tuple[Node, int] | None:
+    def _park(self, node: Node) -> list[tuple[Node, int]]:
         # under the lock: a handle-id node nothing keeps now and no FORGET came
-        # for; the oldest parked one it pushes out goes if still idle
+        # for; the parked ones it pushes out go if still idle (their fds, for _forgotten)
         if not self._parked:  # the shrinker's thread sweeps them each PARK_SECONDS from now
             self.shrink_wanted.set()
-        old = self._parked.add(node, time.monotonic())
-        return self._let_go(old) if old is not None and self._idle(old) else None
+        return [self._let_go(n) for n in self._parked.add(node, time.monotonic()) if self._idle(n)]
 
     def _idle(self, node: Node) -> bool:  # under the lock: only its fd keeps it, still ours
         return node.nlookup <= 0 and self._droppable(node) and self._by_id.get(node.node_id) is node

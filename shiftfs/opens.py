@@ -170,8 +170,8 @@ class OpenFiles:
         self.release_if_gone(node, links)
         if node.nlookup <= 0 and self._droppable(node):  # again under the lock
             with self._lock:
-                done = None
+                done = []
                 if node.nlookup <= 0 and self._droppable(node):  # a file with no link: not kept
-                    done = self._park(node) if links and not node.nlookup else self._let_go(node)
-            if done is not None:
-                self._forgotten(*done)
+                    done = self._park(node) if links and not node.nlookup else [self._let_go(node)]
+            for gone in done:
+                self._forgotten(*gone)

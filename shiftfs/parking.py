@@ -22,13 +22,19 @@ class Parked:
     def __bool__(self) -> bool:
         return bool(self._nodes)
 
-    def add(self, node, now: float):
-        """Park ``node`` (again: it goes to the end); the oldest parked
-        node it pushes out, or None."""
+    def add(self, node, now: float) -> list:
+        """Park ``node`` (again: it goes to the end); the parked nodes that
+        go now: those parked PARK_SECONDS ago, and the oldest one past
+        PARKED. Under load the parker lets them go as it parks (about one
+        a park), not the sweep in another thread (a burst that contends
+        for the interpreter with the requests)."""
         nodes = self._nodes
         nodes[node.node_id] = node, now
         nodes.move_to_end(node.node_id)
-        return nodes.popitem(last=False)[1][0] if len(nodes) > PARKED else None
+        out = self.expired(now)
+        if len(nodes) > PARKED:
+            out.append(nodes.popitem(last=False)[1][0])
+        return out
 
     def discard(self, node_id: int) -> None:
         self._nodes.pop(node_id, None)

@@ -398,6 +398,17 @@ def test_a_parked_node_goes_once_its_parking_ends_and_a_forget_while_open_parks_
     assert table.unpark_old() and table.peek(sid) is not None  # parked just now: stays
     monkeypatch.setattr(parking, "PARK_SECONDS", 0.0)
     assert not table.unpark_old() and table.peek(sid) is None and table.open_fds == 1
+    # under load the parker lets the expired go as it parks, not the sweep
+    monkeypatch.setattr(parking, "PARK_SECONDS", 0.05)
+    ids = []
+    for name in ("x", "y"):
+        (root / name).write_text(name)
+        ids.append(table.add_unopened(table.root.fd, name.encode(), ROOT_ID)[0].node_id)
+        table.get(ids[-1])
+        table.request_done()
+        time.sleep(0.06)
+    assert table.peek(ids[0]) is None and table.peek(ids[1]) is not None and table.open_fds == 2
+    assert not table.unpark_old() and table.open_fds == 1
     (root / "o").write_text("o")
     node, _st = _add(table, b"o")  # a lookup: counted once, as the kernel does
     fh, _backing = table.opened(node, os.open(root / "o", os.O_RDONLY), os.O_RDONLY, 0)
